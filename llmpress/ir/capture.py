@@ -1,0 +1,113 @@
+"""Capture: turn a model into an ``ir.Module`` with ``torch.export``.
+
+Accepted models:
+- ``llmpress.models.Llama`` (what the loaders build from Hugging Face Llama folders and llama2.c checkpoints): captured
+  with its KV-cache calling convention and a dynamic sequence length, so one graph serves prefill and decode.
+- a Hugging Face ``PreTrainedModel`` causal LM (any architecture): captured as ``input_ids -> logits`` without a
+  cache (``use_cache=False``).
+- any other ``nn.Module``: its ``forward`` on ``example_inputs``.
+- a path (Hugging Face folder, llama2.c ``.bin``, ``.onnx`` file): loaded with ``llmpress.ir.load_model`` first.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LlmpressError, UnsupportedOpError
+from .meta import LMInfo
+from .module import Module
+
+__all__ = ["capture", "lm_info"]
+
+log = logging.getLogger(__name__)
+
+
+class _LogitsOnly(nn.Module):
+    """Hugging Face causal LM seen as ``input_ids -> logits`` (no cache objects cross the export boundary)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, use_cache=False).logits
+
+
+def lm_info(model: nn.Module) -> LMInfo | None:
+    from ..models.llama import Llama
+
+    if isinstance(model, Llama):
+        c = model.config
+        return LMInfo(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, cache_len=model.cache_len,
+                      vocab_size=c.vocab_size, bos_id=c.bos_id, eos_id=c.eos_id)
+    return None
+
+
+def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | Any = True,
+            info: dict | None = None) -> Module:
+    """Export ``model`` into an ``ir.Module``.
+
+    ``dynamic``: True makes the sequence dimension (dim 1 of the first input) dynamic for language models; False
+    exports static shapes; anything else is passed to ``torch.export`` as ``dynamic_shapes``.
+    """
+    from ..models.llama import Llama
+
+    info = dict(info or {})
+    if isinstance(model, (str, Path)):
+        from .loaders import load_model
+
+        loaded = load_model(model)
+        info.setdefault("source", str(model))
+        return capture(loaded.model, example_inputs, dynamic=dynamic, info=info)
+    if not isinstance(model, nn.Module):
+        raise LlmpressError(f"capture() takes an nn.Module or a model path, not {type(model).__name__}")
+    model = model.eval()
+    lm = lm_info(model)
+    if isinstance(model, Llama):
+        if example_inputs is None:
+            example_inputs = model.example_inputs(seq_len=8)
+        ds = None
+        if dynamic is True:
+            seq = torch.export.Dim("seq", min=1, max=model.cache_len)
+            ds = ({1: seq}, None, tuple(None for _ in example_inputs[2:]))
+        elif dynamic is not False:
+            ds = dynamic
+        return _export(model, tuple(example_inputs), ds, lm=lm, info=info)
+    if _is_hf_causal_lm(model):
+        model = _LogitsOnly(model)
+    if example_inputs is None:
+        raise LlmpressError(f"capture() needs example_inputs for a {type(model).__name__}")
+    example_inputs = tuple(example_inputs)
+    ds = None
+    if dynamic is True:
+        first = example_inputs[0]
+        if isinstance(first, torch.Tensor) and first.dim() >= 2 and first.shape[1] > 1:
+            seq = torch.export.Dim("seq", min=1, max=max(int(first.shape[1]) * 64, 4096))
+            ds = ({1: seq},) + tuple(None for _ in example_inputs[1:])
+    elif dynamic is not False:
+        ds = dynamic
+    return _export(model, example_inputs, ds, lm=None, info=info)
+
+
+def _is_hf_causal_lm(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers is a dependency, but keep capture usable without it
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any, *, lm: LMInfo | None, info: dict) -> Module:
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except torch._dynamo.exc.Unsupported as e:  # pragma: no cover - depends on the user's model
+        raise UnsupportedOpError(f"torch.export could not capture {type(model).__name__}: {e}") from e
+    except Exception as e:
+        raise LlmpressError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
+    info.setdefault("model_class", type(model).__name__)
+    return Module(ep, lm=lm, info=info)

@@ -1,0 +1,83 @@
+"""Typed accessors for the metadata llmpress keeps on FX nodes.
+
+Passes read ``source_path(node)`` and ``node_id(node)`` rather than poking at ``node.meta`` strings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+__all__ = ["source_path", "node_id", "set_node_id", "source_line", "compression", "set_compression", "LMInfo"]
+
+_ID = "llmpress_id"
+_COMPRESSION = "llmpress_compression"
+
+
+def source_path(node: fx.Node) -> str:
+    """Dotted path of the innermost ``nn.Module`` that produced ``node`` (``model.layers.0.self_attn.q_proj``),
+    or ``""`` for nodes made outside any submodule."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.meta.get("llmpress_source", "")
+    path = list(stack.values())[-1][0]
+    # torch.export spells ModuleList indices as "layers.0" but sometimes as "layers[0]" / "L['self']..." forms.
+    return path.replace("[", ".").replace("]", "").replace("L['self'].", "")
+
+
+def node_id(node: fx.Node) -> str:
+    """Stable id of a node: assigned at capture, kept through rewrites (new nodes get fresh ids)."""
+    return node.meta.get(_ID, "")
+
+
+def set_node_id(node: fx.Node, value: str) -> None:
+    node.meta[_ID] = value
+
+
+def source_line(node: fx.Node) -> str:
+    """``file:line`` of the model code that produced ``node`` (last frame of its stack trace), or ``""``."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    if not lines:
+        return ""
+    last = lines[-1]  # File "x.py", line 12, in forward
+    try:
+        file_part, line_part = last.split(", line ")[:2]
+        return f"{file_part[len('File '):].strip(chr(34))}:{line_part.split(',')[0]}"
+    except ValueError:
+        return last
+
+
+def compression(node: fx.Node) -> dict[str, Any] | None:
+    """What a pass did to this node (e.g. ``{"pass": "quantize", "bits": 4, ...}``), or None."""
+    return node.meta.get(_COMPRESSION)
+
+
+def set_compression(node: fx.Node, spec: dict[str, Any]) -> None:
+    node.meta[_COMPRESSION] = dict(spec)
+
+
+@dataclass(frozen=True)
+class LMInfo:
+    """The calling convention of a captured causal LM (see ``llmpress.models.llama``).
+
+    ``forward(input_ids[B,T], start_pos[1], k_0, v_0, ...) -> (logits, k_0', v_0', ...)``.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    cache_len: int
+    vocab_size: int
+    bos_id: int = 1
+    eos_id: int = 2
+    cache_dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LMInfo":
+        return cls(**d)

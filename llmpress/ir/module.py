@@ -1,0 +1,330 @@
+"""``ir.Module``: the one IR every pass rewrites.
+
+It wraps (never subclasses) a ``torch.export.ExportedProgram`` and is the single place that keeps the FX graph, the
+export signature (which placeholder is a parameter, a buffer, a constant, a user input) and the weight store
+coherent while passes add, replace and drop nodes and weights. Passes never touch ``ExportedProgram`` internals.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    OutputSpec,
+    TensorArgument,
+)
+
+from ..errors import LlmpressError
+from .meta import LMInfo, node_id, set_node_id, source_path
+
+__all__ = ["Module", "VerifyError"]
+
+log = logging.getLogger(__name__)
+
+
+class VerifyError(LlmpressError):
+    """The IR is inconsistent (graph and signature disagree, a weight is missing, a node has no shape)."""
+
+
+_WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+class Module:
+    """A captured model: exported program + weight store + typed metadata.
+
+    ``lm`` is set when the graph follows the KV-cache calling convention of a causal LM.
+    ``info`` is free-form provenance (source path, tokenizer, pipeline history) that artifacts record.
+    """
+
+    def __init__(self, ep: ExportedProgram, *, lm: LMInfo | None = None, info: dict | None = None) -> None:
+        self._ep = ep
+        self.lm = lm
+        self.info: dict[str, Any] = dict(info or {})
+        self._ids = itertools.count()
+        for node in self.graph.nodes:
+            if not node_id(node):
+                set_node_id(node, f"n{next(self._ids)}")
+            else:
+                self._bump(node_id(node))
+
+    def _bump(self, nid: str) -> None:
+        if nid.startswith("n") and nid[1:].isdigit():
+            n = int(nid[1:])
+            cur = next(self._ids)
+            self._ids = itertools.count(max(cur, n + 1))
+
+    # -- views -------------------------------------------------------------------------------
+    @property
+    def exported_program(self) -> ExportedProgram:
+        return self._ep
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self._ep.graph_module
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self._ep.graph_module.graph
+
+    @property
+    def signature(self) -> ExportGraphSignature:
+        return self._ep.graph_signature
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight the graph reads (parameters, buffers, constants) by its state-dict name."""
+        out = dict(self._ep.state_dict)
+        out.update({k: v for k, v in self._ep.constants.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    def _spec_by_placeholder(self) -> dict[str, InputSpec]:
+        return {s.arg.name: s for s in self.signature.input_specs if isinstance(s.arg, TensorArgument)}
+
+    def weight_name(self, node: fx.Node) -> str | None:
+        """State-dict name of the weight a placeholder stands for, or None for user inputs and non-placeholders."""
+        if node.op != "placeholder":
+            return None
+        spec = self._spec_by_placeholder().get(node.name)
+        if spec is None or spec.kind not in _WEIGHT_KINDS:
+            return None
+        return spec.target
+
+    def weight(self, node: fx.Node) -> torch.Tensor | None:
+        """The tensor behind a weight placeholder, or None if ``node`` is not one."""
+        name = self.weight_name(node)
+        if name is None:
+            return None
+        return self.weights()[name]
+
+    def user_inputs(self) -> list[fx.Node]:
+        specs = self._spec_by_placeholder()
+        return [n for n in self.graph.nodes if n.op == "placeholder" and specs[n.name].kind == InputKind.USER_INPUT]
+
+    def output_node(self) -> fx.Node:
+        return next(n for n in reversed(self.graph.nodes) if n.op == "output")
+
+    # -- editing -----------------------------------------------------------------------------
+    def fake_mode(self):
+        from torch._guards import detect_fake_mode
+
+        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+        return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+    def add_weight(self, name: str, tensor: torch.Tensor, *, kind: str = "auto") -> fx.Node:
+        """Add a weight (a new placeholder + signature entry + stored tensor) and return its placeholder.
+
+        ``kind``: "parameter" (floating point, trainable), "buffer", or "auto" (parameter for floating point
+        tensors, buffer for integer ones: packed weights cannot be ``nn.Parameter``).
+        """
+        if name in self.weights():
+            raise VerifyError(f"weight {name!r} already exists")
+        if kind == "auto":
+            kind = "parameter" if tensor.is_floating_point() else "buffer"
+        in_kind = InputKind.PARAMETER if kind == "parameter" else InputKind.BUFFER
+        tensor = tensor.detach()
+        if in_kind == InputKind.PARAMETER:
+            tensor = torch.nn.Parameter(tensor, requires_grad=False)
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        specs = list(self.signature.input_specs)
+        # Weights come before user inputs in both the placeholder order and the signature.
+        first_user = next((i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT), len(specs))
+        anchor = placeholders[first_user] if first_user < len(placeholders) else None
+        pname = "p_" + name.replace(".", "_")
+        if anchor is not None:
+            with self.graph.inserting_before(anchor):
+                node = self.graph.placeholder(pname)
+        else:
+            node = self.graph.placeholder(pname)
+        fm = self.fake_mode()
+        node.meta["val"] = fm.from_tensor(tensor) if fm is not None else tensor.to("meta")
+        set_node_id(node, f"n{next(self._ids)}")
+        specs.insert(first_user, InputSpec(kind=in_kind, arg=TensorArgument(name=node.name), target=name,
+                                           persistent=True if in_kind == InputKind.BUFFER else None))
+        self._ep.state_dict[name] = tensor
+        self._set_signature(specs, list(self.signature.output_specs))
+        return node
+
+    def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *, like: fx.Node | None = None,
+             before: fx.Node | None = None) -> fx.Node:
+        """Insert ``target(*args, **kwargs)`` before ``before`` (default: before ``like``), with its shape metadata
+        computed on fake tensors and the source path / stack trace copied from ``like``."""
+        kwargs = kwargs or {}
+        where = before if before is not None else like
+        if where is None:
+            raise VerifyError("Module.call needs `like` or `before` to place the node")
+        with self.graph.inserting_before(where):
+            node = self.graph.call_function(target, args, kwargs)
+        self.infer_meta(node)
+        if like is not None:
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node"):
+                if key in like.meta:
+                    node.meta[key] = like.meta[key]
+        set_node_id(node, f"n{next(self._ids)}")
+        return node
+
+    def infer_meta(self, node: fx.Node) -> None:
+        """Compute ``node.meta['val']`` by running its target on the fake values of its inputs."""
+        def val(a):
+            return a.meta["val"] if isinstance(a, fx.Node) else a
+
+        fake_args = fx.node.map_aggregate(node.args, val)
+        fake_kwargs = fx.node.map_aggregate(node.kwargs, val)
+        fm = self.fake_mode()
+        if fm is None:
+            node.meta["val"] = node.target(*fake_args, **fake_kwargs)
+        else:
+            with fm:
+                node.meta["val"] = node.target(*fake_args, **fake_kwargs)
+
+    def erase(self, nodes: Iterable[fx.Node]) -> None:
+        for n in nodes:
+            self.graph.erase_node(n)
+
+    def remove_unused_weights(self) -> list[str]:
+        """Drop weight placeholders nothing reads, with their signature entries and stored tensors."""
+        specs = self._spec_by_placeholder()
+        removed = []
+        for node in list(self.graph.nodes):
+            if node.op == "placeholder" and not node.users:
+                spec = specs[node.name]
+                if spec.kind in _WEIGHT_KINDS:
+                    self.graph.erase_node(node)
+                    removed.append(spec.target)
+        if removed:
+            keep = [s for s in self.signature.input_specs if not (s.kind in _WEIGHT_KINDS and s.target in removed)]
+            for name in removed:
+                # A tied weight can back two placeholders; keep it while any spec still names it.
+                if not any(s.target == name for s in keep):
+                    self._ep.state_dict.pop(name, None)
+                    self._ep.constants.pop(name, None)
+            self._set_signature(keep, list(self.signature.output_specs))
+        return removed
+
+    def _set_signature(self, input_specs: list[InputSpec], output_specs: list[OutputSpec]) -> None:
+        self._ep._graph_signature = ExportGraphSignature(input_specs=input_specs, output_specs=output_specs)
+
+    def recompile(self) -> None:
+        """Call after editing the graph: re-syncs the signature's names with the graph, lints, regenerates code."""
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        specs = self.signature.input_specs
+        if len(placeholders) != len(specs):
+            raise VerifyError(f"{len(placeholders)} placeholders but {len(specs)} input specs")
+        new_in = [InputSpec(kind=s.kind, arg=TensorArgument(name=p.name) if isinstance(s.arg, TensorArgument) else s.arg,
+                            target=s.target, persistent=s.persistent) for s, p in zip(specs, placeholders)]
+        outs = self.output_node().args[0]
+        new_out = []
+        for s, a in zip(self.signature.output_specs, outs):
+            arg = TensorArgument(name=a.name) if isinstance(a, fx.Node) and isinstance(s.arg, TensorArgument) else s.arg
+            new_out.append(OutputSpec(kind=s.kind, arg=arg, target=s.target))
+        self._set_signature(new_in, new_out)
+        self.graph.lint()
+        self.graph_module.recompile()
+
+    # -- checks and views --------------------------------------------------------------------
+    def verify(self) -> None:
+        """Raise ``VerifyError`` unless graph, signature and weights agree and every value node has a shape."""
+        try:
+            self.graph.lint()
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise VerifyError(f"graph lint failed: {e}") from e
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        specs = self.signature.input_specs
+        if [p.name for p in placeholders] != [s.arg.name for s in specs]:
+            raise VerifyError("placeholders and signature input specs disagree in names or order")
+        weights = self.weights()
+        for s in specs:
+            if s.kind in _WEIGHT_KINDS and s.target not in weights:
+                raise VerifyError(f"signature names weight {s.target!r} that is not stored")
+        outs = self.output_node().args[0]
+        if len(outs) != len(self.signature.output_specs):
+            raise VerifyError("output node and signature output specs disagree in count")
+        for node in self.graph.nodes:
+            if node.op == "call_function":
+                if "val" not in node.meta:
+                    raise VerifyError(f"node {node.name} ({node.target}) has no shape metadata")
+                if not isinstance(node.target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) and \
+                        node.target.__module__ != "_operator":
+                    raise VerifyError(f"node {node.name} calls {node.target!r}, which is not an ATen/llmpress op")
+
+    def op_histogram(self) -> Counter:
+        """How many times each op occurs (``aten.linear.default``: 57, ...)."""
+        return Counter(_op_name(n.target) for n in self.graph.nodes if n.op == "call_function")
+
+    def print(self) -> str:
+        """A short canonical text form: one line per node, weights with shape and dtype."""
+        lines = []
+        for node in self.graph.nodes:
+            v = node.meta.get("val")
+            ty = _type_str(v)
+            if node.op == "placeholder":
+                w = self.weight_name(node)
+                lines.append(f"%{node.name}: {ty} = {'weight ' + repr(w) if w else 'input'}")
+            elif node.op == "call_function":
+                args = ", ".join(_arg_str(a) for a in node.args)
+                kw = ", ".join(f"{k}={_arg_str(v)}" for k, v in node.kwargs.items())
+                lines.append(f"%{node.name}: {ty} = {_op_name(node.target)}({args}{', ' + kw if kw else ''})")
+            elif node.op == "output":
+                lines.append(f"return {_arg_str(node.args[0])}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.print()
+
+    def clone(self) -> "Module":
+        """A structural copy: new graph and signature, the same weight tensors (no weight is copied)."""
+        import copy
+
+        ep = self._ep
+        gm = fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph))
+        new = ExportedProgram(
+            root=gm,
+            graph=gm.graph,
+            graph_signature=copy.deepcopy(ep.graph_signature),
+            state_dict=dict(ep.state_dict),
+            range_constraints=dict(ep.range_constraints),
+            module_call_graph=copy.deepcopy(ep.module_call_graph),
+            example_inputs=ep.example_inputs,
+            constants=dict(ep.constants),
+            verifiers=list(ep.verifiers) if hasattr(ep, "verifiers") else None,
+        )
+        return Module(new, lm=self.lm, info=dict(self.info))
+
+    def run(self, *inputs: Any) -> Any:
+        """Run the graph in PyTorch (the reference interpreter; the oracle of every numerical test)."""
+        with torch.no_grad():
+            return self._ep.module()(*inputs)
+
+    def nodes_by_source(self, pattern: str) -> list[fx.Node]:
+        import fnmatch
+
+        return [n for n in self.graph.nodes if n.op == "call_function" and fnmatch.fnmatchcase(source_path(n), pattern)]
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    return getattr(target, "__name__", str(target))
+
+
+def _type_str(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        dims = ",".join(str(d) for d in v.shape)
+        return f"{str(v.dtype).replace('torch.', '')}[{dims}]"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_type_str(x) for x in v) + ")"
+    return type(v).__name__ if v is not None else "?"
+
+
+def _arg_str(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_arg_str(x) for x in a) + "]"
+    return repr(a)

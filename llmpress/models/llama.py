@@ -1,0 +1,174 @@
+"""A Llama decoder written for capture: static KV cache passed in and returned as tensors.
+
+The parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``...), so
+weights map one to one and include/exclude globs read the same as they do on the Hugging Face model.
+
+Signature of ``forward`` (the calling convention every backend and runner shares)::
+
+    forward(input_ids: int64[B, T], start_pos: int64[1], k_0, v_0, ..., k_{L-1}, v_{L-1})
+        -> (logits: float[B, T, V], k_0', v_0', ..., k_{L-1}', v_{L-1}')
+
+Each cache is ``float[B, n_kv_heads, cache_len, head_dim]``; tokens ``input_ids[:, t]`` sit at position
+``start_pos + t`` and are written into the cache there. Prefill is ``start_pos = 0`` with T tokens, decode is
+T = 1, so one graph (and one set of compression rewrites) serves both. Attention spans the whole cache with a
+causal mask ``key_pos <= query_pos``; masked scores are exactly zero after the softmax, so the result equals
+attention over the valid prefix.
+
+RoPE uses the rotate-half layout of Hugging Face; cos/sin tables are precomputed buffers
+(``cos[p, i] = cos(p * theta^(-2(i mod d/2)/d))``), which is what HF computes at run time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LlamaConfig", "Llama"]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+    head_dim: int = 0  # 0: dim // n_heads
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        # Write the new keys/values at their positions (functional scatter: the cache is an input and an output).
+        idx = positions.view(1, 1, t, 1).expand(b, self.n_kv_heads, t, self.head_dim)
+        k_cache = torch.scatter(k_cache, 2, idx, k)
+        v_cache = torch.scatter(v_cache, 2, idx, v)
+        rep = self.n_heads // self.n_kv_heads
+        s = k_cache.shape[2]
+        keys = k_cache[:, :, None].expand(b, self.n_kv_heads, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
+        vals = v_cache[:, :, None].expand(b, self.n_kv_heads, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim))
+        scores = scores.masked_fill(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, vals).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(out), k_cache, v_cache
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
+        a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, k_cache, v_cache)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_cache, v_cache
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Llama(nn.Module):
+    """Llama with an explicit static KV cache (see the module docstring for the calling convention)."""
+
+    def __init__(self, cfg: LlamaConfig, *, cache_len: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.cache_len = cache_len or cfg.max_seq_len
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        d = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        freqs = torch.outer(torch.arange(self.cache_len, dtype=torch.int64).float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+
+    # -- the calling convention -------------------------------------------------------------------
+    def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        cfg = self.config
+        shape = (batch, cfg.n_kv_heads, self.cache_len, cfg.head_dim)
+        return [torch.zeros(shape, dtype=dtype) for _ in range(2 * cfg.n_layers)]
+
+    def example_inputs(self, seq_len: int = 8, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        ids = torch.ones(batch, seq_len, dtype=torch.int64)
+        return (ids, torch.zeros(1, dtype=torch.int64), *self.empty_cache(batch))
+
+    def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *caches: torch.Tensor):
+        t = input_ids.shape[1]
+        positions = start_pos + torch.arange(t, dtype=torch.int64)
+        cos = self.rope_cos[positions]
+        sin = self.rope_sin[positions]
+        key_pos = torch.arange(self.cache_len, dtype=torch.int64)
+        mask = key_pos[None, :] > positions[:, None]  # True where attention is not allowed
+        x = self.model.embed_tokens(input_ids)
+        new_caches = []
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = layer(x, cos, sin, positions, mask, caches[2 * i], caches[2 * i + 1])
+            new_caches += [k, v]
+        logits = self.lm_head(self.model.norm(x))
+        return (logits, *new_caches)

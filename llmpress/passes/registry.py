@@ -1,0 +1,41 @@
+"""The one explicit pass registry: every pass class is listed here, by hand (no import side effects)."""
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Pass, did_you_mean
+
+__all__ = ["PASSES", "get_pass", "pass_names"]
+
+
+def _all() -> list[type[Pass]]:
+    # One import per pass file. Keep the list sorted by module name.
+    from .dce import DeadCodeElimination
+    from .fold_constants import FoldConstants
+    from .fuse_qkv import FuseQKV
+
+    return [
+        DeadCodeElimination,
+        FoldConstants,
+        FuseQKV,
+    ]
+
+
+_CACHE: dict[str, type[Pass]] | None = None
+
+
+def PASSES() -> dict[str, type[Pass]]:  # noqa: N802 - reads as a constant
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = {cls.name: cls for cls in _all()}
+    return _CACHE
+
+
+def pass_names() -> list[str]:
+    return sorted(PASSES())
+
+
+def get_pass(name: str) -> type[Pass]:
+    try:
+        return PASSES()[name]
+    except KeyError:
+        raise ConfigError(f"unknown pass {name!r}{did_you_mean(name, PASSES())}") from None
