@@ -1,0 +1,76 @@
+"""The backend contract.
+
+A backend lowers an ``ir.Module`` for a target and gives back a ``Compiled`` program that follows the module's
+calling convention (for LMs, ``forward(input_ids, start_pos, *caches) -> (logits, *caches)``; see
+``llmpress.models.llama``), can write its payload files into an artifact folder, and can be loaded back from one.
+
+Backends are picked through a dict (``llmpress.backends.get_backend``), never an ``if target == ...`` chain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..ir.module import Module
+
+__all__ = ["Backend", "Compiled", "Unsupported"]
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """One node a backend cannot lower: the op, the node, and the model source line that produced it."""
+
+    op: str
+    node: str
+    source_line: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = f" at {self.source_line}" if self.source_line else ""
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.op} (node {self.node}){where}{why}"
+
+
+class Compiled:
+    """A lowered program. Subclasses implement ``forward``, ``save_payload`` and ``target_json``."""
+
+    backend: ClassVar[str] = ""
+
+    def forward(self, *inputs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.forward(*inputs)
+
+    def target_json(self) -> dict:
+        """The target as recorded in the manifest (``{"name": "cpu", "spec": {...}, "arch": "x86_64"}``)."""
+        raise NotImplementedError
+
+    def save_payload(self, folder: Path) -> dict:
+        """Write this program's files into ``folder`` (a temporary folder the artifact renames when complete);
+        return the JSON-able ``payload`` section of the manifest (which files, what roles)."""
+        raise NotImplementedError
+
+    @property
+    def runnable_here(self) -> bool:
+        return True
+
+
+class Backend:
+    name: ClassVar[str] = ""
+
+    def supports(self, target: Any) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check(self, module: Module, target: Any) -> list[Unsupported]:
+        """Every node this backend cannot lower for ``target``, found before any work starts."""
+        return []
+
+    def lower(self, module: Module, target: Any, *, progress: bool = True) -> Compiled:  # pragma: no cover
+        raise NotImplementedError
+
+    def load(self, folder: Path, manifest: dict) -> Compiled:  # pragma: no cover - abstract
+        """Rebuild the program from an artifact folder whose hashes were already verified. Raise
+        ``ArtifactError`` if it cannot run on this machine (wrong architecture, no GPU)."""
+        raise NotImplementedError
