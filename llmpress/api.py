@@ -1,0 +1,164 @@
+"""``llmpress.compile`` and ``llmpress.load``: capture -> pass pipeline -> backend -> artifact."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .artifact import Artifact
+from .artifact import load as _load_artifact
+from .errors import ConfigError, UnsupportedOpError
+from .ir.meta import compression, source_line, source_path
+from .ir.module import Module
+
+__all__ = ["compile", "load", "run_pipeline", "layer_summary", "prepare"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare(model: Any, example_inputs: tuple | None = None, *, tokenizer: Any = None) -> tuple[Module, Any]:
+    """Turn a path / nn.Module / ir.Module into an ``ir.Module`` (+ its tokenizer when one is known)."""
+    from .ir.capture import capture
+
+    if isinstance(model, Module):
+        return model, tokenizer
+    if isinstance(model, (str, Path)):
+        from .ir.loaders import load_model
+
+        loaded = load_model(model, tokenizer=tokenizer if isinstance(tokenizer, (str, Path)) else None)
+        tok = loaded.tokenizer if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
+        module = capture(loaded.model, example_inputs, info={"source": str(loaded.source), "kind": loaded.kind})
+        return module, tok
+    if isinstance(model, torch.nn.Module):
+        return capture(model, example_inputs), tokenizer
+    raise ConfigError(f"cannot compile a {type(model).__name__}: give a model path, an nn.Module or an ir.Module")
+
+
+def _calibration(calibration: Any, tokenizer: Any):
+    """None | Calibration | file path | list of strings | list of token tensors -> Calibration (or None)."""
+    if calibration is None:
+        return None
+    from .passes.calibration import Calibration
+
+    if isinstance(calibration, Calibration):
+        return calibration
+    spec_kwargs: dict = {}
+    data = calibration
+    if hasattr(calibration, "data") and hasattr(calibration, "samples"):  # a recipe's CalibrationSpec
+        data = calibration.data
+        spec_kwargs = {"samples": calibration.samples, "seq_len": calibration.seq_len, "seed": calibration.seed}
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], torch.Tensor):
+        return Calibration.from_tensors(list(data))
+    if tokenizer is None:
+        raise ConfigError("calibration text needs a tokenizer: compile a model folder/file, or pass tokenizer=")
+    return Calibration.from_texts(data, tokenizer, **spec_kwargs)
+
+
+def run_pipeline(module: Module, pipeline: Any, *, calibration: Any = None, target: Any = None,
+                 progress: bool = True, instruments: Sequence = (), reproducer_dir: str | None = None,
+                 seed: int = 0) -> tuple[Module, list]:
+    """Parse/build ``pipeline`` and run it on ``module``; returns (module, per-pass records)."""
+    from .passes.base import PassContext
+    from .passes.manager import PassManager
+    from .passes.pipeline import Pipeline, build, parse
+
+    if pipeline is None or pipeline == "":
+        return module, []
+    pipe = pipeline if isinstance(pipeline, Pipeline) else parse(str(pipeline))
+    passes = build(pipe)
+    missing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
+    if missing and calibration is None:
+        raise ConfigError(f"{', '.join(missing)} needs calibration data (--calib FILE or calibration=...)")
+    ctx = PassContext(calibration=calibration, seed=seed, target=None if target is None else str(target),
+                      progress=progress)
+    pm = PassManager(passes, instruments=instruments, reproducer_dir=reproducer_dir, pipeline_text=str(pipe))
+    return pm.run(module, ctx)
+
+
+def layer_summary(module: Module) -> list[dict]:
+    """One row per weight-bearing op: source path, op, weight shapes and bytes, what the pipeline did."""
+    from .eval.size import weight_bytes_by_name
+
+    sizes = weight_bytes_by_name(module)
+    rows = []
+    for node in module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        weights = [(module.weight_name(a), a) for a in node.all_input_nodes if module.weight_name(a)]
+        if not weights:
+            continue
+        op = getattr(node.target, "name", lambda: str(node.target))()
+        rows.append({
+            "path": source_path(node),
+            "op": op,
+            "weights": {w: list(a.meta["val"].shape) for w, a in weights},
+            "bytes": sum(sizes.get(w, 0) for w, _ in weights),
+            "compression": compression(node),
+        })
+    return rows
+
+
+def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = "", target: Any = "reference",  # noqa: A001
+            calibration: Any = None, tokenizer: Any = None, progress: bool = True, instruments: Sequence = (),
+            reproducer_dir: str | None = None, seed: int = 0) -> Artifact:
+    """Capture ``model``, run ``pipeline`` over it, lower it for ``target``; return the (unsaved) Artifact.
+
+    ``model``: a Hugging Face folder, a llama2.c ``.bin``, an ``.onnx`` file, an ``nn.Module`` (with
+    ``example_inputs``), or an ``ir.Module``. ``pipeline``: pipeline text, a preset name, or a parsed ``Pipeline``.
+    ``target``: ``"reference"`` (PyTorch), ``"cpu"``, ``"arm64"``, ``"cuda"``, or a TVM target dict.
+    ``calibration``: a text file path, a list of strings, a list of token tensors, or a ``Calibration``.
+    The returned artifact is callable like the model's forward and reports what each pass did (``.passes``).
+    """
+    from .backends import backend_for_target
+    from .eval.size import parameter_bytes
+
+    t0 = time.perf_counter()
+    backend = backend_for_target(target)  # an unknown target fails before any work
+    module, tok = prepare(model, example_inputs, tokenizer=tokenizer)
+    calib = _calibration(calibration, tok)
+    bytes_before = parameter_bytes(module)
+    module, records = run_pipeline(module, pipeline, calibration=calib, target=target, progress=progress,
+                                   instruments=instruments, reproducer_dir=reproducer_dir, seed=seed)
+    problems = backend.check(module, target)
+    if problems:
+        raise UnsupportedOpError(f"the {backend.name} backend cannot lower {len(problems)} op(s):\n  "
+                                 + "\n  ".join(str(p) for p in problems),
+                                 op=problems[0].op, where=problems[0].source_line)
+    t1 = time.perf_counter()
+    compiled = backend.lower(module, target, progress=progress)
+    t2 = time.perf_counter()
+    manifest = {
+        "backend": backend.name,
+        "target": compiled.target_json(),
+        "pipeline": str(pipeline) if pipeline is not None else "",
+        "passes": [r.to_json() if hasattr(r, "to_json") else r for r in records],
+        "lm": module.lm.to_json() if module.lm else None,
+        "signature": _signature(module),
+        "source": module.info.get("source"),
+        "parameter_bytes": {"before": bytes_before, "after": parameter_bytes(module)},
+        "layers": layer_summary(module),
+        "compile_seconds": {"passes": t1 - t0, "lower": t2 - t1},
+    }
+    art = Artifact(compiled, manifest, tok)
+    art.module = module  # the rewritten IR, for evaluation and inspection in this process
+    return art
+
+
+def _signature(module: Module) -> dict:
+    def desc(n):
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return {"name": n.name, "dtype": str(v.dtype).replace("torch.", ""), "shape": [str(d) for d in v.shape]}
+        return {"name": n.name}
+
+    outs = module.output_node().args[0]
+    return {"inputs": [desc(n) for n in module.user_inputs()],
+            "outputs": [desc(n) for n in outs if hasattr(n, "meta")]}
+
+
+def load(path: str | Path) -> Artifact:
+    """Load an artifact folder or ``.tar``: verifies hashes and target first (``ArtifactError`` if damaged)."""
+    return _load_artifact(path)

@@ -1,0 +1,221 @@
+"""The on-disk artifact and its runner.
+
+An artifact is a folder (or one ``.tar`` of that folder) holding:
+
+- ``manifest.json``: format version; llmpress / torch / TVM versions; the target; the exact pipeline text and
+  every pass's options and stats; the LM calling convention and input/output signature; the tokenizer file;
+  a per-layer summary (for ``llmpress inspect``); and the sha256 and size of every other file;
+- the backend's payload (``program.pt2`` for ``reference``; ``model.so`` + ``weights.safetensors`` for TVM);
+- ``tokenizer/``: the tokenizer files.
+
+Saving writes everything into a temporary folder beside the destination and renames it into place only when
+complete, so an interrupted build never leaves a half-written artifact. Loading verifies every hash and size, and
+the target, before anything runs; a damaged, truncated or mismatched artifact raises ``ArtifactError`` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ArtifactError
+from .ir.meta import LMInfo
+
+__all__ = ["Artifact", "load", "FORMAT_VERSION", "MANIFEST"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"llmpress": __version__, "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["tvm"] = version("apache-tvm")
+    except Exception:  # noqa: BLE001 - TVM is optional for reference artifacts
+        out["tvm"] = None
+    return out
+
+
+class Artifact:
+    """A compiled model: callable, can generate text, can be saved and loaded.
+
+    ``manifest`` holds everything recorded about how it was made; ``compiled`` is the backend program.
+    """
+
+    def __init__(self, compiled, manifest: dict, tokenizer=None, folder: Path | None = None) -> None:
+        self.compiled = compiled
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.folder = folder
+
+    # -- running -----------------------------------------------------------------------------
+    @property
+    def lm(self) -> LMInfo | None:
+        return LMInfo.from_json(self.manifest["lm"]) if self.manifest.get("lm") else None
+
+    @property
+    def passes(self) -> list[dict]:
+        """What each pass did: name, options, modified, stats, seconds."""
+        return self.manifest.get("passes", [])
+
+    def __call__(self, *inputs: Any) -> Any:
+        """Same inputs and outputs as the captured model's forward."""
+        return self.compiled.forward(*inputs)
+
+    forward = __call__
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, *, progress: bool = False) -> list[int]:
+        from .eval.generate import greedy
+
+        lm = self.lm
+        if lm is None:
+            raise ArtifactError("this artifact is not a causal LM with a KV cache; it cannot generate")
+        return greedy(self.compiled.forward, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id,), progress=progress)
+
+    def generate(self, prompt: str = "", max_new_tokens: int = 32, *, progress: bool = False) -> str:
+        """Greedy continuation of ``prompt`` (prompt included in the returned text)."""
+        if self.tokenizer is None:
+            raise ArtifactError("this artifact has no tokenizer; use generate_ids()")
+        ids = self.tokenizer.encode(prompt, bos=True)
+        return self.tokenizer.decode(self.generate_ids(ids, max_new_tokens, progress=progress))
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the artifact to ``path`` (a folder, or a ``.tar`` file), atomically."""
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists() and not overwrite:
+            raise ArtifactError(f"{dest} exists (pass overwrite=True to replace it)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            self._write_folder(tmp)
+            if dest.suffix == ".tar":
+                tmp_tar = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+                with tarfile.open(tmp_tar, "w") as tar:
+                    for f in sorted(tmp.rglob("*")):
+                        tar.add(f, arcname=str(f.relative_to(tmp)), recursive=False)
+                os.replace(tmp_tar, dest)
+                shutil.rmtree(tmp)
+            else:
+                if dest.exists():
+                    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                    os.replace(dest, old)
+                    os.replace(tmp, dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.folder = dest
+        log.info("artifact written to %s", dest)
+        return dest
+
+    def _write_folder(self, folder: Path) -> None:
+        manifest = dict(self.manifest)
+        manifest["payload"] = self.compiled.save_payload(folder)
+        manifest["tokenizer"] = None
+        if self.tokenizer is not None:
+            tdir = folder / "tokenizer"
+            tdir.mkdir()
+            names = []
+            for f in self.tokenizer.files():
+                shutil.copy2(f, tdir / Path(f).name)
+                names.append(f"tokenizer/{Path(f).name}")
+            manifest["tokenizer"] = names[0] if names else None
+            manifest["tokenizer_files"] = names
+        files = {}
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                rel = str(f.relative_to(folder))
+                files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+        manifest["files"] = files
+        manifest["format_version"] = FORMAT_VERSION
+        manifest["versions"] = _versions()
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        self.manifest = manifest
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {folder} is not an llmpress artifact")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: damaged ({e})") from e
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise ArtifactError(f"{path}: not an llmpress manifest (no format_version)")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format version {manifest['format_version']} is not supported "
+                            f"(this llmpress reads version {FORMAT_VERSION})")
+    return manifest
+
+
+def verify(folder: Path, manifest: dict) -> None:
+    """Check every listed file exists with its recorded size and sha256."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{folder / MANIFEST}: lists no files")
+    for rel, rec in files.items():
+        f = folder / rel
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing from the artifact")
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            raise ArtifactError(f"{f}: truncated or altered ({size} bytes, manifest records {rec['bytes']})")
+        if _sha256(f) != rec["sha256"]:
+            raise ArtifactError(f"{f}: damaged (sha256 differs from the manifest)")
+
+
+def _extract_tar(path: Path) -> Path:
+    out = Path(tempfile.mkdtemp(prefix="llmpress-artifact-"))
+    try:
+        with tarfile.open(path, "r") as tar:
+            tar.extractall(out, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(out, ignore_errors=True)
+        raise ArtifactError(f"{path}: damaged tar ({e})") from e
+    return out
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """Load an artifact folder or ``.tar``: verify hashes and target, then build its runner."""
+    from .backends import get_backend
+
+    src = Path(path)
+    if not src.exists():
+        raise ArtifactError(f"{src}: no such artifact")
+    folder = _extract_tar(src) if src.is_file() else src
+    manifest = read_manifest(folder)
+    verify(folder, manifest)
+    backend = get_backend(manifest.get("backend", "reference"))
+    compiled = backend.load(folder, manifest)
+    tok = None
+    if manifest.get("tokenizer"):
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder / manifest["tokenizer"])
+    return Artifact(compiled, manifest, tok, folder)
