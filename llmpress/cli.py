@@ -1,0 +1,214 @@
+"""The ``llmpress`` command line.
+
+These forms are a contract other tools rely on:
+
+    llmpress compile MODEL (--pipeline TEXT | --recipe FILE) [--target T] [--calib FILE] -o DIR
+    llmpress run MODEL_OR_DIR [--prompt TEXT] [--max-new-tokens N] [--emulate]
+    llmpress eval MODEL_OR_DIR --data FILE [--context 256] [--pipeline TEXT] [--json]
+    llmpress inspect MODEL_OR_DIR [--json]
+    llmpress passes
+
+``run`` prints the decoded text (prompt included) on stdout and nothing else there; ``eval --json`` prints one JSON
+object. Progress bars and logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import LlmpressError
+
+__all__ = ["main"]
+
+log = logging.getLogger("llmpress")
+
+
+def _is_artifact(path: str) -> bool:
+    p = Path(path)
+    return (p.is_dir() and (p / "manifest.json").exists()) or (p.is_file() and p.suffix == ".tar")
+
+
+def _open(model: str, *, pipeline: str | None = None, tokenizer: str | None = None, calib: str | None = None,
+          progress: bool = True):
+    """A model path or an artifact -> (Artifact, module or None)."""
+    import llmpress
+
+    if _is_artifact(model):
+        if pipeline:
+            raise LlmpressError(f"{model} is an artifact, already compiled; --pipeline applies to model paths")
+        art = llmpress.load(model)
+        return art
+    return llmpress.compile(model, pipeline=pipeline or "", target="reference", tokenizer=tokenizer,
+                            calibration=calib, progress=progress)
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    import llmpress
+
+    pipeline, target, calib = a.pipeline, a.target, a.calib
+    if a.recipe:
+        from .passes.recipe import Recipe
+
+        recipe = Recipe.load(a.recipe)
+        pipeline = recipe.pipeline
+        target = a.target if a.target_given else (recipe.target or a.target)
+        calib = calib or recipe.calibration
+    t0 = time.perf_counter()
+    art = llmpress.compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,
+                           progress=not a.quiet, reproducer_dir=a.reproducer_dir)
+    out = art.save(a.output)
+    pb = art.manifest["parameter_bytes"]
+    print(f"wrote {out} (target {art.manifest['target']['name']}, parameters {pb['before']:,} -> {pb['after']:,} bytes, "
+          f"{time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    for rec in art.passes:
+        print(f"  {rec['name']}: {'modified' if rec['modified'] else 'unchanged'} {_short(rec.get('stats'))}",
+              file=sys.stderr)
+    return 0
+
+
+def _short(stats: Any, limit: int = 160) -> str:
+    s = json.dumps(stats, default=str) if stats else ""
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    if a.emulate:
+        from .backends.tvm.emulate import run_emulated
+
+        text = run_emulated(a.model, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
+        print(text)
+        return 0
+    art = _open(a.model, tokenizer=a.tokenizer, progress=False)
+    print(art.generate(a.prompt, a.max_new_tokens))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .eval.perplexity import perplexity, token_stream
+
+    art = _open(a.model, pipeline=a.pipeline, tokenizer=a.tokenizer, calib=a.calib, progress=not a.quiet)
+    if art.tokenizer is None:
+        raise LlmpressError(f"{a.model} has no tokenizer; perplexity needs one (--tokenizer FILE)")
+    stream = token_stream(a.data, art.tokenizer, max_tokens=a.max_tokens)
+    res = perplexity(art.compiled.forward, art.lm, stream, context=a.context, progress=not a.quiet)
+    pb = art.manifest.get("parameter_bytes", {}).get("after")
+    out = {"perplexity": res.perplexity, "nll": res.nll, "tokens": res.tokens, "context": res.context,
+           "parameter_bytes": pb, "target": art.manifest["target"]["name"], "data": str(a.data),
+           "eval_seconds": res.seconds}
+    if art.lm is not None and getattr(art.compiled, "runnable_here", True):
+        from .eval.latency import measure
+
+        out.update(measure(art.compiled.forward, art.lm, prefill_tokens=128, decode_tokens=a.decode_tokens))
+    if a.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:>22}: {v:,.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    art = _open(a.model, progress=False)
+    rows = art.manifest.get("layers", [])
+    info = {"target": art.manifest["target"], "pipeline": art.manifest.get("pipeline", ""),
+            "parameter_bytes": art.manifest.get("parameter_bytes"), "passes": art.passes, "layers": rows}
+    if a.json:
+        print(json.dumps(info, default=str))
+        return 0
+    print(f"target {info['target']['name']}   pipeline {info['pipeline'] or '(none)'}   "
+          f"parameter bytes {info['parameter_bytes']}")
+    w = max([len(r["path"]) for r in rows] + [5])
+    print(f"{'layer':<{w}}  {'op':<28} {'weights':<34} {'bytes':>10}  compression")
+    for r in rows:
+        shapes = ", ".join("x".join(map(str, s)) for s in r["weights"].values())
+        comp = r.get("compression") or {}
+        desc = " ".join(f"{k}={v}" for k, v in comp.items() if k not in ("error",)) if comp else "-"
+        print(f"{r['path']:<{w}}  {r['op']:<28} {shapes:<34} {r['bytes']:>10,}  {desc}")
+    return 0
+
+
+def cmd_passes(a: argparse.Namespace) -> int:
+    from .passes.presets import PRESETS
+    from .passes.registry import PASSES
+
+    for name, cls in sorted(PASSES().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:<16} {doc}")
+    print("\npresets:")
+    for name, text in sorted(PRESETS.items()):
+        print(f"{name:<16} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmpress", description="Compress LLMs with composable passes and compile them "
+                                "through Apache TVM.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level on stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into an artifact folder")
+    c.add_argument("model", help="Hugging Face folder, llama2.c .bin, or .onnx file")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--pipeline", help="pipeline text or preset name, e.g. 'fuse_qkv,quantize(bits=4,group=128)'")
+    g.add_argument("--recipe", help="recipe file (TOML or YAML) with the pipeline and calibration settings")
+    c.add_argument("--target", default="reference", help="reference | cpu | arm64 | cuda | TVM target JSON")
+    c.add_argument("--calib", help="calibration text file (for gptq, awq, smoothquant)")
+    c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
+    c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")
+    c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="generate text greedily")
+    r.add_argument("model", help="artifact folder/.tar or model path")
+    r.add_argument("--prompt", default="", help="prompt text (default: start from BOS)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--tokenizer")
+    r.add_argument("--emulate", action="store_true",
+                   help="run an arm64 artifact through the C++ runner under qemu-aarch64")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="perplexity, size and speed")
+    e.add_argument("model", help="artifact folder/.tar or model path")
+    e.add_argument("--data", required=True, help="text file (paragraphs separated by blank lines)")
+    e.add_argument("--context", type=int, default=256)
+    e.add_argument("--pipeline", help="pipeline to apply first (model paths only)")
+    e.add_argument("--calib", help="calibration text for --pipeline")
+    e.add_argument("--tokenizer")
+    e.add_argument("--max-tokens", type=int, help="score only the first N tokens of the data")
+    e.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded for the tokens/s figure")
+    e.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer shapes, bytes and what the pipeline did")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    ps = sub.add_parser("passes", help="list registered passes and presets")
+    ps.set_defaults(func=cmd_passes)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command == "compile":
+        a.target_given = any(x == "--target" or x.startswith("--target=") for x in (argv or sys.argv[1:]))
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.func(a)
+    except LlmpressError as e:
+        print(f"llmpress: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
