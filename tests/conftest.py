@@ -1,0 +1,34 @@
+"""Shared fixtures: paths to ../shared, the reference models, and a tiny random Llama."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+TINYSTORIES = SHARED / "models" / "tinystories-llama"
+STORIES260K = SHARED / "models" / "stories260K"
+VALID = SHARED / "data" / "tinystories" / "valid.txt"
+CALIB = SHARED / "data" / "tinystories" / "calib.txt"
+WIKITEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not SHARED.exists():
+        pytest.fail(f"the shared data folder {SHARED} is missing (tests read models and text from ../shared)")
+    return SHARED
+
+
+@pytest.fixture
+def tiny_llama():
+    """A tiny random Llama (2 layers, GQA) following the KV-cache calling convention."""
+    from llmpress.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+    return Llama(cfg).eval()
