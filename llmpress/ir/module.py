@@ -187,18 +187,24 @@ class Module:
         for n in nodes:
             self.graph.erase_node(n)
 
-    def remove_unused_weights(self) -> list[str]:
-        """Drop weight placeholders nothing reads, with their signature entries and stored tensors."""
+    def remove_unused_weights(self, only: Iterable[fx.Node] | None = None) -> list[str]:
+        """Drop weight placeholders nothing reads, with their signature entries and stored tensors.
+
+        ``only``: consider just these placeholders (a pass dropping the weights it made dead, and no others)."""
         specs = self._spec_by_placeholder()
+        allowed = None if only is None else set(only)
         removed = []
+        gone = set()  # placeholder names: a tied weight's other placeholder keeps its spec
         for node in list(self.graph.nodes):
-            if node.op == "placeholder" and not node.users:
+            if node.op == "placeholder" and not node.users and (allowed is None or node in allowed):
                 spec = specs[node.name]
                 if spec.kind in _WEIGHT_KINDS:
+                    gone.add(node.name)
                     self.graph.erase_node(node)
                     removed.append(spec.target)
         if removed:
-            keep = [s for s in self.signature.input_specs if not (s.kind in _WEIGHT_KINDS and s.target in removed)]
+            keep = [s for s in self.signature.input_specs
+                    if not (isinstance(s.arg, TensorArgument) and s.arg.name in gone)]
             for name in removed:
                 # A tied weight can back two placeholders; keep it while any spec still names it.
                 if not any(s.target == name for s in keep):
