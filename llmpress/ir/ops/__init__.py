@@ -6,6 +6,8 @@ One op family per file; add an import line here for each.
 """
 from __future__ import annotations
 
+from . import kv_quant
+from . import w8a8
 from . import wq_linear
 
-__all__ = ["wq_linear"]
+__all__ = ["kv_quant", "w8a8", "wq_linear"]
