@@ -12,11 +12,13 @@ def _all() -> list[type[Pass]]:
     from .dce import DeadCodeElimination
     from .fold_constants import FoldConstants
     from .fuse_qkv import FuseQKV
+    from .kv_quant import KVQuant
 
     return [
         DeadCodeElimination,
         FoldConstants,
         FuseQKV,
+        KVQuant,
     ]
 
 
