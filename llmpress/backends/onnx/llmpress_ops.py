@@ -20,11 +20,14 @@
 
 ``llmpress::w8a8_linear`` -> explicit dynamic per-token quantization + ``MatMulInteger`` (int8 x int8 -> int32)::
 
-    sx = ReduceMax(|x|, axis=-1) / 127;  qx = Cast<int8>(Clip(Round(x / sx), -127, 127))
+    sx = ReduceMax(|x|, axis=-1) / 127 (1 where 0);  qx = Cast<int8>(Clip(Round(x / sx), -127, 127))
     y  = Cast<float>(MatMulInteger(qx, qw^T)) * sx * wscale (+ bias)
 
   ONNX's ``DynamicQuantizeLinear`` is per-tensor asymmetric uint8, which is not the op's semantics (per-token
   symmetric int8), so the quantization is spelled out with standard ops; the integer product is exact in int32.
+
+``llmpress::kv_fake_quant`` -> the same per-vector absmax quantize/dequantize with standard ops
+(``Clip(Round(x / s), -qmax, qmax) * s``), so an exported model reads the values an int8 cache would hold.
 """
 from __future__ import annotations
 
@@ -161,8 +164,7 @@ def _w8a8_linear(ex: Any, node: fx.Node) -> str:
     hint = ex.module.weight_name(qweight)
     f32 = np.float32
     xv = b.value(x)
-    amax = b.op("ReduceMax", [b.op("Abs", [xv]), b.const([-1], np.int64)], keepdims=1)
-    sx = _w8a8_act_scale(ex, amax)
+    sx = _absmax_scale(b, xv, 127)
     qx = b.op("Cast", [b.op("Clip", [b.op("Round", [b.op("Div", [xv, sx])]), b.const(-127.0, f32),
                                      b.const(127.0, f32)])], to=3)  # 3 = INT8
     acc = b.op("MatMulInteger", [qx, b.initializer(qw.numpy().T.copy(), hint + ".T")])
@@ -173,19 +175,30 @@ def _w8a8_linear(ex: Any, node: fx.Node) -> str:
     return y
 
 
-def _w8a8_act_scale(ex: Any, amax: str) -> str:
-    """``sx = amax / 127``, with the reference kernel's guard for all-zero tokens (see ``w8a8.py``)."""
-    b = ex.b
+def _absmax_scale(b: Any, x: str, qmax: int) -> str:
+    """``s = max(|x|, last axis, keepdims) / qmax``, and 1 where that is 0 (the reference kernels' guard)."""
     f32 = np.float32
-    from ...ir.ops import w8a8  # noqa: F401 - the guard below mirrors its reference kernel
+    s = b.op("Div", [b.op("ReduceMax", [b.op("Abs", [x]), b.const([-1], np.int64)], keepdims=1),
+                     b.const(float(qmax), f32)])
+    return b.op("Where", [b.op("Greater", [s, b.const(0.0, f32)]), s, b.const(1.0, f32)])
 
-    eps = getattr(w8a8, "ACT_EPS", None)
-    if eps is not None:
-        amax = b.op("Max", [amax, b.const(eps, f32)])
-    return b.op("Div", [amax, b.const(127.0, f32)])
+
+def _kv_fake_quant(ex: Any, node: fx.Node) -> str:
+    """``q * s`` with ``s`` the per-vector absmax scale and ``q = clamp(round(x / s), -qmax, qmax)``."""
+    b = ex.b
+    x, bits = node.args[:2]
+    if node.args[0].meta["val"].dtype != torch.float32:
+        raise unsupported(node, "kv_fake_quant on non-float32 tensors")
+    qmax = (1 << (bits - 1)) - 1
+    xv = b.value(x)
+    s = _absmax_scale(b, xv, qmax)
+    q = b.op("Clip", [b.op("Round", [b.op("Div", [xv, s])]), b.const(-float(qmax), np.float32),
+                      b.const(float(qmax), np.float32)])
+    return b.op("Mul", [q, s])
 
 
 LLMPRESS_TRANSLATIONS = {
     "llmpress.wq_linear.default": _wq_linear,
     "llmpress.w8a8_linear.default": _w8a8_linear,
+    "llmpress.kv_fake_quant.default": _kv_fake_quant,
 }
