@@ -143,7 +143,9 @@ class Module:
         else:
             node = self.graph.placeholder(pname)
         fm = self.fake_mode()
-        node.meta["val"] = fm.from_tensor(tensor) if fm is not None else tensor.to("meta")
+        # static_shapes: a weight's shape is fixed; without it the fake mode invents a symbol per dim (s93...),
+        # which leaks into every shape computed from the weight and into the guards of saved programs.
+        node.meta["val"] = fm.from_tensor(tensor, static_shapes=True) if fm is not None else tensor.to("meta")
         set_node_id(node, f"n{next(self._ids)}")
         specs.insert(first_user, InputSpec(kind=in_kind, arg=TensorArgument(name=node.name), target=name,
                                            persistent=True if in_kind == InputKind.BUFFER else None))
