@@ -1,0 +1,89 @@
+"""``TVMBackend``: check -> translate to Relax -> build -> ``TVMCompiled``."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ...errors import ConfigError
+from ...ir.module import Module
+from ..base import Backend, Unsupported
+from .converters import Converter
+from .targets import resolve_target
+
+__all__ = ["TVMBackend"]
+
+log = logging.getLogger(__name__)
+
+
+class TVMBackend(Backend):
+    """Lowers through Apache TVM for ``cpu``, ``cpu:native``, ``arm64[:dotprod|:i8mm]``, ``cuda[:sm_XX]`` or a
+    TVM target dict."""
+
+    name = "tvm"
+
+    def __init__(self, *, converters: Mapping[str, Converter] | None = None) -> None:
+        # None: the shared ``converters.CONVERTERS`` (read at lowering time, so entries added later count)
+        self.converters = converters
+
+    def supports(self, target: Any) -> bool:
+        if target in (None, "reference"):
+            return False
+        try:
+            resolve_target(target)
+        except ConfigError:
+            return False
+        return True
+
+    def check(self, module: Module, target: Any = "cpu") -> list[Unsupported]:
+        from .lower import check
+
+        resolve_target(target)  # an unknown target fails here, before the graph walk
+        return check(module, converters=self.converters)
+
+    def lower(self, module: Module, target: Any = "cpu", *, progress: bool = True):
+        from tqdm import tqdm
+
+        from .build import build, compile_fatbin, compile_ptx, cuda_sources, source_key
+        from .lower import to_relax
+        from .runtime import TVMCompiled
+
+        spec = resolve_target(target)
+        why = spec.cross_compiler_missing()
+        if why:  # fail before the (long) build rather than at export
+            raise ConfigError(why)
+        steps = ["translate to Relax", f"build for {spec.name}"] + (["compile CUDA device code"]
+                                                                    if spec.device == "cuda" else [])
+        bar = tqdm(total=len(steps), desc="tvm", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        bar.set_postfix_str(steps[0])
+        prog = to_relax(module, converters=self.converters)
+        bar.update(1)
+        bar.set_postfix_str(steps[1])
+        t1 = time.perf_counter()
+        ex = build(prog.mod, spec)
+        bar.update(1)
+        t2 = time.perf_counter()
+        device_code = None
+        if spec.device == "cuda":
+            bar.set_postfix_str(steps[2])
+            srcs = cuda_sources(ex)
+            if len(srcs) == 1:
+                device_code = {"ptx": compile_ptx(srcs[0], spec.cuda_arch),
+                               "fatbin": compile_fatbin(srcs[0], spec.cuda_arch),
+                               "source_sha256": source_key(srcs[0])}
+            else:
+                log.warning("expected one CUDA module, found %d: device code is compiled at load", len(srcs))
+            bar.update(1)
+        bar.close()
+        log.info("tvm %s: translate %.1fs, build %.1fs, device code %.1fs", spec.name, t1 - t0, t2 - t1,
+                 time.perf_counter() - t2)
+        return TVMCompiled(spec=spec, executable=ex, params=prog.params, weights=prog.weights,
+                           functions=prog.functions, num_inputs=prog.num_inputs, lm=module.lm,
+                           device_code=device_code)
+
+    def load(self, folder: Path, manifest: dict):
+        from .runtime import load_compiled
+
+        return load_compiled(Path(folder), manifest)

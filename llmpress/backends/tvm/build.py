@@ -1,0 +1,129 @@
+"""Build: Relax module -> VM executable -> ``model.so`` for a target.
+
+Pipelines (phases as in TVM's ``relax/backend/<target>/pipeline.py``: dispatch, legalize, schedule, lower,
+finalize):
+
+- ``llvm`` (x86-64 / aarch64 CPUs): legalize every Relax op into TIR, fuse, then our CPU schedule rules
+  (``schedules.cpu_rules``: parallel + vectorised matmul / GEMV / reductions; a function no rule claims keeps TVM's
+  default loop nest), then the standard lowering and memory planning;
+- ``cuda``: TVM's CUDA pipeline (legalize, fuse, dlight default GPU schedules: matmul, GEMV, reductions, fallback),
+  which needs no GPU to run.
+
+CUDA device code: TVM 0.27 stores CUDA C source in the library and compiles it when the library is loaded (via
+the ``tvm_callback_cuda_compile`` hook: NVRTC or nvcc on the GPU machine). We compile that source here, at build
+time, with ``nvcc`` into PTX for the requested arch (``.target sm_80``), and the artifact ships it
+(``model.ptx``); the loader answers the compile hook with it, so the device needs only the CUDA driver. Without
+``nvcc`` on the build machine the artifact falls back to compile-at-load.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ...errors import LlmpressError
+from .targets import TargetSpec
+
+__all__ = ["build", "export_library", "cuda_sources", "compile_ptx", "compile_fatbin", "source_key", "BuildError"]
+
+log = logging.getLogger(__name__)
+
+
+class BuildError(LlmpressError):
+    """TVM or the C/CUDA toolchain failed to build the program; the message names the step."""
+
+
+def _pipeline(spec: TargetSpec, target: Any):
+    import tvm
+    from tvm import relax
+
+    if spec.device == "cuda":
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from .schedules import cpu_rules
+
+    @tvm.transform.module_pass(opt_level=0, name="llmpress_cpu_pipeline")
+    def _cpu(mod, _ctx):
+        with target:
+            passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            rules = cpu_rules(target)
+            if rules:
+                from tvm.s_tir import dlight as dl
+
+                passes.append(dl.ApplyDefaultSchedule(*rules))
+            passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _cpu
+
+
+def build(mod: Any, spec: TargetSpec) -> Any:
+    """``tvm.compile`` the Relax module for ``spec``; returns the ``VMExecutable``."""
+    import tvm
+
+    target = spec.tvm_target()
+    try:
+        return tvm.compile(mod, target, relax_pipeline=_pipeline(spec, target))
+    except Exception as e:  # noqa: BLE001 - TVM raises many types; re-raise with the target named
+        raise BuildError(f"TVM failed to build for target {spec.name!r}: {type(e).__name__}: {e}") from e
+
+
+def export_library(executable: Any, path: Path, spec: TargetSpec) -> None:
+    """Write the executable as a shared library, linked with the target's compiler (cross for arm64)."""
+    why = spec.cross_compiler_missing()
+    if why:
+        raise BuildError(why)
+    kwargs = {"cc": spec.cc} if spec.cc else {}
+    try:
+        executable.export_library(str(path), **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise BuildError(f"export_library({path}) failed for target {spec.name!r}: {type(e).__name__}: {e}") from e
+
+
+def cuda_sources(executable: Any) -> list[str]:
+    """CUDA C source of every CUDA module imported by the executable's library."""
+    out: list[str] = []
+
+    def walk(m):
+        if m.kind == "cuda":
+            out.append(str(m.inspect_source("")))
+        for c in m.imports:
+            walk(c)
+
+    walk(executable.mod)
+    return out
+
+
+def source_key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def compile_ptx(source: str, arch: str) -> bytes:
+    """Compile CUDA C ``source`` to PTX for ``arch`` (``sm_80``) with nvcc (no GPU needed)."""
+    return _nvcc(source, ["--ptx", f"-arch={arch}"], "ptx", arch)
+
+
+def compile_fatbin(source: str, arch: str) -> bytes:
+    """Compile CUDA C ``source`` to a fatbin holding SASS for ``arch`` and its PTX (so later GPUs JIT it): the
+    format TVM's own nvcc path hands to the CUDA runtime."""
+    num = arch.split("_", 1)[1]
+    return _nvcc(source, ["--fatbin", f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]"], "fatbin", arch)
+
+
+def _nvcc(source: str, flags: list[str], ext: str, arch: str) -> bytes:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise BuildError("nvcc is not on PATH: cannot precompile CUDA device code")
+    with tempfile.TemporaryDirectory(prefix="llmpress-nvcc-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{ext}"
+        src.write_text(source)
+        cmd = [nvcc, *flags, "-O3", "-std=c++17", "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"nvcc failed for {arch} (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        return out.read_bytes()

@@ -1,0 +1,99 @@
+"""Relax converters for llmpress custom ops (``torch.ops.llmpress.*``), used by the PyTorch frontend of TVM.
+
+``CONVERTERS`` maps the full op name, ``"<namespace>.<op>.<overload>"`` (e.g. ``"llmpress.wq_linear.default"``,
+the spelling of ``ir.Module.op_histogram``), to a converter::
+
+    def convert(node: torch.fx.Node, importer) -> tvm.relax.Expr
+
+``importer`` is TVM's ``ExportedProgramImporter`` in the middle of translating the graph:
+
+- ``importer.env[arg_node]`` is the Relax value already computed for an input node (tensors are ``relax.Var``);
+  non-node arguments (ints, floats, None) are read from ``node.args`` / ``node.kwargs`` directly;
+- ``importer.block_builder.emit(expr)`` adds a binding and returns its var; a converter returns the Relax value of
+  ``node`` (emitted through the block builder);
+- ``tvm.relax.op`` has the building blocks (``matmul``, ``permute_dims``, ``astype``, ``right_shift``,
+  ``bitwise_and``, ``reshape``, ``multiply``...), and ``importer.block_builder.call_te`` / ``emit_te`` take a TE
+  compute when a fused kernel is wanted.
+
+TVM's frontend keys its own map by ``OpOverload.__name__`` (``"wq_linear.default"``: the namespace is dropped);
+``custom_convert_map`` below builds that map and dispatches on the namespace where a name collides with an ATen op,
+so an llmpress op can never shadow ATen's converter of the same name.
+
+Entries are added by the quantization / sparsity helpers, one line per op family, e.g.
+``CONVERTERS["llmpress.wq_linear.default"] = convert_wq_linear``.
+
+``ATEN_OVERRIDES`` (same signature) replaces the frontend's converter for a few ATen ops whose TVM 0.27 lowering
+is broken or wasteful; each entry says why.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = ["CONVERTERS", "ATEN_OVERRIDES", "Converter", "op_full_name", "custom_convert_map"]
+
+Converter = Callable[[Any, Any], Any]  # (torch.fx.Node, ExportedProgramImporter) -> tvm.relax.Expr
+
+#: full op name -> converter (see the module docstring for the signature).
+CONVERTERS: dict[str, Converter] = {}
+
+
+def _masked_fill_scalar(node, importer):
+    """``masked_fill(x, mask, v) = where(mask, v, x)`` with ``v`` a scalar constant.
+
+    TVM's converter materialises ``full_like(x, v)`` whose legalization fails in 0.27 (``topi.full`` receives a
+    ``PrimType`` dtype); a broadcast scalar in ``where`` is also one kernel instead of two.
+    """
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    mask = importer.env[node.args[1]]
+    value = node.args[2]
+    dtype = str(x.ty.dtype)
+    if not isinstance(value, (int, float, bool)) or not ("float" in dtype or "int" in dtype or "bool" in dtype):
+        return importer._masked_fill(node)  # the frontend's general path (tensor values, other dtypes)
+    return importer.block_builder.emit(relax.op.where(mask, relax.const(value, dtype), x))
+
+
+#: ATen op (full name) -> a converter that replaces the frontend's own (same signature as CONVERTERS).
+ATEN_OVERRIDES: dict[str, Converter] = {
+    "aten.masked_fill.Scalar": _masked_fill_scalar,
+}
+
+
+def op_full_name(target: Any) -> str:
+    """``"aten.linear.default"`` / ``"llmpress.wq_linear.default"`` for an OpOverload; ``__name__`` otherwise."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    return getattr(target, "__name__", str(target))
+
+
+def custom_convert_map(converters: Mapping[str, Converter], importer: Any) -> dict[str, Callable]:
+    """The ``custom_convert_map`` for ``importer.from_exported_program``: keyed by ``OpOverload.__name__``.
+
+    ``importer`` is the ``ExportedProgramImporter`` that will translate the graph; its own map (entries bound to it,
+    taking only the node) is snapshotted here, so when an llmpress op's short name collides with a built-in one the
+    installed converter hands nodes of the other namespace back to the built-in converter.
+    """
+    builtin = dict(importer.convert_map)
+    out: dict[str, Callable] = {}
+    for full, fn in converters.items():
+        ns, _, short = full.partition(".")
+        if short in out:
+            raise ValueError(f"two custom converters share the frontend key {short!r} ({full})")
+        if short in builtin:
+            out[short] = _dispatch(ns, fn, builtin[short])
+        else:
+            out[short] = fn
+    return out
+
+
+def _dispatch(ns: str, fn: Converter, builtin_fn: Callable) -> Callable:
+    def convert(node, importer):
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == ns:
+            return fn(node, importer)
+        return builtin_fn(node)
+
+    return convert

@@ -1,0 +1,174 @@
+"""Shared plumbing of the llmpress TVM kernels: tagging, target families, the scheduling pass, fusion checks.
+
+Every converter in this package emits its op as one ``relax.call_tir`` to a TE-built ``PrimFunc`` tagged with the
+function attribute ``llmpress.kernel`` (the kernel family, e.g. ``"wq_linear"``) plus the parameters its schedule
+needs. The PrimFunc is deliberately left *unscheduled* and in the shape TVM's own rules understand (a dequantize
+prologue block feeding a matmul block), so that:
+
+- on GPU targets the default Relax pipeline's dlight rules (``Matmul``/``GEMV``/``Fallback``) schedule it and inline
+  the dequantize prologue into the reduction (no full-precision weight is ever stored);
+- on CPU targets (x86 and aarch64 LLVM) our own hand schedules apply (dequant inlined into the reduction, parallel
+  over output features, vectorized reduction), either as the dlight rule :func:`kernel_rule` (first in the CPU
+  ``ApplyDefaultSchedule`` list) or as the module pass :func:`schedule_kernels` (anywhere before TIR lowering).
+
+Kernels are emitted with ``op_pattern`` = 8 (opaque) so ``FuseOps``/``FuseTIR`` never merge them into a new,
+unscheduled function that would lose the tag. Untagged functions are untouched, so the pass and the rule are always
+safe; without either, CPU builds are still correct, only serial and slow.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable
+
+import tvm
+from tvm import tirx
+
+__all__ = [
+    "KERNEL_ATTR",
+    "register_cpu_schedule",
+    "new_schedule",
+    "cpu_kernel_schedule",
+    "kernel_rule",
+    "schedule_kernels",
+    "is_gpu_target",
+    "cpu_vector_lanes",
+    "lowered_float_allocations",
+    "as_target",
+]
+
+log = logging.getLogger(__name__)
+
+KERNEL_ATTR = "llmpress.kernel"
+
+def as_target(target) -> tvm.target.Target:
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def is_gpu_target(target) -> bool:
+    return "gpu" in [str(k) for k in as_target(target).keys]
+
+
+def cpu_vector_lanes(target) -> int:
+    """How many float32 lanes a vectorized reduction should use on an LLVM target: two SIMD registers' worth, to
+    keep two FMA chains in flight (AVX-512: 32, AVX2: 16, SSE/NEON: 8). LLVM splits wider vectors into registers,
+    so an over-estimate only costs a little register pressure."""
+    t = as_target(target)
+    attrs = {str(k): v for k, v in t.attrs.items()}
+    mcpu = str(attrs.get("mcpu", ""))
+    mattr = " ".join(str(a) for a in attrs.get("mattr", []) or [])
+    if "aarch64" in str(attrs.get("mtriple", "")) or "arm_cpu" in [str(k) for k in t.keys]:
+        return 8
+    if "avx512" in mattr or mcpu in ("x86-64-v4", "skylake-avx512", "cascadelake", "icelake-server",
+                                     "sapphirerapids", "znver4", "znver5"):
+        return 32
+    if "avx2" in mattr or mcpu in ("x86-64-v3", "haswell", "skylake", "znver2", "znver3", "native"):
+        return 16
+    return 8
+
+
+def _func_attr(func: tirx.PrimFunc, key: str, default=None):
+    attrs = func.attrs
+    if attrs is None or key not in attrs:
+        return default
+    return attrs[key]
+
+
+# kernel family -> fn(func, target) -> Schedule (see register_cpu_schedule); filled by the kernel modules.
+_CPU_SCHEDULES: dict[str, Callable] = {}
+
+
+def register_cpu_schedule(kind: str) -> Callable:
+    """Register ``fn(func, target) -> tvm.s_tir.Schedule``: the CPU version of a tagged kernel. It may rebuild the
+    function from another TE formulation as long as the parameters (order, shapes, dtypes) stay the same; build the
+    schedule with :func:`new_schedule` so the function keeps its attributes."""
+    def deco(fn: Callable) -> Callable:
+        _CPU_SCHEDULES[kind] = fn
+        return fn
+
+    return deco
+
+
+def new_schedule(new: tirx.PrimFunc, like: tirx.PrimFunc) -> tvm.s_tir.Schedule:
+    """A schedule of ``new`` carrying the attributes of ``like`` (``te.create_prim_func`` names every function
+    "main"; an emitted kernel is private, and two functions with one global symbol break the Relax module)."""
+    new = new.without_attr("global_symbol")
+    for key, value in (like.attrs or {}).items():
+        new = new.with_attr(str(key), value)
+    return tvm.s_tir.Schedule(new)
+
+
+def cpu_kernel_schedule(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule | None:
+    """The hand schedule of an ``llmpress.kernel`` function for an LLVM target, or None if ``func`` is not one of
+    ours, is already scheduled, or ``target`` is a GPU."""
+    if not isinstance(func, tirx.PrimFunc) or is_gpu_target(target):
+        return None
+    kind = _func_attr(func, KERNEL_ATTR)
+    if kind is None or _func_attr(func, "tirx.is_scheduled", False):
+        return None
+    fn = _CPU_SCHEDULES.get(str(kind))
+    if fn is None:
+        log.warning("no CPU schedule for llmpress kernel %s; it builds unscheduled (serial)", kind)
+        return None
+    return fn(func, target)
+
+
+def kernel_rule():
+    """A dlight ``ScheduleRule`` giving llmpress kernels their CPU schedules ("not applicable" for anything else):
+    put it first in a CPU ``ApplyDefaultSchedule`` list."""
+    from tvm.s_tir.dlight.base import ScheduleRule
+
+    class LlmpressKernels(ScheduleRule):
+        def apply(self, func, target, tunable):  # noqa: D102 - dlight protocol
+            return cpu_kernel_schedule(func, target)
+
+    return LlmpressKernels()
+
+
+def schedule_kernels(target) -> tvm.transform.Pass:
+    """Module pass: give every ``llmpress.kernel`` PrimFunc its hand schedule for ``target`` (LLVM targets; GPU
+    functions are left to dlight in the default pipeline). Safe to run on any module, at any point before the TIR
+    is lowered; the kernels are emitted opaque (``op_pattern`` = 8) so fusion never rewrites them first."""
+    target = as_target(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="llmpress.ScheduleKernels")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions_items():
+            sch = cpu_kernel_schedule(func, target) if isinstance(func, tirx.PrimFunc) else None
+            if sch is not None:
+                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if updates:
+            mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+            for gv, func in updates.items():
+                mod[gv] = func
+        return mod
+
+    return _pass
+
+
+def lowered_float_allocations(func: tirx.PrimFunc, target) -> list[tuple[str, str]]:
+    """Every float buffer ``func`` allocates once lowered, as ``(name, shape)``: the function is run through TVM's
+    block lowering up to buffer flattening (init blocks lowered, allocations planned and compacted to the region
+    each one really covers, blocks removed), the state the code generator sees. The fusion tests read this to show
+    that no dequantized weight (nor any tile of one) is ever stored."""
+    from tvm import s_tir
+
+    mod = tvm.IRModule({"main": func.with_attr("target", as_target(target))})
+    seq = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(),
+    ])
+    text = seq(mod)["main"].script()
+    found = []
+    # TVMScript omits the dtype of float32 buffers: no dtype string means float32.
+    pattern = r'(\w+) = T\.(?:alloc_buffer|allocate|sblock_alloc_buffer)\(\(([^)]*)\),?\s*(?:"(\w+)")?'
+    for m in re.finditer(pattern, text):
+        dtype = m.group(3) or "float32"
+        if dtype.startswith(("float", "bfloat")):
+            found.append((m.group(1), m.group(2).strip().rstrip(",")))
+    return found

@@ -1,0 +1,240 @@
+"""TVM kernel for ``llmpress::wq_linear``: weight-only quantized linear with dequantization fused into the matmul.
+
+Math (the storage layout is the one documented in ``llmpress/ir/ops/wq_linear.py``)::
+
+    y[m, o] = sum_k x[m, k] * W[o, k] (+ bias[o])
+    W[o, k] = (q[o, k] - z[o, g]) * s[o, g],   g = k // group_size
+    q[o, k] = code(o, k) - 2^(b-1)   (symmetric, bits < 8)      code(o, k) (asymmetric; bits = 8 symmetric: int8)
+    code    = (byte[o, k/2] >> 4*(k%2)) & 15                    (bits = 4)
+              (byte[o, k/4] >> 2*(k%4)) & 3                     (bits = 2)
+              (w24 >> 3*(k%8)) & 7, w24 = b[3j] | b[3j+1]<<8 | b[3j+2]<<16, j = k/8   (bits = 3)
+
+Each W element is computed exactly as the reference does (``float(q) * s`` or ``(float(q) - float(z)) * s``, one
+rounding), so the kernel differs from the reference only in the fp32 summation order of the reduction.
+
+The converter emits the generic TE (:func:`wq_linear_te`): two stages, ``dequant`` (W) and ``matmul``, the
+prologue pattern TVM's dlight GPU rules (``Matmul``/``GEMV``) expect and inline into the reduction. On CPU,
+``schedule_kernels`` swaps in :func:`wq_linear_cpu_te` (same parameters): one reduction block whose body unpacks,
+offsets and scales each weight in registers right where it is multiplied, so no float weight buffer exists, neither
+the full ``[out, in]`` one nor a tile. With P values per packing unit (k = u*P + n) and group g::
+
+    xs[m, n, u] = x[m, u*P + n]                       # activations deinterleaved once (activation-sized copy)
+    parallel for o0 in out / OT:                      # output-feature tiles across threads
+      for m in tokens:                                # T = 1 (decode) is one trip; prefill reuses the tile in L1
+        for o1 in OT:
+          acc[0:V] = 0                                # V partial sums in vector registers
+          for g, n, j0:                               # s[o, g], z[o, g] and the shift 4n are scalars here
+            acc[0:V] += xs[m, n, u:u+V] * ((code(q[o, u:u+V], n) - z[o, g]) * s[o, g])   # contiguous, vectorized
+          y[m, o] = sum(acc[0:V])                     # horizontal sum
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+from tvm import relax, te, tirx
+
+from ....errors import UnsupportedOpError
+from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule, register_cpu_schedule
+
+__all__ = ["wq_linear_te", "wq_linear_cpu_te", "emit_wq_linear", "convert_wq_linear", "schedule_cpu"]
+
+log = logging.getLogger(__name__)
+
+_VALUES_PER_UNIT = {8: 1, 4: 2, 3: 8, 2: 4}
+
+
+def _i32(e: Any) -> tirx.PrimExpr:
+    return e.astype("int32")
+
+
+def _code(qweight: te.Tensor, o, k, bits: int) -> tirx.PrimExpr:
+    """The unsigned stored code (int32) of element (o, k); for bits=8 the stored integer itself."""
+    if bits == 8:
+        return _i32(qweight[o, k])
+    if bits == 4:
+        byte = _i32(qweight[o, k // 2])
+        return (byte >> _i32((k % 2) * 4)) & 15
+    if bits == 2:
+        byte = _i32(qweight[o, k // 4])
+        return (byte >> _i32((k % 4) * 2)) & 3
+    if bits == 3:
+        j = k // 8
+        word = _i32(qweight[o, j * 3]) | (_i32(qweight[o, j * 3 + 1]) << 8) | (_i32(qweight[o, j * 3 + 2]) << 16)
+        return (word >> _i32((k % 8) * 3)) & 7
+    raise UnsupportedOpError(f"wq_linear: bits={bits} has no TVM kernel (supported 2, 3, 4, 8)", op="wq_linear")
+
+
+def wq_linear_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None = None, *,
+                 bits: int, group_size: int) -> te.Tensor:
+    """TE of ``x @ dequant(qweight, scales, zeros)^T`` (bias is added outside the kernel).
+
+    ``x`` is float32 ``[..., in]`` (any number of leading dims, symbolic allowed)."""
+    out_f = qweight.shape[0]
+    in_f = int(qweight.shape[1]) * _VALUES_PER_UNIT[bits] // (3 if bits == 3 else 1)
+    sym = zeros is None
+
+    def dequant(o, k):
+        g = k // group_size
+        c = _code(qweight, o, k, bits)
+        if sym:
+            q = c if bits == 8 else c - (1 << (bits - 1))
+            return tirx.Cast("float32", q) * scales[o, g].astype("float32")
+        return (tirx.Cast("float32", c) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
+
+    w = te.compute((out_f, in_f), dequant, name="dequant")
+    k = te.reduce_axis((0, in_f), name="k")
+    lead = list(x.shape[:-1])
+
+    def mm(*idx):
+        return te.sum(x[(*idx[:-1], k)] * w[idx[-1], k], axis=k)
+
+    return te.compute((*lead, out_f), mm, name="matmul")
+
+
+def emit_wq_linear(bb: relax.BlockBuilder, x: relax.Expr, qweight: relax.Expr, scales: relax.Expr,
+                   zeros: relax.Expr | None, bias: relax.Expr | None, bits: int, group_size: int) -> relax.Expr:
+    """Emit the fused kernel as one ``call_tir`` (+ a Relax ``add`` for the bias); returns the output var."""
+    if bits not in _VALUES_PER_UNIT:
+        raise UnsupportedOpError(f"wq_linear: bits={bits} has no TVM kernel (supported 2, 3, 4, 8)", op="wq_linear")
+    x_dtype = x.ty.dtype
+    if x_dtype != "float32":
+        x = bb.emit(relax.op.astype(x, "float32"))
+    sym = zeros is None
+    in_f = int(qweight.ty.shape[1]) * _VALUES_PER_UNIT[bits] // (3 if bits == 3 else 1)
+    name = f"llmpress_wq_linear_b{bits}_g{group_size}_{'sym' if sym else 'asym'}"
+    # op_pattern 8 (kOpaque): FuseOps must not merge the kernel into a new, unscheduled function.
+    attrs = {KERNEL_ATTR: "wq_linear", "op_pattern": 8, "llmpress.bits": bits, "llmpress.group_size": group_size,
+             "llmpress.in_features": in_f}
+    args = [x, qweight, scales] + ([] if sym else [zeros])
+    y = bb.emit_te(lambda *a: wq_linear_te(*a, bits=bits, group_size=group_size), *args,
+                   primfunc_name_hint=name, primfunc_attrs=attrs)
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, relax.op.astype(bias, "float32") if bias.ty.dtype != "float32"
+                                 else bias))
+    if x_dtype != "float32":
+        y = bb.emit(relax.op.astype(y, x_dtype))
+    return y
+
+
+def convert_wq_linear(node, importer) -> relax.Expr:
+    """``custom_convert_map`` entry for ``llmpress.wq_linear.default`` (signature ``(fx.Node, importer)``)."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    x, qweight, scales, zeros, bias, bits, group_size = args
+    bits = node.kwargs.get("bits", bits)
+    group_size = node.kwargs.get("group_size", group_size)
+    env = importer.env
+
+    def get(a):
+        return None if a is None else env[a]
+
+    return emit_wq_linear(importer.block_builder, get(x), get(qweight), get(scales), get(zeros), get(bias),
+                          int(bits), int(group_size))
+
+
+def _pick_tile(n: int, candidates: tuple[int, ...]) -> int:
+    for c in candidates:
+        if n % c == 0:
+            return c
+    return 1
+
+
+def _unit_code(qweight: te.Tensor, o, u, n, bits: int) -> tirx.PrimExpr:
+    """Code of value ``n`` of packing unit ``u`` in row ``o`` (unit = 1 byte for bits 8/4/2, 3 bytes for bits 3)."""
+    if bits == 8:
+        return _i32(qweight[o, u])
+    if bits == 3:
+        word = _i32(qweight[o, u * 3]) | (_i32(qweight[o, u * 3 + 1]) << 8) | (_i32(qweight[o, u * 3 + 2]) << 16)
+        return (word >> _i32(n * 3)) & 7
+    return (_i32(qweight[o, u]) >> _i32(n * bits)) & ((1 << bits) - 1)
+
+
+def wq_linear_cpu_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None = None, *,
+                     bits: int, group_size: int) -> te.Tensor:
+    """CPU formulation of the same math, shaped so that the vectorized loop reads contiguous memory.
+
+    With P values per packing unit and k = u*P + n (unit u, position n), the activations are first deinterleaved
+    (``xs[m, n, u] = x[m, u*P + n]``, an activation-sized copy), and the reduction runs over (group g, position n,
+    unit-in-group j)::
+
+        y[m, o] = sum_{g, n, j} xs[m, n, u] * ((code(o, u, n) - z[o, g]) * s[o, g]),   u = g*(group/P) + j
+
+    so a vector over j loads consecutive activations and consecutive packed bytes, and the scale/zero of the group
+    are scalars. Every weight is still dequantized exactly as the reference does it; only the order of the fp32 sum
+    changes. Needs P | group_size."""
+    per = _VALUES_PER_UNIT[bits]
+    out_f = qweight.shape[0]
+    in_f = int(qweight.shape[1]) * per // (3 if bits == 3 else 1)
+    units, ug = in_f // per, group_size // per
+    sym = zeros is None
+    lead = list(x.shape[:-1])
+    xs = te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])], name="x_deinterleave")
+    g = te.reduce_axis((0, in_f // group_size), name="g")
+    n = te.reduce_axis((0, per), name="n")
+    j = te.reduce_axis((0, ug), name="j")
+
+    def body(*idx):
+        o = idx[-1]
+        u = g * ug + j
+        c = _unit_code(qweight, o, u, n, bits)
+        if sym:
+            w = tirx.Cast("float32", c if bits == 8 else c - (1 << (bits - 1))) * scales[o, g].astype("float32")
+        else:
+            w = (tirx.Cast("float32", c) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
+        return te.sum(xs[(*idx[:-1], n, u)] * w, axis=[g, n, j])
+
+    return te.compute((*lead, out_f), body, name="matmul")
+
+
+def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, out_tile: int) -> None:
+    """Shared tail of both CPU schedules: loops ``(*lead, o, *reduce)`` -> parallel output tiles, token loop, an
+    rfactor over the innermost ``lanes`` of the last reduction loop (vectorized), and a horizontal sum."""
+    loops = sch.get_loops(blk)
+    lead, o, red = loops[:n_lead], loops[n_lead], loops[n_lead + 1:]
+    m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    o0, o1 = sch.split(o, [None, out_tile])
+    r0, r1 = sch.split(red[-1], [None, lanes])
+    sch.reorder(o0, m, o1, *red[:-1], r0, r1)
+    rf = sch.rfactor(r1, factor_axis=n_lead + 1)
+    rf_loops = sch.get_loops(rf)
+    sch.reverse_compute_at(blk, rf_loops[2])  # the horizontal sum right after each (token, output) partial sum
+    sch.vectorize(sch.get_loops(rf)[-1])
+    sch.parallel(sch.get_loops(rf)[0])
+    sch.decompose_reduction(rf, sch.get_loops(rf)[3])
+
+
+@register_cpu_schedule("wq_linear")
+def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
+    """The CPU kernel: :func:`wq_linear_cpu_te` when ``P | group_size`` (always, for the supported layouts), else
+    the generic TE with the dequant block inlined; both vectorized with rfactor and parallel over output tiles.
+
+    The same schedule serves decode (T = 1, a GEMV) and prefill (T > 1): the token loop sits inside the output
+    tile, so the tile's packed bytes stay in L1 while every token reuses them."""
+    bits = int(func.attrs["llmpress.bits"])
+    group = int(func.attrs["llmpress.group_size"])
+    bufs = list(func.params)  # TVM 0.27: parameters are buffer vars carrying shape and dtype
+    x_buf, q_buf, s_buf = bufs[0], bufs[1], bufs[2]
+    z_buf = bufs[3] if len(bufs) == 5 else None
+    x = te.placeholder(x_buf.shape, x_buf.dtype, name="x")
+    q = te.placeholder(q_buf.shape, q_buf.dtype, name="qweight")
+    s = te.placeholder(s_buf.shape, s_buf.dtype, name="scales")
+    z = te.placeholder(z_buf.shape, z_buf.dtype, name="zeros") if z_buf is not None else None
+    per = _VALUES_PER_UNIT[bits]
+    max_lanes = cpu_vector_lanes(target)
+    out_f = int(q_buf.shape[0])
+    out_tile = _pick_tile(out_f, (8, 4, 2))
+    n_lead = len(x_buf.shape) - 1
+    if group % per == 0:
+        y = wq_linear_cpu_te(x, q, s, z, bits=bits, group_size=group)
+        lanes = _pick_tile(group // per, tuple(v for v in (32, 16, 8, 4, 2) if v <= max_lanes))
+    else:  # pragma: no cover - every supported layout has P | group; kept as a safe fallback
+        y = wq_linear_te(x, q, s, z, bits=bits, group_size=group)
+        lanes = _pick_tile(int(func.attrs["llmpress.in_features"]), tuple(v for v in (32, 16, 8, 4, 2)
+                                                                          if v <= max_lanes))
+    args = [x, q, s] + ([z] if z is not None else []) + [y]
+    sch = new_schedule(te.create_prim_func(args), func)
+    if group % per != 0:  # pragma: no cover
+        sch.compute_inline(sch.get_sblock("dequant"))
+    _vectorize_reduction(sch, sch.get_sblock("matmul"), n_lead, lanes, out_tile)
+    return sch

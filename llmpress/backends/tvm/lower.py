@@ -1,0 +1,196 @@
+"""Lowering: ``ir.Module`` -> Relax ``IRModule`` through TVM's PyTorch frontend.
+
+Steps:
+
+1. if the frontend cannot convert some op of the captured graph, decompose the exported program to core ATen
+   (``run_decompositions`` with PyTorch's default table minus every ``llmpress`` op, so compressed ops reach their
+   converters intact) and look again; graphs the frontend reads as they are skip this slow retrace;
+2. turn every weight (parameters, buffers such as packed integer weights or RoPE tables, lifted constants) into a
+   *parameter*, so the frontend keeps all of them as function parameters instead of baking buffers into the
+   library: the artifact stores weights in safetensors and the runtime passes them in;
+3. translate with ``ExportedProgramImporter`` (``keep_params_as_input=True``) plus the llmpress converters;
+4. for language models (``module.lm`` set), expose two functions with the calling convention
+   ``(input_ids, start_pos, *caches, *weights) -> (logits, *caches)``: ``prefill`` (dynamic sequence length) and
+   ``decode`` (the same function with the sequence length bound to 1, so every kernel is specialised for T = 1);
+   other modules get one ``main``.
+
+``check`` finds, before any build work, every node the frontend cannot translate, with its model source line.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec
+
+from ...errors import UnsupportedOpError
+from ...ir.meta import source_line
+from ...ir.module import Module
+from ..base import Unsupported
+from .converters import ATEN_OVERRIDES, CONVERTERS, Converter, custom_convert_map, op_full_name
+
+__all__ = ["RelaxProgram", "check", "to_relax", "decompose"]
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+@dataclass
+class RelaxProgram:
+    """A Relax module ready to build, and how to call it.
+
+    ``functions``: the VM functions (``("prefill", "decode")`` or ``("main",)``); each takes ``num_inputs`` user
+    inputs followed by the weights named ``params`` (state-dict names), in that order.
+    """
+
+    mod: Any  # tvm.IRModule
+    functions: tuple[str, ...]
+    params: list[str]
+    num_inputs: int
+    weights: dict[str, torch.Tensor]
+
+
+def _decomp_table() -> dict:
+    table = torch.export.default_decompositions()
+    for op in list(table):
+        if getattr(op, "namespace", "") == "llmpress":
+            del table[op]
+    return table
+
+
+def decompose(ep: ExportedProgram) -> ExportedProgram:
+    """Core-ATen decomposition that leaves llmpress ops alone."""
+    try:
+        import llmpress.ir.ops  # noqa: F401 - registers the compressed ops a graph may hold
+    except ImportError:  # pragma: no cover - the ops package is part of llmpress
+        pass
+    return ep.run_decompositions(_decomp_table())
+
+
+def _frontend_keys() -> set[str]:
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return set(ExportedProgramImporter().convert_map)
+
+
+def check(module: Module, *, converters: Mapping[str, Converter] | None = None) -> list[Unsupported]:
+    """Every ``call_function`` node that neither TVM's frontend nor a llmpress converter translates, with its op,
+    node and model source line (empty when the module lowers)."""
+    return _prepare(module, dict(CONVERTERS if converters is None else converters))[1]
+
+
+def _prepare(module: Module, conv: Mapping[str, Converter]) -> tuple[ExportedProgram, list[Unsupported]]:
+    """The program to translate and what in it cannot be translated.
+
+    The graph as captured is used when the frontend converts every op in it (fast, and keeps ``linear`` /
+    ``softmax`` whole); otherwise it is decomposed to core ATen first (slow: a retrace) and checked again.
+    """
+    ep = module.exported_program
+    problems = _unsupported(ep, conv)
+    if problems:
+        ep = decompose(ep)
+        problems = _unsupported(ep, conv)
+    return ep, problems
+
+
+def _unsupported(ep: ExportedProgram, conv: Mapping[str, Converter]) -> list[Unsupported]:
+    keys = _frontend_keys()
+    out = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        full = op_full_name(node.target)
+        if full in conv:
+            continue
+        ns = getattr(node.target, "namespace", None)
+        short = getattr(node.target, "__name__", str(node.target))
+        if ns in (None, "aten") and short in keys:
+            continue
+        if ns in (None, "aten"):
+            reason = "TVM's PyTorch frontend has no converter for it"
+        else:
+            reason = f"no converter for this {ns} op in llmpress.backends.tvm.converters.CONVERTERS"
+        out.append(Unsupported(op=full, node=node.name, source_line=source_line(node), reason=reason))
+    return out
+
+
+def _weights_as_params(ep: ExportedProgram) -> tuple[ExportedProgram, dict[str, torch.Tensor]]:
+    """A shallow copy of ``ep`` whose buffers and lifted constants are parameters (same graph, same tensors)."""
+    specs, state = [], {}
+    all_w = dict(ep.state_dict)
+    all_w.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
+    weights: dict[str, torch.Tensor] = {}
+    for s in ep.graph_signature.input_specs:
+        if s.kind in _WEIGHT_KINDS:
+            t = all_w[s.target].detach()
+            weights[s.target] = t
+            state[s.target] = torch.nn.Parameter(t, requires_grad=False)
+            specs.append(InputSpec(kind=InputKind.PARAMETER, arg=s.arg, target=s.target, persistent=None))
+        else:
+            specs.append(s)
+    sig = ExportGraphSignature(input_specs=specs, output_specs=list(ep.graph_signature.output_specs))
+    new = ExportedProgram(
+        root=ep.graph_module, graph=ep.graph, graph_signature=sig, state_dict=state,
+        range_constraints=dict(ep.range_constraints), module_call_graph=ep.module_call_graph,
+        example_inputs=ep.example_inputs, constants={}, verifiers=list(ep.verifiers),
+    )
+    return new, weights
+
+
+def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = None) -> RelaxProgram:
+    """Translate ``module`` to Relax (see the module docstring); raises ``UnsupportedOpError`` listing every node
+    that cannot be translated, before translating anything."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    conv = dict(CONVERTERS if converters is None else converters)
+    ep, problems = _prepare(module, conv)
+    if problems:
+        raise UnsupportedOpError(
+            f"the tvm backend cannot lower {len(problems)} op(s):\n  " + "\n  ".join(str(p) for p in problems),
+            op=problems[0].op, where=problems[0].source_line)
+    ep, weights = _weights_as_params(ep)
+    importer = ExportedProgramImporter()
+    custom = custom_convert_map({**ATEN_OVERRIDES, **conv}, importer)
+    mod = importer.from_exported_program(ep, True, False, False, custom or None)
+    main = mod["main"].without_attr("params")  # the frontend copies every weight into this attribute
+    params = [s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
+    num_inputs = int(main.attrs["num_input"])
+    if len(main.params) != num_inputs + len(params):
+        raise UnsupportedOpError(f"the TVM frontend produced {len(main.params)} parameters for {num_inputs} inputs "
+                                 f"and {len(params)} weights")
+    if module.lm is None:
+        mod["main"] = main
+        return RelaxProgram(mod, ("main",), params, num_inputs, weights)
+    import tvm
+    from tvm.relax.utils import copy_with_new_vars
+
+    out = tvm.IRModule()
+    out["prefill"] = main.with_attr("global_symbol", "prefill")
+    # decode gets fresh variables: a Relax var (and symbolic var) may be defined in one function only
+    decode = copy_with_new_vars(main).with_attr("global_symbol", "decode")
+    seq = _seq_var(decode)
+    if seq is not None:
+        decode = decode.bind_symbolic_vars({seq: 1})
+        for attr in ("tir_var_lower_bound", "tir_var_upper_bound"):
+            if decode.attrs is not None and attr in decode.attrs:
+                decode = decode.without_attr(attr)
+    out["decode"] = decode
+    for gv in mod.get_global_vars():  # helper functions the frontend may have added (cond branches)
+        if gv.name_hint != "main":
+            out[gv.name_hint] = mod[gv]
+    return RelaxProgram(out, ("prefill", "decode"), params, num_inputs, weights)
+
+
+def _seq_var(func: Any):
+    """The symbolic sequence length: dim 1 of the first parameter (``input_ids[B, T]``), if symbolic."""
+    import tvm
+
+    shape = func.params[0].ty.shape
+    dims = list(shape.values) if hasattr(shape, "values") else list(shape)
+    if len(dims) >= 2 and isinstance(dims[1], tvm.tirx.Var):
+        return dims[1]
+    return None

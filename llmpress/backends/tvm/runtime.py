@@ -1,0 +1,232 @@
+"""The TVM program at run time: a Relax VM over the built (or loaded) library, with torch tensors at the boundary.
+
+Calling convention (shared by every backend, see ``llmpress.models.llama``): for language models
+``forward(input_ids[B,T], start_pos[1], *caches) -> (logits, *caches)``; T > 1 runs the ``prefill`` function
+(dynamic T), T == 1 runs ``decode`` (compiled for T = 1). Weights are VM function parameters: they are converted
+to TVM tensors once and appended to every call.
+
+Tensors cross the boundary through DLPack on the CPU (no copy) and through host memory for CUDA.
+
+Payload files (``save_payload``): ``model.so`` (the library), ``weights.safetensors`` (the weights by state-dict
+name; ``params`` lists them in VM parameter order), and for CUDA ``model.fatbin`` / ``model.ptx`` (device code
+compiled at build time for the target arch).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ...errors import ArtifactError, LlmpressError
+from ...ir.meta import LMInfo
+from ..base import Compiled
+from .targets import TargetSpec, host_arch, missing_features
+
+__all__ = ["TVMCompiled", "load_compiled", "LIB", "WEIGHTS"]
+
+log = logging.getLogger(__name__)
+
+LIB = "model.so"
+WEIGHTS = "weights.safetensors"
+FATBIN = "model.fatbin"
+PTX = "model.ptx"
+
+#: sha256 of CUDA source -> precompiled device binary, answered by our ``tvm_callback_cuda_compile``.
+_PRECOMPILED: dict[str, bytes] = {}
+
+
+class TVMCompiled(Compiled):
+    """A program built by the TVM backend (fresh from ``lower`` or loaded from an artifact)."""
+
+    backend = "tvm"
+
+    def __init__(self, *, spec: TargetSpec, executable: Any, params: Sequence[str], weights: dict[str, torch.Tensor],
+                 functions: Sequence[str], num_inputs: int, lm: LMInfo | None,
+                 device_code: dict[str, bytes] | None = None, lib_path: Path | None = None) -> None:
+        self.spec = spec
+        self.executable = executable
+        self.params = list(params)
+        self.weights = weights
+        self.functions = tuple(functions)
+        self.num_inputs = num_inputs
+        self.lm = lm
+        self.device_code = dict(device_code or {})
+        self.lib_path = lib_path
+        self._vm = None
+        self._dev = None
+        self._param_tensors: list | None = None
+
+    # -- where it can run ------------------------------------------------------------------------
+    def why_not_runnable(self) -> str | None:
+        """Why this program cannot run on this machine (other arch, missing CPU features, no GPU), or None."""
+        return _why_not_runnable(self.spec, self.lib_path or LIB)
+
+    @property
+    def runnable_here(self) -> bool:
+        return self.why_not_runnable() is None
+
+    def _ensure_vm(self) -> None:
+        if self._vm is not None:
+            return
+        why = self.why_not_runnable()
+        if why:
+            raise LlmpressError(why)
+        import tvm
+        from tvm import relax
+
+        self._dev = tvm.cuda(0) if self.spec.device == "cuda" else tvm.cpu(0)
+        self._vm = relax.VirtualMachine(self.executable, self._dev)
+        self._param_tensors = [self._to_tvm(self.weights[name]) for name in self.params]
+
+    # -- conversions -----------------------------------------------------------------------------
+    def _to_tvm(self, t: Any):
+        import tvm
+
+        t = torch.as_tensor(t).detach()
+        if self.spec.device == "cpu":
+            return tvm.runtime.from_dlpack(t.contiguous())
+        return tvm.runtime.tensor(t.contiguous().numpy(), device=self._dev)
+
+    def _to_torch(self, x: Any) -> torch.Tensor:
+        if self.spec.device == "cpu":
+            return torch.from_dlpack(x)
+        return torch.from_numpy(x.numpy())
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, function: str, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        """Call VM function ``function`` on the user inputs (weights are appended); returns torch tensors."""
+        self._ensure_vm()
+        if function not in self.functions:
+            raise LlmpressError(f"this program has functions {self.functions}, not {function!r}")
+        if len(inputs) != self.num_inputs:
+            raise LlmpressError(f"{function} takes {self.num_inputs} inputs, got {len(inputs)}")
+        args = [self._to_tvm(x) for x in inputs]
+        out = self._vm[function](*args, *self._param_tensors)
+        if hasattr(out, "shape") and not isinstance(out, (list, tuple)) and type(out).__name__ != "Array":
+            return (self._to_torch(out),)
+        return tuple(self._to_torch(o) for o in out)
+
+    def prefill(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *caches: torch.Tensor):
+        return self.run("prefill", input_ids, start_pos, *caches)
+
+    def decode(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *caches: torch.Tensor):
+        return self.run("decode", input_ids, start_pos, *caches)
+
+    def forward(self, *inputs: Any) -> Any:
+        if self.lm is not None:
+            fn = "decode" if torch.as_tensor(inputs[0]).shape[1] == 1 else "prefill"
+            return self.run(fn, *inputs)
+        out = self.run("main", *inputs)
+        return out[0] if len(out) == 1 else out
+
+    # -- artifact --------------------------------------------------------------------------------
+    def target_json(self) -> dict:
+        return self.spec.to_json()
+
+    def save_payload(self, folder: Path) -> dict:
+        from safetensors.torch import save_file
+
+        from .build import export_library
+
+        folder = Path(folder)
+        if self.lib_path is not None:  # loaded from an artifact: the library is already built
+            shutil.copy2(self.lib_path, folder / LIB)
+        else:
+            export_library(self.executable, folder / LIB, self.spec)
+        unique: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name in self.params:
+            if name in unique:
+                continue
+            t = self.weights[name].detach().contiguous()
+            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            unique[name] = t
+        save_file(unique, str(folder / WEIGHTS))
+        payload = {"lib": LIB, "weights": WEIGHTS, "params": self.params, "functions": list(self.functions),
+                   "num_inputs": self.num_inputs, "arch": self.spec.arch, "device": self.spec.device,
+                   "target": self.spec.to_json(), "device_code": None}
+        if self.device_code:
+            (folder / FATBIN).write_bytes(self.device_code["fatbin"])
+            (folder / PTX).write_bytes(self.device_code["ptx"])
+            payload["device_code"] = {"fatbin": FATBIN, "ptx": PTX, "source_sha256": self.device_code["source_sha256"],
+                                      "arch": self.spec.cuda_arch}
+        return payload
+
+
+def _why_not_runnable(spec: TargetSpec, lib: Any) -> str | None:
+    here = host_arch()
+    if spec.arch != here:
+        return (f"{lib}: built for {spec.arch} (target {spec.name!r}) but this machine is {here}; "
+                f"run it on an {spec.arch} machine with the TVM runtime")
+    miss = missing_features(spec)
+    if miss:
+        return (f"{lib}: built for target {spec.name!r}, which needs CPU features {', '.join(miss)} that this "
+                "machine lacks; rebuild with a more portable target")
+    if spec.device == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            return f"{lib}: built for CUDA {spec.cuda_arch} but no CUDA GPU is visible on this machine"
+    return None
+
+
+def _install_cuda_hook() -> None:
+    """Answer TVM's compile-at-load hook with device code precompiled at build time (else TVM's own compiler)."""
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    fallback = nvcc.tvm_callback_cuda_compile
+
+    def compile_hook(code):
+        from .build import source_key
+
+        pre = _PRECOMPILED.get(source_key(str(code)))
+        if pre is not None:
+            return bytearray(pre)
+        return fallback(code)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_hook, override=True)
+
+
+def load_compiled(folder: Path, manifest: dict) -> TVMCompiled:
+    """Rebuild a ``TVMCompiled`` from an artifact folder (hashes already verified by the artifact loader)."""
+    from safetensors.torch import load_file
+
+    payload = manifest.get("payload") or {}
+    for key in ("lib", "weights", "params", "functions", "num_inputs", "target"):
+        if key not in payload:
+            raise ArtifactError(f"{folder / 'manifest.json'}: the tvm payload lacks {key!r}")
+    spec = TargetSpec.from_json(payload["target"])
+    lib = folder / payload["lib"]
+    why = _why_not_runnable(spec, lib)
+    if why:
+        raise ArtifactError(why)
+    dc = payload.get("device_code")
+    device_code = None
+    if dc:
+        device_code = {"fatbin": (folder / dc["fatbin"]).read_bytes(), "ptx": (folder / dc["ptx"]).read_bytes(),
+                       "source_sha256": dc["source_sha256"]}
+        _PRECOMPILED[dc["source_sha256"]] = device_code["fatbin"]
+        _install_cuda_hook()
+    import tvm
+
+    try:
+        module = tvm.runtime.load_module(str(lib))
+    except Exception as e:  # noqa: BLE001 - any failure means the library is unusable here
+        raise ArtifactError(f"{lib}: cannot load the compiled library: {e}") from e
+    try:
+        weights = load_file(str(folder / payload["weights"]))
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{folder / payload['weights']}: cannot read the weights: {e}") from e
+    missing = [p for p in payload["params"] if p not in weights]
+    if missing:
+        raise ArtifactError(f"{folder / payload['weights']}: lacks weights {missing[:5]}")
+    lm = LMInfo.from_json(manifest["lm"]) if manifest.get("lm") else None
+    return TVMCompiled(spec=spec, executable=module, params=payload["params"], weights=weights,
+                       functions=payload["functions"], num_inputs=int(payload["num_inputs"]), lm=lm,
+                       device_code=device_code, lib_path=lib)
