@@ -18,7 +18,6 @@ safe; without either, CPU builds are still correct, only serial and slow.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Callable
 
 import tvm
@@ -163,12 +162,25 @@ def lowered_float_allocations(func: tirx.PrimFunc, target) -> list[tuple[str, st
         s_tir.transform.LowerOpaqueBlock(),
         tirx.transform.FlattenBuffer(),
     ])
-    text = seq(mod)["main"].script()
-    found = []
-    # TVMScript omits the dtype of float32 buffers: no dtype string means float32.
-    pattern = r'(\w+) = T\.(?:alloc_buffer|allocate|sblock_alloc_buffer)\(\(([^)]*)\),?\s*(?:"(\w+)")?'
-    for m in re.finditer(pattern, text):
-        dtype = m.group(3) or "float32"
-        if dtype.startswith(("float", "bfloat")):
-            found.append((m.group(1), m.group(2).strip().rstrip(",")))
+    found: list[tuple[str, str]] = []
+
+    def record(buf) -> None:
+        if str(buf.dtype).startswith(("float", "bfloat")):
+            found.append((str(buf.name), "[" + ", ".join(str(d) for d in buf.shape) + "]"))
+
+    def visit(node) -> None:
+        if node is None:
+            return
+        if isinstance(node, tirx.stmt.AllocBuffer):
+            record(node.buffer)
+        for buf in getattr(node, "alloc_buffers", None) or []:
+            record(buf)
+        for attr in ("body", "then_case", "else_case", "block", "init"):
+            child = getattr(node, attr, None)
+            if isinstance(child, (tirx.stmt.Stmt, tvm.s_tir.SBlock, tvm.s_tir.SBlockRealize)):
+                visit(child)
+        for child in getattr(node, "seq", None) or []:
+            visit(child)
+
+    visit(seq(mod)["main"].body)
     return found

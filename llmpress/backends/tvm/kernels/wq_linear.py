@@ -169,7 +169,10 @@ def wq_linear_cpu_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros:
     units, ug = in_f // per, group_size // per
     sym = zeros is None
     lead = list(x.shape[:-1])
-    xs = te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])], name="x_deinterleave")
+    if per == 1:  # 8-bit: nothing to deinterleave
+        xs = te.compute((*lead, 1, units), lambda *i: x[(*i[:-2], i[-1])], name="x_deinterleave")
+    else:
+        xs = te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])], name="x_deinterleave")
     g = te.reduce_axis((0, in_f // group_size), name="g")
     n = te.reduce_axis((0, per), name="n")
     j = te.reduce_axis((0, ug), name="j")
