@@ -1,0 +1,141 @@
+// llmpress-runner: run an llmpress TVM artifact with nothing but the TVM runtime (no Python).
+//
+//   llmpress-runner ARTIFACT_DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--print-ids]
+//                   [--no-verify]
+//
+// Greedy decoding from BOS + the encoded prompt (or exactly the given ids): one prefill call, then one decode call
+// per new token, stopping at EOS or BOS (as llama2.c does), after N new tokens, or when the KV cache is full.
+// Prints the decoded text (everything after the leading BOS) to stdout, or with --print-ids the ids (prompt and
+// new, space-separated, one line). Timings go to stderr. Exit status 1 with "llmpress-runner: error: ..." on failure.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "model.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: llmpress-runner ARTIFACT_DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] "
+    "[--print-ids] [--no-verify]\n";
+
+std::vector<int64_t> ParseIds(const std::string& s) {
+  std::vector<int64_t> ids;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size()) throw llmpress::RunnerError("--prompt-ids: '" + item + "' is not an integer");
+    ids.push_back(v);
+  }
+  if (ids.empty()) throw llmpress::RunnerError("--prompt-ids: no ids given");
+  return ids;
+}
+
+int Run(int argc, char** argv) {
+  std::string dir, prompt;
+  bool have_prompt = false, have_ids = false, print_ids = false, verify = true;
+  std::vector<int64_t> prompt_ids;
+  int64_t max_new = 256;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&](const char* flag) -> std::string {
+      if (i + 1 >= argc) throw llmpress::RunnerError(std::string(flag) + " needs a value\n" + kUsage);
+      return argv[++i];
+    };
+    if (a == "--prompt") {
+      prompt = value("--prompt");
+      have_prompt = true;
+    } else if (a == "--prompt-ids") {
+      prompt_ids = ParseIds(value("--prompt-ids"));
+      have_ids = true;
+    } else if (a == "--max-new-tokens") {
+      std::string v = value("--max-new-tokens");
+      char* end = nullptr;
+      max_new = std::strtoll(v.c_str(), &end, 10);
+      if (*end != '\0' || max_new < 0) throw llmpress::RunnerError("--max-new-tokens: '" + v + "' is not a count");
+    } else if (a == "--print-ids") {
+      print_ids = true;
+    } else if (a == "--no-verify") {
+      verify = false;
+    } else if (a == "-h" || a == "--help") {
+      std::cout << kUsage;
+      return 0;
+    } else if (!a.empty() && a[0] == '-') {
+      throw llmpress::RunnerError("unknown option " + a + "\n" + kUsage);
+    } else if (dir.empty()) {
+      dir = a;
+    } else {
+      throw llmpress::RunnerError("unexpected argument " + a + "\n" + kUsage);
+    }
+  }
+  if (dir.empty()) throw llmpress::RunnerError(std::string("no artifact folder given\n") + kUsage);
+  if (have_prompt && have_ids) throw llmpress::RunnerError("give --prompt or --prompt-ids, not both");
+
+  auto t0 = std::chrono::steady_clock::now();
+  llmpress::EdgeModel model(dir, verify);
+  double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const llmpress::LMInfo& lm = model.lm();
+  const llmpress::Tokenizer* tok = model.tokenizer();
+
+  std::vector<int64_t> ids = prompt_ids;
+  if (!have_ids) {
+    ids = {lm.bos_id};
+    if (have_prompt && !prompt.empty()) {
+      if (tok == nullptr) throw llmpress::RunnerError(dir + ": the artifact has no llama2.c tokenizer; use --prompt-ids");
+      for (int64_t id : tok->Encode(prompt)) ids.push_back(id);
+    }
+  }
+  for (int64_t id : ids) {
+    if (id < 0 || id >= lm.vocab_size) {
+      throw llmpress::RunnerError("prompt id " + std::to_string(id) + " is outside the vocabulary of " +
+                                  std::to_string(lm.vocab_size));
+    }
+  }
+  llmpress::GenerateStats st;
+  std::vector<int64_t> out = llmpress::Greedy(model, ids, max_new, {lm.eos_id, lm.bos_id}, &st);
+
+  if (print_ids) {
+    for (size_t i = 0; i < out.size(); ++i) std::cout << (i ? " " : "") << out[i];
+    std::cout << "\n";
+  } else {
+    if (tok == nullptr) throw llmpress::RunnerError(dir + ": the artifact has no llama2.c tokenizer; use --print-ids");
+    std::string text;
+    for (size_t i = 1; i < out.size(); ++i) {
+      if (out[i] == lm.bos_id || out[i] == lm.eos_id) continue;
+      text += tok->Piece(out[i - 1], out[i], lm.bos_id);
+    }
+    std::cout << text << "\n";
+  }
+  std::cout.flush();
+  int64_t decoded = st.new_tokens > 0 ? st.new_tokens - 1 : 0;
+  std::fprintf(stderr,
+               "llmpress-runner: %s: load %.3f s, prefill %lld tokens %.3f s, decode %lld tokens %.3f s (%.1f tok/s)\n",
+               llmpress::HostArch(), load_s, static_cast<long long>(st.prompt_tokens), st.prefill_s,
+               static_cast<long long>(decoded), st.decode_s, st.decode_s > 0 ? decoded / st.decode_s : 0.0);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llmpress-runner: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,67 @@
+// An llmpress artifact loaded into the TVM Relax VM.
+//
+// The artifact folder holds manifest.json, the exported VM library (payload.lib, e.g. model.so), the weights in
+// safetensors (payload.weights) and, optionally, a llama2.c-format tokenizer. The VM functions follow the LM
+// calling convention of llmpress.models.llama, with the weights appended as parameters in payload.params order:
+//
+//   prefill/decode(input_ids int64[1,T], start_pos int64[1], k_0, v_0, ..., k_{L-1}, v_{L-1}, *weights)
+//       -> (logits float32[1,T,V], k_0', v_0', ...)
+//
+// Caches are [1, n_kv_heads, cache_len, head_dim]; prefill takes the prompt (dynamic T), decode takes T = 1.
+#pragma once
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tokenizer.h"
+
+namespace llmpress {
+
+struct LMInfo {
+  int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, cache_len = 0, vocab_size = 0;
+  int64_t bos_id = 1, eos_id = 2;
+  DLDataType cache_dtype{kDLFloat, 32, 1};
+};
+
+// The machine this runner was built for, spelled as the manifest spells it ("x86_64", "aarch64").
+const char* HostArch();
+
+class EdgeModel {
+ public:
+  // Load and check the artifact in `dir` (manifest, file sizes and sha256, architecture, weights).
+  explicit EdgeModel(const std::string& dir, bool verify_hashes = true);
+
+  const LMInfo& lm() const { return lm_; }
+  const Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
+
+  // Zero the KV caches.
+  void Reset();
+  // Run `tokens` at positions start_pos.. (prefill when T > 1 or start_pos == 0, else decode); returns the
+  // logits of the last position and keeps the updated caches.
+  std::vector<float> Step(const std::vector<int64_t>& tokens, int64_t start_pos);
+
+ private:
+  std::string dir_;
+  LMInfo lm_;
+  std::optional<Tokenizer> tokenizer_;
+  std::optional<tvm::ffi::Module> lib_, vm_;  // not default-constructible: set in the constructor
+  tvm::ffi::Function prefill_, decode_;
+  std::vector<tvm::ffi::Tensor> caches_, weights_;
+};
+
+// Greedy generation with the semantics of llmpress.eval.generate.greedy: returns prompt + new ids; at most
+// min(max_new_tokens, cache_len - len(prompt)) new ids; stops after appending an id in `stop_ids`.
+struct GenerateStats {
+  int64_t prompt_tokens = 0, new_tokens = 0;
+  double prefill_s = 0, decode_s = 0;
+};
+std::vector<int64_t> Greedy(EdgeModel& model, const std::vector<int64_t>& prompt, int64_t max_new_tokens,
+                            const std::vector<int64_t>& stop_ids, GenerateStats* stats);
+
+}  // namespace llmpress
