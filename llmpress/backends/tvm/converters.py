@@ -38,6 +38,10 @@ Converter = Callable[[Any, Any], Any]  # (torch.fx.Node, ExportedProgramImporter
 #: full op name -> converter (see the module docstring for the signature).
 CONVERTERS: dict[str, Converter] = {}
 
+from .kernels import CONVERTERS as _QUANT_KERNELS  # noqa: E402 - wq_linear, w8a8_linear, kv_fake_quant (lazy)
+
+CONVERTERS.update(_QUANT_KERNELS)
+
 
 def _masked_fill_scalar(node, importer):
     """``masked_fill(x, mask, v) = where(mask, v, x)`` with ``v`` a scalar constant.

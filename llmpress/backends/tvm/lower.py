@@ -110,10 +110,10 @@ def _unsupported(ep: ExportedProgram, conv: Mapping[str, Converter]) -> list[Uns
         short = getattr(node.target, "__name__", str(node.target))
         if ns in (None, "aten") and short in keys:
             continue
-        if ns in (None, "aten"):
-            reason = "TVM's PyTorch frontend has no converter for it"
+        if ns == "llmpress":
+            reason = "no converter for this llmpress op in llmpress.backends.tvm.converters.CONVERTERS"
         else:
-            reason = f"no converter for this {ns} op in llmpress.backends.tvm.converters.CONVERTERS"
+            reason = "TVM's PyTorch frontend has no converter for it"
         out.append(Unsupported(op=full, node=node.name, source_line=source_line(node), reason=reason))
     return out
 

@@ -85,9 +85,11 @@ class TVMCompiled(Compiled):
     def _to_tvm(self, t: Any):
         import tvm
 
-        t = torch.as_tensor(t).detach()
+        t = torch.as_tensor(t).detach().contiguous()
         if self.spec.device == "cpu":
-            return tvm.runtime.from_dlpack(t.contiguous())
+            if t.data_ptr() % 64:  # TVM needs 64-byte aligned data (mmapped safetensors may not be): copy once
+                t = t.clone()
+            return tvm.runtime.from_dlpack(t)
         return tvm.runtime.tensor(t.contiguous().numpy(), device=self._dev)
 
     def _to_torch(self, x: Any) -> torch.Tensor:

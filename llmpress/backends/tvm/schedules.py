@@ -11,4 +11,6 @@ __all__ = ["cpu_rules"]
 
 def cpu_rules(target: Any) -> list:
     """The schedule rules for an LLVM CPU target, most specific first."""
-    return []
+    from .kernels import kernel_rule  # llmpress compressed-op kernels (fused dequant-matmul, w8a8, kv quant)
+
+    return [kernel_rule()]
