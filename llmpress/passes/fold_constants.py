@@ -16,7 +16,8 @@ one per *root* (a constant node used by a non-constant node or the output), if i
 so ``transpose(W)`` replaces ``W`` when nothing else reads ``W``, but is left alone when ``W`` has other users (it
 would store ``W`` twice). Groups that read no weight at all (``arange(32)``, ``full(...)``) are folded when their
 buffers total at most ``max_literal_bytes``. Folding computes the same ATen ops on the same values the interpreter
-would, so the rewrite is exact (bit-identical on the same device).
+would, so the folded values are bit-identical; they are stored contiguous, so a consumer that got a strided view
+before (``x @ W.t()``) may now take another kernel and sum in another order: outputs agree to fp32 rounding.
 """
 from __future__ import annotations
 

@@ -120,12 +120,13 @@ class FuseQKV(Pass):
                 if not cand:
                     continue
                 if len(cand) < opts.min_group:
-                    why = f"only {len(cand)} linear(s) read {x.name} (min_group={opts.min_group})"
+                    why = (f"only {', '.join(_leaf(source_path(n)) for n in cand)} read{'s' if len(cand) == 1 else ''}"
+                           f" {x.name} (min_group={opts.min_group})")
                     parent = _parent(source_path(cand[0]))
                     elsewhere = [n for n in qkv_by_parent.get(parent, []) if n.args[0] is not x]
                     if not opts.all_siblings and elsewhere:
-                        why = "; ".join(f"{_leaf(source_path(n))} reads a different input ({n.args[0].name}, "
-                                        f"not {x.name})" for n in elsewhere)
+                        why += "; " + "; ".join(f"{_leaf(source_path(n))} reads a different input "
+                                                f"({n.args[0].name}, not {x.name})" for n in elsewhere)
                     for n in cand:
                         skipped.append((source_path(n), why))
                     continue
