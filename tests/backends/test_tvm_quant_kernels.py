@@ -1,0 +1,240 @@
+"""TVM kernels of the compressed ops (wq_linear, w8a8_linear, kv_fake_quant) against their reference kernels.
+
+Tolerances:
+- wq_linear: the kernel dequantizes every weight with the reference's own float operations (one rounding, the same
+  value bit for bit) and differs only in the order of the fp32 sum over ``in`` products. For any summation order,
+  |computed - exact| <= gamma_n * sum_k |x_k w_k| with gamma_n = n*u/(1-n*u), u = 2^-24, n = in + 1 (the classic
+  bound for a dot product; Higham, Accuracy and Stability, 3.1). Both kernels are within it of the exact value, so
+  they are within twice it of each other: that is the asserted bound, element by element.
+- w8a8_linear and kv_fake_quant: integer-exact (int32 accumulation; the reference is exact too) and the float steps
+  are the same operations in the same order, so the outputs must be equal up to 2 ulp (LLVM may choose another but
+  equally rounded instruction sequence, e.g. a reciprocal multiply is NOT allowed, a fused multiply-add is).
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import llmpress.ir.ops  # noqa: F401 - registers the ops
+from llmpress.ir.capture import capture
+from llmpress.ir.ops.wq_linear import dequantize, pack_weight, qrange
+
+tvm = pytest.importorskip("tvm")
+
+pytestmark = pytest.mark.tvm
+
+U = 2.0 ** -24
+IN, OUT = 256, 64
+
+# (bits, group, sym): every bit width, both flavours, group sizes 32/64/128 and per-channel (group = in).
+WQ_CASES = [(8, 64, True), (8, 256, False), (4, 128, True), (4, 32, False), (4, 256, True),
+            (3, 128, True), (3, 64, False), (2, 64, True), (2, 128, False), (2, 32, True)]
+
+
+def _quantized(bits: int, group: int, sym: bool, out_f: int = OUT, in_f: int = IN, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = qrange(bits, sym)
+    q = torch.randint(lo, hi + 1, (out_f, in_f), generator=g)
+    scales = torch.rand(out_f, in_f // group, generator=g) * 0.05 + 0.01
+    zeros = None if sym else torch.randint(0, 1 << bits, (out_f, in_f // group), generator=g).to(torch.uint8)
+    return pack_weight(q, bits, sym=sym), scales, zeros
+
+
+class WQMany(torch.nn.Module):
+    """One wq_linear per case on the same input (one build covers every case); the last case has a bias."""
+
+    def __init__(self, cases):
+        super().__init__()
+        self.cases = cases
+        for i, (bits, group, sym) in enumerate(cases):
+            q, s, z = _quantized(bits, group, sym, seed=i)
+            self.register_buffer(f"q{i}", q)
+            self.register_buffer(f"s{i}", s)
+            if z is not None:
+                self.register_buffer(f"z{i}", z)
+            else:  # a None buffer confuses torch.export; a plain attribute is a constant None
+                setattr(self, f"z{i}", None)
+        self.register_buffer("bias", torch.randn(OUT))
+
+    def forward(self, x):
+        outs = []
+        for i, (bits, group, _) in enumerate(self.cases):
+            bias = self.bias if i == len(self.cases) - 1 else None
+            outs.append(torch.ops.llmpress.wq_linear(x, getattr(self, f"q{i}"), getattr(self, f"s{i}"),
+                                                     getattr(self, f"z{i}"), bias, bits, group))
+        return tuple(outs)
+
+
+@pytest.fixture(scope="module")
+def wq_built():
+    from llmpress.backends.tvm import TVMBackend
+
+    model = WQMany(WQ_CASES).eval()
+    module = capture(model, (torch.randn(1, 8, IN),))
+    assert module.op_histogram()["llmpress.wq_linear.default"] == len(WQ_CASES)
+    return model, module, TVMBackend().lower(module, "cpu", progress=False)
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_wq_linear_matches_reference_within_fp32_summation_bound(wq_built, tokens):
+    model, module, compiled = wq_built
+    x = torch.randn(1, tokens, IN, generator=torch.Generator().manual_seed(tokens))
+    got = compiled(x)
+    ref = module.run(x)
+    assert len(got) == len(ref) == len(WQ_CASES)
+    n = IN + 1
+    gamma = n * U / (1 - n * U)
+    for i, (bits, group, sym) in enumerate(WQ_CASES):
+        w = dequantize(getattr(model, f"q{i}"), getattr(model, f"s{i}"), getattr(model, f"z{i}"), bits, group)
+        bound = 2 * gamma * (x.abs() @ w.abs().t())
+        err = (torch.as_tensor(got[i]) - ref[i]).abs()
+        case = f"bits={bits} group={group} {'sym' if sym else 'asym'} T={tokens}"
+        assert got[i].shape == ref[i].shape, case
+        assert bool((err <= bound).all()), f"{case}: max err {float(err.max()):.3g}, max bound {float(bound.max()):.3g}"
+        assert float(ref[i].abs().max()) > 0.1, case  # the case computes something
+
+
+class W8A8KV(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from llmpress.ir.ops.w8a8 import quantize_weight
+
+        g = torch.Generator().manual_seed(1)
+        qw, ws = quantize_weight(torch.randn(OUT, IN, generator=g))
+        self.register_buffer("qw", qw)
+        self.register_buffer("ws", ws)
+        self.register_buffer("bias", torch.randn(OUT, generator=g))
+
+    def forward(self, x, kv):
+        y = torch.ops.llmpress.w8a8_linear(x, self.qw, self.ws, self.bias)
+        y0 = torch.ops.llmpress.w8a8_linear(x, self.qw, self.ws, None)
+        return y, y0, torch.ops.llmpress.kv_fake_quant(kv, 8), torch.ops.llmpress.kv_fake_quant(kv, 4)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_w8a8_and_kv_fake_quant_match_reference(tokens):
+    from llmpress.backends.tvm import TVMBackend
+
+    model = W8A8KV().eval()
+    dyn = torch.export.Dim("seq", min=1, max=64)
+    module = capture(model, (torch.randn(1, 8, IN), torch.randn(1, 2, 8, 16)), dynamic=({1: dyn}, {2: dyn}))
+    compiled = TVMBackend().lower(module, "cpu", progress=False)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(1, tokens, IN, generator=g) * 3
+    x[0, 0, :] = 0.0  # an all-zero token: sx = 1, codes 0
+    kv = torch.randn(1, 2, tokens, 16, generator=g)
+    got = [torch.as_tensor(t) for t in compiled(x, kv)]
+    ref = module.run(x, kv)
+    for name, a, b in zip(("w8a8+bias", "w8a8", "kv8", "kv4"), got, ref):
+        torch.testing.assert_close(a, b, rtol=2 * 2.0 ** -23, atol=0.0, msg=lambda m: f"{name} T={tokens}: {m}")
+
+
+def _relax_after_schedule(module, target):
+    """The Relax module after TVM's legalization/fusion and the schedule rules, as the CPU/CUDA build sees it."""
+    from llmpress.backends.tvm.build import _pipeline  # noqa: F401 - imported to fail loudly if the build moves
+    from llmpress.backends.tvm.lower import to_relax
+
+    prog = to_relax(module)
+    tgt = tvm.target.Target(target)
+    with tgt:
+        if "gpu" in [str(k) for k in tgt.keys]:
+            from tvm.relax.backend.cuda import pipeline as p
+
+            return tvm.transform.Sequential(p.library_dispatch_passes(tgt) + p.legalize_passes(tgt))(prog.mod)
+        from tvm.relax.backend.cpu_generic import pipeline as p
+        from tvm.s_tir import dlight as dl
+
+        from llmpress.backends.tvm.schedules import cpu_rules
+
+        passes = p.library_dispatch_passes(tgt) + p.legalize_passes(tgt) + [dl.ApplyDefaultSchedule(*cpu_rules(tgt))]
+        return tvm.transform.Sequential(passes)(prog.mod)
+
+
+def _kernels(mod):
+    return {gv.name_hint: f for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and "llmpress.kernel" in (f.attrs or {})}
+
+
+def _static_numel(shape_text: str) -> int:
+    """Product of the constant dims of a printed shape (symbolic dims such as the token count count as 1)."""
+    import re
+
+    n = 1
+    for dim in shape_text.strip("[]").split(","):
+        m = re.fullmatch(r"\s*(?:T\.int64\()?(\d+)\)?\s*", dim)
+        n *= int(m.group(1)) if m else 1
+    return n
+
+
+def _int4_module(out_f=2048, in_f=768):
+    q, s, _ = _quantized(4, 128, True, out_f=out_f, in_f=in_f)
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("q", q)
+            self.register_buffer("s", s)
+
+        def forward(self, x):
+            return torch.ops.llmpress.wq_linear(x, self.q, self.s, None, None, 4, 128)
+
+    return capture(One().eval(), (torch.randn(1, 4, in_f),))
+
+
+@pytest.mark.parametrize("target", [{"kind": "llvm", "mcpu": "x86-64-v3"},
+                                    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+                                    {"kind": "cuda", "arch": "sm_80"}])
+def test_dequant_is_fused_no_float_weight_buffer(target):
+    """After scheduling (ours on CPU, dlight on CUDA) and TVM's block lowering, no float buffer holding a sizeable
+    part of the dequantized weight exists: the largest float allocation is activation-sized or a few registers."""
+    from llmpress.backends.tvm.kernels import lowered_float_allocations
+
+    out_f, in_f = 2048, 768
+    mod = _relax_after_schedule(_int4_module(out_f, in_f), target)
+    kernels = _kernels(mod)
+    assert kernels, "the wq_linear kernel did not survive legalization/fusion as its own function"
+    for name, func in kernels.items():
+        assert func.attrs.get("tirx.is_scheduled"), f"{name} was not scheduled for {target}"
+        allocs = lowered_float_allocations(func, target)
+        big = [(b, s) for b, s in allocs if _static_numel(s) >= out_f * in_f // 64]
+        assert not big, f"{name} on {target['kind']} materializes dequantized weights: {big}"
+
+
+def test_fusion_check_detects_a_materialized_weight():
+    """Negative control: the unscheduled two-stage TE (dequant block, then matmul) does allocate W [out, in]."""
+    from tvm import te
+
+    from llmpress.backends.tvm.kernels import lowered_float_allocations
+    from llmpress.backends.tvm.kernels.wq_linear import wq_linear_te
+
+    x = te.placeholder((1, 4, IN), "float32", name="x")
+    q = te.placeholder((OUT, IN // 2), "uint8", name="q")
+    s = te.placeholder((OUT, IN // 128), "float32", name="s")
+    func = te.create_prim_func([x, q, s, wq_linear_te(x, q, s, bits=4, group_size=128)])
+    allocs = lowered_float_allocations(func, {"kind": "llvm"})
+    assert any(_static_numel(shape) == OUT * IN for _, shape in allocs), allocs
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler")
+def test_arm64_build_of_int4_g128_module(tmp_path):
+    from llmpress.backends.tvm import TVMBackend
+
+    compiled = TVMBackend().lower(_int4_module(256, 768), "arm64", progress=False)
+    compiled.save_payload(tmp_path)
+    lib = next(tmp_path.glob("*.so"))
+    head = lib.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA device code cannot be built")
+def test_cuda_sm80_build_of_int4_g128_module():
+    from llmpress.backends.tvm import TVMBackend
+    from llmpress.backends.tvm.build import cuda_sources
+
+    compiled = TVMBackend().lower(_int4_module(256, 768), "cuda", progress=False)
+    srcs = cuda_sources(compiled.executable)
+    assert srcs and any("llmpress_wq_linear" in s for s in srcs)
+    # the packed bytes are read as uint8 and unpacked on the device: no float weight parameter exists
+    assert any("unsigned char" in s or "uint8_t" in s for s in srcs)
