@@ -41,6 +41,12 @@ int64_t JsonObject::Int(const std::string& key) const {
   throw RunnerError(Path(key) + ": expected an integer, got " + std::string(v.GetTypeKey()));
 }
 
+bool JsonObject::Bool(const std::string& key) const {
+  ffi::Any v = Get(key);
+  if (v.type_index() == ffi::TypeIndex::kTVMFFIBool) return v.cast<bool>();
+  throw RunnerError(Path(key) + ": expected true or false, got " + std::string(v.GetTypeKey()));
+}
+
 std::string JsonObject::Str(const std::string& key) const {
   ffi::Any v = Get(key);
   if (auto s = v.as<ffi::String>()) return std::string(*s);

@@ -37,6 +37,7 @@ class JsonObject {
   bool Has(const std::string& key) const;
   bool IsNull(const std::string& key) const;
   int64_t Int(const std::string& key) const;
+  bool Bool(const std::string& key) const;
   std::string Str(const std::string& key) const;
   JsonObject Obj(const std::string& key) const;
   std::vector<std::string> StrList(const std::string& key) const;

@@ -96,7 +96,7 @@ int Run(int argc, char** argv) {
     ids = {lm.bos_id};
     if (have_prompt && !prompt.empty()) {
       if (tok == nullptr) throw llmpress::RunnerError(dir + ": the artifact has no llama2.c tokenizer; use --prompt-ids");
-      for (int64_t id : tok->Encode(prompt)) ids.push_back(id);
+      for (int64_t id : tok->Encode(prompt, model.normalize_prompt())) ids.push_back(id);
     }
   }
   for (int64_t id : ids) {
@@ -113,10 +113,12 @@ int Run(int argc, char** argv) {
     std::cout << "\n";
   } else {
     if (tok == nullptr) throw llmpress::RunnerError(dir + ": the artifact has no llama2.c tokenizer; use --print-ids");
+    // As llmpress.tokenizer decodes: BOS/EOS are skipped, the text starts as if after BOS.
     std::string text;
-    for (size_t i = 1; i < out.size(); ++i) {
-      if (out[i] == lm.bos_id || out[i] == lm.eos_id) continue;
-      text += tok->Piece(out[i - 1], out[i], lm.bos_id);
+    int64_t prev = lm.bos_id;
+    for (int64_t id : out) {
+      if (id != lm.bos_id && id != lm.eos_id) text += tok->Piece(prev, id, lm.bos_id);
+      prev = id;
     }
     std::cout << text << "\n";
   }

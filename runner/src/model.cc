@@ -143,6 +143,10 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
     if (t.size() > 4 && t.substr(t.size() - 4) == ".bin") tok = t;
   }
   if (!tok.empty()) tokenizer_ = Tokenizer::Load(dir + "/" + tok);
+  if (manifest.Has("edge_tokenizer_normalize") && !manifest.IsNull("edge_tokenizer_normalize")) {
+    auto v = manifest.Bool("edge_tokenizer_normalize");
+    normalize_prompt_ = v;
+  }
   Reset();
 }
 

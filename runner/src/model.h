@@ -39,6 +39,7 @@ class EdgeModel {
 
   const LMInfo& lm() const { return lm_; }
   const Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
+  bool normalize_prompt() const { return normalize_prompt_; }
 
   // Zero the KV caches.
   void Reset();
@@ -50,6 +51,7 @@ class EdgeModel {
   std::string dir_;
   LMInfo lm_;
   std::optional<Tokenizer> tokenizer_;
+  bool normalize_prompt_ = false;
   std::optional<tvm::ffi::Module> lib_, vm_;  // not default-constructible: set in the constructor
   tvm::ffi::Function prefill_, decode_;
   std::vector<tvm::ffi::Tensor> caches_, weights_;

@@ -45,7 +45,17 @@ int64_t Tokenizer::Lookup(const std::string& piece) const {
   return it == index_.end() ? -1 : it->second;
 }
 
-std::vector<int64_t> Tokenizer::Encode(const std::string& text) const {
+std::vector<int64_t> Tokenizer::Encode(const std::string& raw, bool normalize) const {
+  std::string text;
+  if (normalize) {
+    for (char c : raw) {
+      if (c == ' ' && (text.empty() || text.back() == ' ')) continue;
+      text.push_back(c);
+    }
+    if (!text.empty() && text.back() == ' ') text.pop_back();
+  } else {
+    text = raw;
+  }
   std::vector<int64_t> ids;
   if (text.empty()) return ids;
   int64_t space = Lookup(" ");

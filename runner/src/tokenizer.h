@@ -18,7 +18,9 @@ class Tokenizer {
  public:
   static Tokenizer Load(const std::string& path);
 
-  std::vector<int64_t> Encode(const std::string& text) const;  // no BOS/EOS added
+  // No BOS/EOS added. `normalize`: first collapse runs of spaces and strip leading/trailing spaces, as
+  // sentencepiece's remove_extra_whitespaces does (manifest "edge_tokenizer_normalize").
+  std::vector<int64_t> Encode(const std::string& text, bool normalize = false) const;
   // The text of `id` following `prev` (the piece right after `bos_id` loses its leading space).
   std::string Piece(int64_t prev, int64_t id, int64_t bos_id) const;
   size_t size() const { return pieces_.size(); }
