@@ -37,7 +37,8 @@ def test_value_types() -> None:
 
 
 def test_whitespace_ignored_and_printing_canonical() -> None:
-    text = '  fold_constants , scope ( exclude = lm_head ) [ fuse_qkv ( min_group = 2 ) , dce ] , x(f=1e-2,s="12",t="a b")'
+    text = ('  fold_constants , scope ( exclude = lm_head ) [ fuse_qkv ( min_group = 2 ) , dce ] ,'
+            ' x(f=1e-2,s="12",t="a b")')
     p = parse(text)
     assert str(p) == 'fold_constants,scope(exclude=lm_head)[fuse_qkv(min_group=2),dce],x(f=0.01,s="12",t="a b")'
     assert print_pipeline(p) == str(p)
