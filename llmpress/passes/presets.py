@@ -10,4 +10,6 @@ __all__ = ["PRESETS"]
 PRESETS: dict[str, str] = {
     # Rewrites whose outputs equal the input graph's within fp32 rounding.
     "exact": "fold_constants,fuse_qkv,dce",
+    # Every exact fusion (DESIGN.md's example pipeline starts with "fuse"); grows as fusion passes land.
+    "fuse": "fuse_qkv",
 }
