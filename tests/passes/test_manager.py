@@ -207,3 +207,25 @@ def test_instruments(module: Module, tmp_path, caplog) -> None:
     with pytest.raises(PassError):
         PassManager([_Boom()], instruments=[calls], reproducer_dir=tmp_path / "crash").run(out, CTX)
     assert calls.calls == ["before:boom", "error:boom:kaboom"]
+
+
+def test_reproducer_after_rewrites_loads_and_runs(tmp_path) -> None:
+    """The program saved before a crash includes earlier rewrites (new weights, dynamic sequence length).
+
+    Regression: weights added with symbolic fake shapes made saved programs fail their own guards."""
+    from llmpress.models import Llama, LlamaConfig
+    from llmpress.passes.pipeline import build
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+    model = Llama(cfg).eval()
+    with pytest.raises(PassError, match=r"failed after \[fold_constants, fuse_qkv, dce\]"):
+        PassManager(build("exact") + [_Boom()], reproducer_dir=tmp_path).run(capture(model), CTX)
+    (folder,) = list(tmp_path.iterdir())
+    assert "qkv_proj" in (folder / "ir_before.txt").read_text()
+    ep = torch.export.load(str(folder / "program.pt2"))
+    for t in (5, 1):  # two sequence lengths: the dynamic dimension survived
+        inputs = (torch.randint(0, 64, (1, t)), torch.zeros(1, dtype=torch.int64), *model.empty_cache())
+        with torch.no_grad():
+            # fp32 tolerance: the fused q/k/v GEMM may sum in another order than three separate ones (~1e-6).
+            torch.testing.assert_close(ep.module()(*inputs)[0], model(*inputs)[0], rtol=1e-5, atol=1e-5)
