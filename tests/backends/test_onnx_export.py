@@ -77,6 +77,8 @@ def test_fp32_prefill_and_decode_match_reference(tiny_llama, tmp_path):
     assert [d.dim_param or d.dim_value for d in ids_type.shape.dim] == [1, "T"]
     assert [i.name for i in model.graph.input[1:4]] == ["start_pos", "past_k_0", "past_v_0"]
     assert [o.name for o in model.graph.output[:2]] == ["logits", "present_k_0"]
+    # ONNX node names follow the model's modules (what ORT's quantizer takes in nodes_to_exclude).
+    assert "lm_head/MatMul" in {n.name for n in model.graph.node}
     program = OrtProgram(path)
     assert program.lm == module.lm
     _prefill_then_decode(module, program, tiny_llama.config.vocab_size)

@@ -18,7 +18,7 @@ import torch.fx as fx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from ...errors import UnsupportedOpError
-from ...ir.meta import source_line
+from ...ir.meta import source_line, source_path
 
 __all__ = ["GraphBuilder", "onnx_dtype", "np_dtype", "unsupported", "op_name", "val", "rank", "axis", "operand",
            "common_dtype", "weight_name", "OPSET", "MS_DOMAIN"]
@@ -84,6 +84,7 @@ class GraphBuilder:
         self.initializers: list[TensorProto] = []
         self.env: dict[fx.Node, Any] = {}
         self._names: set[str] = set()
+        self._next: dict[str, int] = {}  # next suffix to try per base name (keeps fresh() O(1) amortized)
         self._consts: dict[tuple, str] = {}
         self.ms_domain_used = False
         self.current: fx.Node | None = None  # the FX node being translated (names ONNX nodes, error messages)
@@ -91,10 +92,11 @@ class GraphBuilder:
     # -- names ---------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
         base = "".join(c if c.isalnum() or c in "_./:" else "_" for c in hint) or "v"
-        name, i = base, 1
+        name, i = base, self._next.get(base, 1)
         while name in self._names:
             name = f"{base}_{i}"
             i += 1
+        self._next[base] = i
         self._names.add(name)
         return name
 
@@ -122,6 +124,11 @@ class GraphBuilder:
            **attrs: Any) -> Any:
         """Append one ONNX node; returns its output name (or the list of names when ``outputs`` > 1)."""
         hint = self.current.name if self.current is not None else op_type.lower()
+        # Node names follow the model's modules ("lm_head/MatMul", "model.layers.0.mlp.up_proj/MatMulNBits"), so
+        # ORT tools (profiles, MatMulNBitsQuantizer's nodes_to_exclude) can name layers as users know them.
+        where = source_path(self.current) if self.current is not None else ""
+        if not where or where.startswith("_"):  # no module, or torch.export's placeholder for "none"
+            where = hint
         if isinstance(outputs, int):
             outs = [self.fresh(f"{hint}_{op_type}" if outputs == 1 else f"{hint}_{op_type}_{i}")
                     for i in range(outputs)]
@@ -129,7 +136,7 @@ class GraphBuilder:
             outs = list(outputs)
         if domain == MS_DOMAIN:
             self.ms_domain_used = True
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{hint}/{op_type}"),
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{where}/{op_type}"),
                                            domain=domain or None, **attrs))
         return outs[0] if isinstance(outputs, int) and outputs == 1 else outs
 
