@@ -2,6 +2,10 @@
 //
 //   llmpress-runner ARTIFACT_DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--print-ids]
 //                   [--no-verify]
+//   llmpress-runner --tokenizer TOK.bin (--encode TEXT [--normalize] | --decode 1,2,3)
+//
+// The second form only tokenizes (a llama2.c-format file): --encode prints the ids of TEXT (no BOS), --decode
+// prints the text of the ids (as the first form decodes: BOS/EOS skipped, the text starts as if after BOS id 1).
 //
 // Greedy decoding from BOS + the encoded prompt (or exactly the given ids): one prefill call, then one decode call
 // per new token, stopping at EOS or BOS (as llama2.c does), after N new tokens, or when the KV cache is full.
@@ -23,7 +27,19 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: llmpress-runner ARTIFACT_DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] "
-    "[--print-ids] [--no-verify]\n";
+    "[--print-ids] [--no-verify]\n"
+    "       llmpress-runner --tokenizer TOK.bin (--encode TEXT [--normalize] | --decode 1,2,3)\n";
+
+std::string DecodeText(const llmpress::Tokenizer& tok, const std::vector<int64_t>& ids, int64_t bos, int64_t eos) {
+  // As llmpress.tokenizer decodes: BOS/EOS are skipped, the text starts as if after BOS.
+  std::string text;
+  int64_t prev = bos;
+  for (int64_t id : ids) {
+    if (id != bos && id != eos) text += tok.Piece(prev, id, bos);
+    prev = id;
+  }
+  return text;
+}
 
 std::vector<int64_t> ParseIds(const std::string& s) {
   std::vector<int64_t> ids;
@@ -46,8 +62,10 @@ std::vector<int64_t> ParseIds(const std::string& s) {
 }
 
 int Run(int argc, char** argv) {
-  std::string dir, prompt;
-  bool have_prompt = false, have_ids = false, print_ids = false, verify = true;
+  std::string dir, prompt, tok_path, encode_text;
+  bool have_prompt = false, have_ids = false, print_ids = false, verify = true, normalize = false;
+  bool have_encode = false, have_decode = false;
+  std::vector<int64_t> decode_ids;
   std::vector<int64_t> prompt_ids;
   int64_t max_new = 256;
   for (int i = 1; i < argc; ++i) {
@@ -69,6 +87,16 @@ int Run(int argc, char** argv) {
       if (*end != '\0' || max_new < 0) throw llmpress::RunnerError("--max-new-tokens: '" + v + "' is not a count");
     } else if (a == "--print-ids") {
       print_ids = true;
+    } else if (a == "--tokenizer") {
+      tok_path = value("--tokenizer");
+    } else if (a == "--encode") {
+      encode_text = value("--encode");
+      have_encode = true;
+    } else if (a == "--decode") {
+      decode_ids = ParseIds(value("--decode"));
+      have_decode = true;
+    } else if (a == "--normalize") {
+      normalize = true;
     } else if (a == "--no-verify") {
       verify = false;
     } else if (a == "-h" || a == "--help") {
@@ -81,6 +109,20 @@ int Run(int argc, char** argv) {
     } else {
       throw llmpress::RunnerError("unexpected argument " + a + "\n" + kUsage);
     }
+  }
+  if (!tok_path.empty()) {
+    if (!dir.empty() || have_encode == have_decode) {
+      throw llmpress::RunnerError(std::string("--tokenizer takes --encode or --decode and no artifact\n") + kUsage);
+    }
+    llmpress::Tokenizer tok = llmpress::Tokenizer::Load(tok_path);
+    if (have_encode) {
+      std::vector<int64_t> ids = tok.Encode(encode_text, normalize);
+      for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
+      std::cout << "\n";
+    } else {
+      std::cout << DecodeText(tok, decode_ids, 1, 2);
+    }
+    return 0;
   }
   if (dir.empty()) throw llmpress::RunnerError(std::string("no artifact folder given\n") + kUsage);
   if (have_prompt && have_ids) throw llmpress::RunnerError("give --prompt or --prompt-ids, not both");
@@ -113,14 +155,7 @@ int Run(int argc, char** argv) {
     std::cout << "\n";
   } else {
     if (tok == nullptr) throw llmpress::RunnerError(dir + ": the artifact has no llama2.c tokenizer; use --print-ids");
-    // As llmpress.tokenizer decodes: BOS/EOS are skipped, the text starts as if after BOS.
-    std::string text;
-    int64_t prev = lm.bos_id;
-    for (int64_t id : out) {
-      if (id != lm.bos_id && id != lm.eos_id) text += tok->Piece(prev, id, lm.bos_id);
-      prev = id;
-    }
-    std::cout << text << "\n";
+    std::cout << DecodeText(*tok, out, lm.bos_id, lm.eos_id) << "\n";
   }
   std::cout.flush();
   int64_t decoded = st.new_tokens > 0 ? st.new_tokens - 1 : 0;

@@ -1,0 +1,243 @@
+"""The C++ edge runner (``runner/``): TVM artifacts run with only the TVM runtime, natively and under qemu.
+
+Checks, on the real stories260K model (README: its exact 256-token greedy text from BOS):
+- the x86-64 runner on a ``cpu`` artifact prints that text, and the same ids as the Python TVM program;
+- the aarch64 runner under ``qemu-aarch64`` on an ``arm64`` artifact prints the same ids (the CI check);
+- the runner's llama2.c tokenizer encodes/decodes as ``llmpress.tokenizer`` does (tok512.bin, and the
+  tinystories sentencepiece model converted by ``write_llama2c_tokenizer``);
+- damaged or foreign artifacts are refused with a message naming the file.
+
+Runner builds are cached in build/runner-<arch>/ (``llmpress.backends.tvm.emulate``). Tests skip only when the
+build tools (cmake, a C++ compiler, for aarch64 the cross compiler and qemu-aarch64) are absent; CI installs them
+with .ci/install-cross.sh.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmpress.backends.tvm import emulate
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = (REPO / ".." / "shared").resolve()
+S260 = SHARED / "models" / "stories260K"
+TINYSTORIES = SHARED / "models" / "tinystories-llama"
+
+pytestmark = [pytest.mark.tvm]
+
+
+def _need(arch: str) -> None:
+    missing = emulate.missing_tools(arch)
+    if missing:
+        pytest.skip(f"the {arch} edge runner cannot be built/run here: missing {', '.join(missing)} "
+                    "(.ci/install-cross.sh installs them)")
+
+
+def _readme_text() -> str:
+    text = (S260 / "README.md").read_text()
+    return re.search(r"```\n(.*?)\n```", text, re.S).group(1)
+
+
+# -- stories260K as an llmpress model ------------------------------------------------------------------------------
+def _stories260k():
+    """stories260K as (nn.Module, tokenizer): via llmpress's llama2.c loader when it exists, else converted here
+    (llama2.c v0 layout, see the model's README; q/k rows permuted from interleaved RoPE pairs to rotate-half)."""
+    from llmpress.tokenizer import Llama2cTokenizer
+
+    tok = Llama2cTokenizer(S260 / "tok512.bin")
+    try:
+        from llmpress.ir.loaders import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        loaded = load_model(S260 / "stories260K.bin")
+        return loaded.model, loaded.tokenizer or tok
+    from llmpress.models import Llama, LlamaConfig
+
+    data = (S260 / "stories260K.bin").read_bytes()
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq = struct.unpack_from("<7i", data, 0)
+    flat = np.frombuffer(data, dtype=np.float32, offset=28)
+    hd, off = dim // n_heads, 0
+
+    def take(*shape):
+        nonlocal off
+        n = int(np.prod(shape))
+        out = torch.from_numpy(flat[off:off + n].copy()).reshape(shape)
+        off += n
+        return out
+
+    cfg = LlamaConfig(vocab_size=abs(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+                      hidden_dim=hidden, max_seq_len=seq, tie_embeddings=vocab > 0)
+    emb, rms_att = take(abs(vocab), dim), take(n_layers, dim)
+    wq, wk, wv = take(n_layers, dim, dim), take(n_layers, n_kv * hd, dim), take(n_layers, n_kv * hd, dim)
+    wo, rms_ffn = take(n_layers, dim, dim), take(n_layers, dim)
+    w1, w2, w3 = take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
+    rms_final = take(dim)
+
+    def rot(w, heads):  # rows (h, i, pair) -> (h, pair, i)
+        return w.view(heads, hd // 2, 2, dim).transpose(1, 2).reshape(heads * hd, dim)
+
+    sd = {"model.embed_tokens.weight": emb, "model.norm.weight": rms_final, "lm_head.weight": emb}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        sd.update({p + "input_layernorm.weight": rms_att[i], p + "post_attention_layernorm.weight": rms_ffn[i],
+                   p + "self_attn.q_proj.weight": rot(wq[i], n_heads), p + "self_attn.k_proj.weight": rot(wk[i], n_kv),
+                   p + "self_attn.v_proj.weight": wv[i], p + "self_attn.o_proj.weight": wo[i],
+                   p + "mlp.gate_proj.weight": w1[i], p + "mlp.down_proj.weight": w2[i],
+                   p + "mlp.up_proj.weight": w3[i]})
+    model = Llama(cfg).eval()
+    model.load_state_dict(sd, strict=False)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def s260():
+    if not S260.is_dir():
+        pytest.fail(f"{S260} is missing (tests read the shared models from ../shared)")
+    return _stories260k()
+
+
+def _save(s260, target: str, folder: Path):
+    import llmpress
+
+    model, tok = s260
+    art = llmpress.compile(model, target=target, tokenizer=tok, progress=False)
+    art.save(folder)
+    return art
+
+
+@pytest.fixture(scope="module")
+def cpu_artifact(s260, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("edge") / "s260-cpu"
+    art = _save(s260, "cpu", folder)
+    return folder, art
+
+
+@pytest.fixture(scope="module")
+def native_runner():
+    _need(emulate.host_arch())
+    return emulate.build_runner(emulate.host_arch())
+
+
+# -- tests ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_native_runner_prints_reference_greedy_text(native_runner, cpu_artifact):
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    folder, art = cpu_artifact
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["payload"]["arch"] == "x86_64"
+    res = emulate.run_artifact(folder, max_new_tokens=256)
+    assert res.stdout.rstrip("\n") == _readme_text()
+    assert "decode 255 tokens" in res.stderr  # BOS + 256 new ids, no early stop
+    # A text prompt: the runner's ids equal the Python TVM program's greedy ids (same prompt encoding).
+    prompt = "Lily and Ben went to the park"
+    ids = emulate.run_artifact(folder, prompt=prompt, max_new_tokens=24, print_ids=True).ids
+    expected = art.generate_ids(art.tokenizer.encode(prompt), max_new_tokens=24)
+    assert ids == expected
+
+
+@pytest.mark.slow
+def test_arm64_artifact_under_qemu_matches_x86(native_runner, cpu_artifact, s260, tmp_path):
+    """The CI check: the aarch64 runner, run by qemu-aarch64 on an arm64 artifact, prints the ids the x86-64
+    runner prints for the cpu artifact of the same model (256 greedy tokens from BOS)."""
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("this check cross-runs aarch64 from an x86-64 host; this host is " + emulate.host_arch())
+    _need("aarch64")
+    arm = tmp_path / "s260-arm64"
+    _save(s260, "arm64", arm)
+    assert emulate.artifact_arch(arm) == "aarch64"
+    cmd = emulate.runner_command("aarch64")
+    assert cmd[0] == "qemu-aarch64"
+    x86_ids = emulate.generate_ids(cpu_artifact[0], [1], max_new_tokens=256)
+    arm_res = emulate.run_artifact(arm, prompt_ids=[1], max_new_tokens=256, print_ids=True)
+    assert arm_res.command[0] == "qemu-aarch64" and "aarch64:" in arm_res.stderr
+    assert len(x86_ids) == 257
+    assert arm_res.ids == x86_ids
+    text = subprocess.run(cmd + [str(arm), "--max-new-tokens", "40"], capture_output=True, text=True, check=True)
+    assert _readme_text().startswith(text.stdout.rstrip("\n"))
+    assert len(text.stdout) > 100
+
+
+def _runner_tokenize(runner: Path, tok: Path, *args: str) -> bytes:
+    proc = subprocess.run([str(runner), "--tokenizer", str(tok), *args], capture_output=True, check=True)
+    return proc.stdout
+
+
+PROMPTS = ["Once upon a time", "Lily's mom said, \"Let's go!\"", "a b  c", "über café 日本語 😀 ~{}", "x\ny\tz"]
+
+
+def test_runner_tokenizer_matches_llama2c(native_runner):
+    from llmpress.tokenizer import Llama2cTokenizer
+
+    tok = Llama2cTokenizer(S260 / "tok512.bin")
+    for text in PROMPTS:
+        got = _runner_tokenize(native_runner, S260 / "tok512.bin", "--encode", text).split()
+        assert [int(x) for x in got] == tok.encode(text, bos=False), text
+    ids = tok.encode(" ".join(PROMPTS), bos=True) + [2, 1, 5, 6, 300]
+    got = _runner_tokenize(native_runner, S260 / "tok512.bin", "--decode", ",".join(map(str, ids)))
+    assert got.decode("utf-8") == tok.decode(ids)
+
+
+def test_runner_tokenizer_matches_sentencepiece(native_runner, tmp_path):
+    """A sentencepiece BPE model written in the llama2.c layout encodes (with whitespace normalization) and
+    decodes like sentencepiece itself, byte fallback included."""
+    from llmpress.backends.tvm.edge_tokenizer import edge_tokenizer_manifest
+    from llmpress.tokenizer import SentencePieceTokenizer
+
+    sp = SentencePieceTokenizer(TINYSTORIES / "tokenizer.model")
+    entries = edge_tokenizer_manifest(sp, tmp_path)
+    assert entries["edge_tokenizer_normalize"] is True
+    path = tmp_path / entries["edge_tokenizer"]
+    paragraphs = [p for p in (SHARED / "data" / "tinystories" / "valid.txt").read_text().split("\n\n") if p][:20]
+    for text in PROMPTS + [" padded  text ", *paragraphs]:
+        got = _runner_tokenize(native_runner, path, "--encode", text, "--normalize").split()
+        assert [int(x) for x in got] == sp.encode(text, bos=False), text[:60]
+    ids = sp.encode(paragraphs[0]) + [3 + ord("\n"), 3 + 0xC3, 3 + 0xBC] + sp.encode(paragraphs[1])
+    got = _runner_tokenize(native_runner, path, "--decode", ",".join(map(str, ids)))
+    assert got.decode("utf-8") == sp.decode(ids)
+
+
+@pytest.mark.slow
+def test_runner_refuses_damaged_or_foreign_artifacts(native_runner, cpu_artifact, tmp_path):
+    src = cpu_artifact[0]
+    cmd = [str(native_runner)]
+
+    def run(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd + [str(folder), "--max-new-tokens", "2"], capture_output=True, text=True)
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(src, flipped)
+    w = flipped / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    w.write_bytes(bytes(data))
+    res = run(flipped)
+    assert res.returncode == 1 and "weights.safetensors: damaged (sha256" in res.stderr
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(src, truncated)
+    lib = truncated / "model.so"
+    lib.write_bytes(lib.read_bytes()[:1000])
+    res = run(truncated)
+    assert res.returncode == 1 and "model.so: truncated or altered" in res.stderr
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(src, foreign)
+    m = json.loads((foreign / "manifest.json").read_text())
+    other = "aarch64" if emulate.host_arch() == "x86_64" else "x86_64"
+    m["payload"]["arch"] = other
+    (foreign / "manifest.json").write_text(json.dumps(m))
+    res = run(foreign)
+    assert res.returncode == 1 and f"built for {other}" in res.stderr
+
+    res = subprocess.run(cmd + [str(src), "--prompt-ids", "1,9999"], capture_output=True, text=True)
+    assert res.returncode == 1 and "outside the vocabulary of 512" in res.stderr
