@@ -12,13 +12,17 @@ def _all() -> list[type[Pass]]:
     from .dce import DeadCodeElimination
     from .fold_constants import FoldConstants
     from .fuse_qkv import FuseQKV
+    from .gptq import GPTQ
     from .kv_quant import KVQuant
+    from .quantize import Quantize
 
     return [
         DeadCodeElimination,
         FoldConstants,
         FuseQKV,
+        GPTQ,
         KVQuant,
+        Quantize,
     ]
 
 

@@ -1,0 +1,188 @@
+"""Calibration data and activation statistics for calibration-driven passes (GPTQ, AWQ, SmoothQuant, ...).
+
+``Calibration`` holds a fixed list of token batches ``int64 [1, T]``. ``from_texts`` builds them with the
+perplexity protocol's tokenization (paragraphs split at blank lines, BOS before each, concatenated into one
+stream, see ``llmpress.eval.perplexity``) and cuts ``samples`` windows of ``seq_len`` tokens at random offsets
+drawn from a ``torch.Generator`` seeded with ``seed`` — the same text, tokenizer and seed always give the same
+batches.
+
+``collect(module, nodes, observer)`` runs the module's current graph (an FX ``Interpreter`` over
+``module.graph_module``, so earlier rewrites such as quantized layers are what later statistics see) on every batch,
+following the module's calling convention (for LMs: ``start_pos = 0`` and fresh zero KV caches), and calls
+``observer(node, x)`` with the float32 input activation of each listed node, reshaped to ``[tokens, in_features]``
+(the node's first argument: ``x`` of ``aten.linear`` / ``llmpress::wq_linear``). Observers accumulate statistics
+(``H += x^T x``, per-channel absmax, ...) so memory is bounded by the statistics, never by the activations of the
+whole model. The interpreter stops each batch as soon as every listed node has been observed, so a caller that goes
+block by block pays only for the prefix of the graph up to that block.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind
+
+from ..errors import ConfigError, PassError
+from ..ir.module import Module
+
+__all__ = ["Calibration", "Observer", "collect"]
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[fx.Node, torch.Tensor], None]
+
+
+class _Done(Exception):
+    """Raised inside the interpreter once every listed node has been observed."""
+
+
+class _Collector(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, nodes: Iterable[fx.Node], observer: Observer) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False
+        self.wanted = set(nodes)
+        self.pending: set[fx.Node] = set()
+        self.observer = observer
+
+    def run(self, *args):  # noqa: D102
+        self.pending = set(self.wanted)
+        try:
+            return super().run(*args)
+        except _Done:
+            return None
+
+    def run_node(self, n: fx.Node):
+        if n in self.pending:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            x = args[0]
+            self.observer(n, x.detach().reshape(-1, x.shape[-1]).to(torch.float32))
+            self.pending.discard(n)
+            if not self.pending:
+                raise _Done
+        return super().run_node(n)
+
+
+class Calibration:
+    """A deterministic set of calibration batches, each ``int64 [1, T]``."""
+
+    def __init__(self, batches: Sequence[torch.Tensor], *, source: str = "tensors") -> None:
+        if not batches:
+            raise ConfigError("calibration needs at least one batch of token ids")
+        out = []
+        for i, b in enumerate(batches):
+            b = torch.as_tensor(b)
+            if b.dim() == 1:
+                b = b.unsqueeze(0)
+            if b.dim() != 2 or b.shape[0] != 1 or b.dtype != torch.int64 or b.shape[1] < 1:
+                raise ConfigError(f"calibration batch {i} must be int64 [1, T], got {b.dtype} {list(b.shape)}")
+            out.append(b)
+        self.batches: list[torch.Tensor] = out
+        self.source = source
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor]) -> "Calibration":
+        return cls(list(tensors), source="tensors")
+
+    @classmethod
+    def from_texts(cls, texts_or_path: str | Path | Sequence[str], tokenizer, *, samples: int = 128,
+                   seq_len: int = 256, seed: int = 0) -> "Calibration":
+        """``samples`` random windows of ``seq_len`` tokens from the text (a file path, a string, or a list of
+        strings joined as paragraphs). ``tokenizer.encode(text, bos=True)`` gives the ids of one paragraph."""
+        from ..eval.perplexity import token_stream
+
+        if samples < 1 or seq_len < 2:
+            raise ConfigError(f"calibration needs samples >= 1 and seq_len >= 2, got samples={samples}, "
+                              f"seq_len={seq_len}")
+        if isinstance(texts_or_path, (list, tuple)):
+            source = f"{len(texts_or_path)} texts"
+            text: str | Path = "\n\n".join(texts_or_path) + "\n"
+        else:
+            text = texts_or_path
+            source = str(texts_or_path) if isinstance(texts_or_path, Path) or "\n" not in str(texts_or_path) \
+                else "text"
+        if isinstance(text, str) and "\n" not in text:
+            text = Path(text)
+            if not text.exists():
+                raise ConfigError(f"calibration file {str(text)!r} does not exist")
+        stream = token_stream(text, tokenizer)
+        if len(stream) < seq_len:
+            raise ConfigError(f"calibration text {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.tensor(stream, dtype=torch.int64)
+        starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=gen)
+        batches = [ids[s: s + seq_len].unsqueeze(0) for s in starts.tolist()]
+        log.info("calibration: %d windows of %d tokens from %s (%d tokens, seed %d)", samples, seq_len, source,
+                 len(stream), seed)
+        return cls(batches, source=source)
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def samples(self) -> int:
+        return len(self.batches)
+
+    @property
+    def seq_len(self) -> int:
+        return max(int(b.shape[1]) for b in self.batches)
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(b.shape[1]) for b in self.batches)
+
+    def __repr__(self) -> str:
+        return f"Calibration({self.samples} x {self.seq_len} tokens from {self.source})"
+
+    # -- running ----------------------------------------------------------------------------------
+    def _inputs(self, module: Module, batch: torch.Tensor) -> list[torch.Tensor]:
+        if module.lm is None:
+            return [batch]
+        from ..eval.generate import empty_cache
+
+        if batch.shape[1] > module.lm.cache_len:
+            raise ConfigError(f"calibration seq_len {batch.shape[1]} exceeds the model's KV cache of "
+                              f"{module.lm.cache_len} positions")
+        return [batch, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm)]
+
+    def collect(self, module: Module, nodes: Sequence[fx.Node], observer: Observer, *,
+                progress: bool = False, desc: str = "calibrate") -> None:
+        """Run every batch through ``module`` and call ``observer(node, x[tokens, in])`` for each listed node."""
+        nodes = list(nodes)
+        if not nodes:
+            return
+        in_graph = set(module.graph.nodes)
+        for n in nodes:
+            if n not in in_graph:
+                raise PassError(f"collect: node {n.name} is not in the module's graph")
+        weights = module.weights()
+        specs = module.signature.input_specs
+        collector = _Collector(module.graph_module, nodes, observer)
+        batches = self.batches
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+        with torch.no_grad():
+            for batch in batches:
+                user = iter(self._inputs(module, batch))
+                args = []
+                for s in specs:
+                    if s.kind == InputKind.USER_INPUT:
+                        args.append(next(user))
+                    else:
+                        args.append(weights[s.target])
+                collector.run(*args)
+                if collector.pending:
+                    missing = ", ".join(sorted(n.name for n in collector.pending))
+                    raise PassError(f"collect: the graph finished without reaching {missing}")
+
+
+def collect(module: Module, nodes: Sequence[fx.Node], observer: Observer, calibration: Calibration, *,
+            progress: bool = False) -> None:
+    """Function form of ``Calibration.collect`` (``calibration`` last, as passes call it with
+    ``ctx.calibration``)."""
+    if calibration is None:
+        raise ConfigError("calibration data is needed (--calib FILE or calibration=...)")
+    calibration.collect(module, nodes, observer, progress=progress)

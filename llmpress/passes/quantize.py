@@ -1,0 +1,96 @@
+"""``quantize``: round-to-nearest (RTN) weight-only quantization, the baseline every other method is compared with.
+
+Each selected ``aten.linear(x, W, b)`` becomes ``llmpress::wq_linear(x, qweight, scales, zeros, b, bits, group)``
+with, per output row o and group g of ``group`` consecutive input columns (see ``quant_common``):
+
+- symmetric (default): ``s[o,g] = max_i |W[o,i]| / (2^(b-1) - 1)``, ``q = clamp(round(W / s), -2^(b-1),
+  2^(b-1) - 1)``: absmax never clips, zero stays zero;
+- asymmetric (``sym=false``): ``s = (max(W,0) - min(W,0)) / (2^b - 1)``, ``z = round(-min(W,0) / s)``,
+  ``q = clamp(round(W / s) + z, 0, 2^b - 1)``.
+
+``W_hat = (q - z) * s``. Stats per layer: the relative Frobenius error ``||W - W_hat|| / ||W||``.
+Options are checked against every selected layer (group divides ``in_features``) before anything is rewritten.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..ir.meta import compression, source_path
+from ..ir.module import Module
+from .base import Pass, PassContext, PassResult, SelectOptions
+from .quant_common import (
+    QuantizedWeight,
+    check_bits,
+    check_group_option,
+    group_size_for,
+    linear_weight,
+    relative_error,
+    replace_with_wq_linear,
+    rtn_quantize,
+)
+from .select import select_linears
+
+__all__ = ["Quantize", "QuantizeOptions"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions(SelectOptions):
+    """``bits`` in {8, 4, 3, 2}; ``group`` columns per scale (0 or -1: one scale per output channel);
+    ``sym``: symmetric absmax grid (true) or min/max grid with a zero point (false)."""
+
+    bits: int = 4
+    group: int = 128
+    sym: bool = True
+
+    def validate(self) -> None:
+        check_bits(self.bits, pass_name="quantize")
+        check_group_option(self.group, pass_name="quantize")
+
+
+class Quantize(Pass):
+    name: ClassVar[str] = "quantize"
+    Options: ClassVar[type[QuantizeOptions]] = QuantizeOptions
+    establishes: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        o: QuantizeOptions = self.options
+        o.validate()
+        nodes, skipped = select_linears(module, o)
+        # Check every layer before rewriting any, so a bad option leaves the module untouched.
+        plan = []
+        for node in nodes:
+            _, w = linear_weight(module, node)
+            path = source_path(node) or node.name
+            plan.append((node, path, group_size_for(o.group, w.shape[1], o.bits, layer=path, pass_name=self.name)))
+        layers: dict[str, dict] = {}
+        before = after = 0
+        dead = []
+        it = plan
+        if ctx.progress and plan:
+            from tqdm import tqdm
+
+            it = tqdm(plan, desc="quantize", unit="layer", leave=False)
+        for node, path, g in it:
+            _, w = linear_weight(module, node)
+            w = w.detach()
+            q, scales, zeros = rtn_quantize(w, o.bits, g, o.sym)
+            qw = QuantizedWeight(q, scales, zeros, o.bits, g)
+            err = relative_error(w, qw.dequantize())
+            new, wnode = replace_with_wq_linear(module, node, qw,
+                                                spec={"pass": self.name, "method": "rtn", "rel_error": err})
+            dead.append(wnode)
+            spec = compression(new)
+            before += spec["bytes_before"]
+            after += spec["bytes_after"]
+            layers[path] = {"bits": o.bits, "group": g, "rel_error": err}
+        if plan:
+            module.remove_unused_weights(only=dead)
+            module.recompile()
+        log.info("quantize: %d linears to %d bits, skipped %d", len(plan), o.bits, len(skipped))
+        stats = {"quantized": len(plan), "skipped": skipped, "bytes_before": before, "bytes_after": after,
+                 "layers": layers}
+        return PassResult(module, bool(plan), stats)
