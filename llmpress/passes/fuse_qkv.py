@@ -173,7 +173,11 @@ class FuseQKV(Pass):
         prefix = _common_prefix([_parent(p) for p in paths])
         leaf = _fused_leaf([_leaf(p) for p in paths])
         fused_path = f"{prefix}.{leaf}" if prefix else leaf
-        first = min(group, key=lambda n: list(module.graph.nodes).index(n)) if len(group) > 1 else group[0]
+        existing, base, i = module.weights(), fused_path, 1
+        while f"{fused_path}.weight" in existing or f"{fused_path}.bias" in existing:
+            fused_path, i = f"{base}_{i}", i + 1  # a model that already has a qkv_proj beside q/k/v
+        order = {n: i for i, n in enumerate(module.graph.nodes)}
+        first = min(group, key=order.__getitem__)  # insert before the earliest member: x is defined by then
         x = group[0].args[0]
         w_nodes = [n.args[1] for n in group]
         b_nodes = [n.args[2] if len(n.args) > 2 else n.kwargs.get("bias") for n in group]
