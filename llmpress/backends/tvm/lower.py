@@ -181,7 +181,7 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
     out["decode"] = decode
     for gv in mod.get_global_vars():  # helper functions the frontend may have added (cond branches)
         if gv.name_hint != "main":
-            out[gv.name_hint] = mod[gv]
+            out[gv] = mod[gv]  # the same GlobalVar: call sites (e.g. emitted call_tir kernels) refer to it
     return RelaxProgram(out, ("prefill", "decode"), params, num_inputs, weights)
 
 
