@@ -9,20 +9,24 @@ __all__ = ["PASSES", "get_pass", "pass_names"]
 
 def _all() -> list[type[Pass]]:
     # One import per pass file. Keep the list sorted by module name.
+    from .awq import AWQ
     from .dce import DeadCodeElimination
     from .fold_constants import FoldConstants
     from .fuse_qkv import FuseQKV
     from .gptq import GPTQ
     from .kv_quant import KVQuant
     from .quantize import Quantize
+    from .smoothquant import SmoothQuant
 
     return [
+        AWQ,
         DeadCodeElimination,
         FoldConstants,
         FuseQKV,
         GPTQ,
         KVQuant,
         Quantize,
+        SmoothQuant,
     ]
 
 

@@ -1,0 +1,269 @@
+"""``awq``: activation-aware weight quantization (weight-only, same ``wq_linear`` format as ``quantize``).
+
+Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration".
+Weights that meet large activations matter most; scaling their input channels up before round-to-nearest
+protects them. For the activation ``X [tokens, in]`` read by the selected linears ``W_l`` (q/k/v after one norm,
+gate/up after another, down after the up-projection gate), with per-channel mean magnitude
+``m_j = mean_t |X[t, j]|``::
+
+    s(a) = m^a / sqrt(max_j m_j^a * min_j m_j^a)                     (m^a clamped to >= 1e-4)
+    a*   = argmin_{a in {0, 1/n, ..., (n-1)/n}}  sum_l || X W_l^T - (X diag(1/s)) Q(W_l diag(s))^T ||_F^2
+
+``Q`` is the RTN grid of ``quantize`` (``quant_common``; ``bits``, ``group``, ``sym``); ``a = 0`` is plain RTN, so
+the chosen scale is never worse than RTN on the calibration objective. The objective is the output error of the
+linears themselves (the paper measures the enclosing block's output; the linear output keeps memory bounded and
+the search exact): with ``H = X^T X / tokens`` and ``D_l = W_l - Q(W_l diag(s)) diag(1/s)`` it is
+``sum_l tr(D_l H D_l^T)``, so calibration only accumulates ``H`` and ``m`` per distinct input.
+
+``1/s`` is folded into the op producing ``X`` (found on the graph by ``smoothquant.find_sites``: the RMSNorm weight
+shared by the linears reading it, the rows of a preceding linear, or of the linear inside an elementwise gate such
+as ``silu(gate) * up``), ``W_l diag(s)`` into every linear reading ``X`` -- exact before quantization. A layer whose
+producer cannot absorb a scale (o_proj reads the attention output; v_proj -> o_proj would have to pass through the
+KV cache and, with grouped-query attention, tie scales across heads) is quantized unscaled and the reason recorded.
+
+Clipping search (``clip=true``), per output row and group g, on the scaled weight ``W'`` and ``H' = diag(1/s) H
+diag(1/s)``: ``r in {1, 1 - 1/20, ..., 0.55}``, ``W'_c = clamp(W', r * min, r * max)`` (``+-r * max|W'|`` when
+symmetric), keep the r minimizing ``(W' - Q(W'_c))_g H'_gg (W' - Q(W'_c))_g^T`` (the group's own block of H', as
+the reference implementation does with the group's input slice). Then ``W'_c`` is quantized with the RTN grid.
+
+Stats per layer: the chosen ``a``, the relative weight error, and the relative output error on the calibration
+activations ``sqrt(tr(D H D^T) / tr(W H W^T))`` -- next to what RTN gives (``rtn_out_error``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from ..errors import ConfigError
+from ..ir.meta import compression, source_path
+from ..ir.module import Module
+from .base import Pass, PassContext, PassResult, SelectOptions
+from .quant_common import (
+    QuantizedWeight,
+    check_bits,
+    check_group_option,
+    group_size_for,
+    linear_weight,
+    relative_error,
+    replace_with_wq_linear,
+    rtn_quantize,
+)
+from .select import select_linears
+from .smoothquant import WeightEdits, collect_inputs, find_sites, require_calibration
+
+__all__ = ["AWQ", "AWQOptions", "search_scale", "clip_search", "output_error"]
+
+log = logging.getLogger(__name__)
+
+_CLIP_GRID = 20
+_CLIP_MAX_SHRINK = 0.5
+
+
+@dataclass(frozen=True)
+class AWQOptions(SelectOptions):
+    """``bits`` in {8, 4, 3, 2}; ``group`` columns per scale (0 or -1: per channel); ``sym`` as in ``quantize``;
+    ``n_grid`` points of the scale exponent search; ``clip``: search a clipping ratio per group."""
+
+    bits: int = 4
+    group: int = 128
+    sym: bool = True
+    n_grid: int = 20
+    clip: bool = True
+
+    def validate(self) -> None:
+        check_bits(self.bits, pass_name="awq")
+        check_group_option(self.group, pass_name="awq")
+        if self.n_grid < 1:
+            raise ConfigError(f"pass 'awq': n_grid={self.n_grid} must be at least 1")
+
+
+def _fake_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
+    q, scales, zeros = rtn_quantize(w, bits, group, sym)
+    return QuantizedWeight(q, scales, zeros, bits, group).dequantize()
+
+
+def output_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(D H D^T)``: the summed squared output error over the calibration tokens (per token, H is a mean)."""
+    return float(((d @ h) * d).sum())
+
+
+def search_scale(weights: list[torch.Tensor], groups: list[int], h: torch.Tensor, mean_abs: torch.Tensor, *,
+                 bits: int, sym: bool, n_grid: int) -> tuple[torch.Tensor, float, list[float]]:
+    """(s, chosen exponent a, loss for every a) of the grid search in the module docstring."""
+    best_s, best_a, best_loss = None, 0.0, float("inf")
+    losses = []
+    for i in range(n_grid):
+        a = i / n_grid
+        s = mean_abs.pow(a).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = 0.0
+        for w, g in zip(weights, groups):
+            d = w - _fake_rtn(w * s[None, :], bits, g, sym) / s[None, :]
+            loss += output_error(d, h)
+        losses.append(loss)
+        if loss < best_loss:
+            best_s, best_a, best_loss = s, a, loss
+    return best_s, best_a, losses
+
+
+def clip_search(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sym: bool) -> tuple[torch.Tensor, float]:
+    """``W`` clamped per (row, group) to the ratio minimizing the group's output error; (clamped W, mean ratio)."""
+    out_f, in_f = w.shape
+    ng = in_f // group
+    wg = w.reshape(out_f, ng, group)
+    hb = torch.stack([h[i * group:(i + 1) * group, i * group:(i + 1) * group] for i in range(ng)])  # [ng, g, g]
+    if sym:
+        hi = wg.abs().amax(dim=-1, keepdim=True)
+        lo = -hi
+    else:
+        hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
+        lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
+    best_err = torch.full((out_f, ng), float("inf"))
+    best_r = torch.ones(out_f, ng, 1)
+    for i in range(int(_CLIP_MAX_SHRINK * _CLIP_GRID)):
+        r = 1.0 - i / _CLIP_GRID
+        wc = torch.maximum(torch.minimum(wg, hi * r), lo * r)
+        d = (wg - _fake_rtn(wc.reshape(out_f, in_f), bits, group, sym).reshape(out_f, ng, group)).transpose(0, 1)
+        err = (torch.bmm(d, hb) * d).sum(-1).transpose(0, 1)  # [out, ng]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better[..., None], torch.full_like(best_r, r), best_r)
+    clipped = torch.maximum(torch.minimum(wg, hi * best_r), lo * best_r)
+    return clipped.reshape(out_f, in_f), float(best_r.mean())
+
+
+@dataclass
+class _HStats:
+    """Running ``X^T X`` and ``sum |X|`` of one linear input (float64 sums over every calibration token)."""
+
+    h: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    tokens: int = 0
+
+    def update(self, x2d: torch.Tensor) -> None:
+        x = x2d.detach().to(torch.float64)
+        if self.h is None:
+            self.h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.abs_sum = torch.zeros(x.shape[1], dtype=torch.float64)
+        self.h += x.T @ x
+        self.abs_sum += x.abs().sum(0)
+        self.tokens += x.shape[0]
+
+    def mean_h(self) -> torch.Tensor:
+        return (self.h / max(self.tokens, 1)).to(torch.float32)
+
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).to(torch.float32)
+
+
+class AWQ(Pass):
+    name: ClassVar[str] = "awq"
+    Options: ClassVar[type[AWQOptions]] = AWQOptions
+    establishes: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})
+    needs_calibration: ClassVar[bool] = True
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        with torch.no_grad():
+            return self._run(module, ctx)
+
+    def _run(self, module: Module, ctx: PassContext) -> PassResult:
+        o: AWQOptions = self.options
+        o.validate()
+        selected, skipped = select_linears(module, o)
+        group_of: dict[fx.Node, int] = {}
+        for n in selected:  # every layer is checked before any work
+            _, w = linear_weight(module, n)
+            group_of[n] = group_size_for(o.group, w.shape[1], o.bits, layer=source_path(n) or n.name,
+                                         pass_name=self.name)
+        require_calibration(ctx, self.name)
+        if not selected:
+            return PassResult(module, False, {"quantized": 0, "scaled": 0, "skipped": skipped})
+        sites, not_scaled = find_sites(module, selected)
+        reps: dict[fx.Node, fx.Node] = {}
+        for n in selected:
+            reps.setdefault(n.args[0], n)
+        hstats = {x: _HStats() for x in reps}
+        rep_input = {rep: x for x, rep in reps.items()}
+        collect_inputs(module, ctx, list(reps.values()),
+                       lambda node, x2d: hstats[rep_input[node]].update(x2d))
+        unseen = [x for x, st in hstats.items() if st.tokens == 0]
+        if unseen:
+            raise ConfigError(f"awq: the calibration data never reached the input of "
+                              f"{source_path(reps[unseen[0]]) or reps[unseen[0]].name}")
+
+        edits = WeightEdits(module)
+        scale_of: dict[fx.Node, torch.Tensor] = {}
+        site_stats: dict[str, dict] = {}
+        alpha_of: dict[fx.Node, float] = {}
+        it = sites
+        if ctx.progress:
+            from tqdm import tqdm
+
+            it = tqdm(sites, desc="awq scales", unit="input", leave=False)
+        for site in it:
+            st = hstats[site.x]
+            ws = [module.weight(c.args[1]).to(torch.float32) for c in site.selected]
+            s, a, losses = search_scale(ws, [group_of[c] for c in site.selected], st.mean_h(), st.mean_abs(),
+                                        bits=o.bits, sym=o.sym, n_grid=o.n_grid)
+            edits.fold(site, s)
+            scale_of[site.x] = s
+            for c in site.selected:
+                alpha_of[c] = a
+            site_stats[site.producer] = {"kind": site.kind, "alpha": a, "loss_rtn": losses[0],
+                                         "loss_awq": min(losses),
+                                         "consumers": [source_path(c) or c.name for c in site.consumers]}
+
+        layers: dict[str, dict] = {}
+        before = after = 0
+        dead = []
+        it = selected
+        if ctx.progress:
+            from tqdm import tqdm
+
+            it = tqdm(selected, desc="awq quantize", unit="layer", leave=False)
+        for n in it:
+            path = source_path(n) or n.name
+            g = group_of[n]
+            x = n.args[0]
+            h = hstats[x].mean_h()
+            if x in scale_of:
+                inv = 1.0 / scale_of[x]
+                h = h * inv[:, None] * inv[None, :]
+            w = edits.weight_of(n).to(torch.float32)
+            clip_ratio = 1.0
+            wc = w
+            if o.clip:
+                wc, clip_ratio = clip_search(w, h, bits=o.bits, group=g, sym=o.sym)
+            q, scales, zeros = rtn_quantize(wc, o.bits, g, o.sym)
+            qw = QuantizedWeight(q, scales, zeros, o.bits, g)
+            w_hat = qw.dequantize()
+            ref = output_error(w, h)
+            out_err = (output_error(w - w_hat, h) / ref) ** 0.5 if ref > 0 else 0.0
+            # RTN on the unscaled, unclipped weight in the same coordinates, for comparison.
+            w0 = module.weight(n.args[1]).to(torch.float32)
+            h0 = hstats[x].mean_h()
+            ref0 = output_error(w0, h0)
+            rtn_err = (output_error(w0 - _fake_rtn(w0, o.bits, g, o.sym), h0) / ref0) ** 0.5 if ref0 > 0 else 0.0
+            info = {"pass": self.name, "method": "awq", "alpha": alpha_of.get(n), "scaled": x in scale_of,
+                    "clip_ratio_mean": clip_ratio, "rel_error": relative_error(w, w_hat), "out_error": out_err,
+                    "rtn_out_error": rtn_err}
+            new, wnode = replace_with_wq_linear(module, n, qw, spec=info)
+            dead.append(wnode)
+            before += compression(new)["bytes_before"]
+            after += compression(new)["bytes_after"]
+            layers[path] = {k: info[k] for k in ("alpha", "scaled", "clip_ratio_mean", "rel_error", "out_error",
+                                                 "rtn_out_error")}
+        written = edits.commit()
+        module.remove_unused_weights(only=dead)
+        module.recompile()
+        log.info("awq: %d linears to %d bits (group %s), %d inputs scaled, %d layers unscaled", len(layers), o.bits,
+                 o.group, len(site_stats), len(not_scaled))
+        stats = {"quantized": len(layers), "scaled": len(site_stats), "weights_rescaled": written,
+                 "skipped": skipped, "not_scaled": [(source_path(n) or n.name, why) for n, why in not_scaled],
+                 "bytes_before": before, "bytes_after": after, "sites": site_stats, "layers": layers,
+                 "calibration_tokens": max(st.tokens for st in hstats.values())}
+        return PassResult(module, True, stats)
