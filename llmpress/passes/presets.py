@@ -12,4 +12,10 @@ PRESETS: dict[str, str] = {
     "exact": "fold_constants,fuse_qkv,dce",
     # Every exact fusion (DESIGN.md's example pipeline starts with "fuse"); grows as fusion passes land.
     "fuse": "fuse_qkv",
+    # SmoothQuant W8A8: int8 weights per output channel, dynamic per-token int8 activations; lm_head stays float.
+    "w8a8": "smoothquant(alpha=0.5,exclude=lm_head)",
+    # AWQ weight-only int4, group 128 (activation-aware scales folded into the norms); lm_head stays float.
+    "w4a16-awq": "awq(bits=4,group=128,exclude=lm_head)",
+    # int8 keys/values in the KV cache (fake-quantized before the write; the cache stays float32 for now).
+    "kv8": "kv_quant(bits=8)",
 }
