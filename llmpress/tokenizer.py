@@ -15,6 +15,7 @@ concatenation is a piece with the highest score (leftmost on ties) until no pair
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import re
@@ -187,16 +188,42 @@ class Llama2cTokenizer:
                 toks.append(tid)
             else:
                 toks.extend(x + 3 for x in b)
-        while True:
-            best, best_i, best_id = float("-inf"), -1, -1
-            for i in range(len(toks) - 1):
-                tid = self._lookup.get(self.pieces[toks[i]] + self.pieces[toks[i + 1]])
-                if tid is not None and self.scores[tid] > best:
-                    best, best_i, best_id = self.scores[tid], i, tid
-            if best_i < 0:
-                break
-            toks[best_i:best_i + 2] = [best_id]
-        return ids + toks
+        return ids + self._merge(toks)
+
+    def _merge(self, toks: list[int]) -> list[int]:
+        """llama2.c's loop (merge the best-scoring adjacent pair, leftmost on ties, until none merges) in
+        O(n log n): a heap of candidate pairs ordered by (-score, position of the left symbol); entries made stale
+        by an earlier merge are recognised because their pair no longer sits side by side."""
+        n = len(toks)
+        ids = list(toks)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap: list[tuple[float, int, int, int, int]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i]
+            if 0 <= i and j < n:
+                tid = self._lookup.get(self.pieces[ids[i]] + self.pieces[ids[j]])
+                if tid is not None:
+                    heapq.heappush(heap, (-self.scores[tid], i, j, ids[i], ids[j]))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, j, a, b = heapq.heappop(heap)
+            if not (alive[i] and alive[j] and nxt[i] == j and ids[i] == a and ids[j] == b):
+                continue  # stale: one side was merged away or changed since this pair was queued
+            ids[i] = self._lookup[self.pieces[a] + self.pieces[b]]
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        return [ids[i] for i in range(n) if alive[i]]
+
 
     def decode(self, ids: Sequence[int]) -> str:
         out = bytearray()

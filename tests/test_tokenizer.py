@@ -132,3 +132,38 @@ def test_load_tokenizer_errors(tmp_path) -> None:
         load_tokenizer(tmp_path / "bad.model")
     with pytest.raises(LoadError, match="neither tokenizer.model nor tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def _naive_merge(tok: Llama2cTokenizer, text: str) -> list[int]:
+    """llama2.c's encode loop written out literally (rescan all pairs, strict '>' keeps the leftmost best)."""
+    toks = [tok._lookup[b" "]] + [t for ch in text for t in ([tok._lookup[ch.encode()]] if ch.encode() in tok._lookup
+                                                              else [x + 3 for x in ch.encode()])]
+    while True:
+        best, at = float("-inf"), -1
+        for i in range(len(toks) - 1):
+            tid = tok._lookup.get(tok.pieces[toks[i]] + tok.pieces[toks[i + 1]])
+            if tid is not None and tok.scores[tid] > best:
+                best, at, bid = tok.scores[tid], i, tid
+        if at < 0:
+            return toks
+        toks[at:at + 2] = [bid]
+
+
+def test_llama2c_heap_merge_equals_the_literal_loop(tmp_path) -> None:
+    """The O(n log n) merge must pick exactly what llama2.c's rescanning loop picks, ties included: a vocabulary
+    where many merges share one score, on random strings."""
+    import random
+
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+    extra = [b" ", b"a", b"b", b"c", b"aa", b"ab", b"ba", b"bb", b"aaa", b"aba", b" a", b" b", b"bab", b"abab",
+             b"cc", b"ccc", b" c", b"bc"]
+    scores = [0.0] * 259 + [0.0, 0.0, 0.0, 0.0, -1.0, -1.0, -1.0, -2.0, -1.0, -2.0, -2.0, -1.0, -3.0, -1.0,
+                            -1.0, -1.0, -4.0, -2.0]
+    tok = Llama2cTokenizer(_write_llama2c(tmp_path / "tok.bin", pieces + extra, scores))
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice("aabbc ") for _ in range(rng.randint(1, 40)))
+        assert tok.encode(text, bos=False) == _naive_merge(tok, text), text
+    real = load_tokenizer(STORIES260K / "tok512.bin")
+    for para in _paragraphs(20):
+        assert real.encode(para, bos=False) == _naive_merge(real, para)

@@ -226,3 +226,55 @@ def test_paths_that_are_no_model(tmp_path) -> None:
         load_model(tmp_path / "weights.pt")
     with pytest.raises(LoadError, match="no-tok.bin: tokenizer file does not exist"):
         load_model(S260K, tokenizer=tmp_path / "no-tok.bin")
+
+
+def test_unshared_llama2c_classifier(tmp_path) -> None:
+    """vocab < 0 in the header: a separate classifier follows the RoPE tables and becomes an untied lm_head."""
+    data = bytearray(S260K.read_bytes())
+    data[20:24] = struct.pack("<i", -512)
+    wcls = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "unshared.bin").write_bytes(bytes(data) + wcls.numpy().astype("<f4").tobytes())
+    shutil.copy(STORIES260K / "tok512.bin", tmp_path / "tok512.bin")
+    loaded = load_model(tmp_path / "unshared.bin")
+    assert not loaded.model.config.tie_embeddings and not loaded.config["shared_classifier"]
+    assert loaded.model.lm_head.weight is not loaded.model.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.model.lm_head.weight, wcls, rtol=0, atol=0)
+    assert loaded.tokenizer is not None and loaded.tokenizer.files() == [tmp_path / "tok512.bin"]
+
+
+def test_hf_config_variants(tmp_path) -> None:
+    """tie_word_embeddings without lm_head.weight, a top-level rope_theta, a list of EOS ids."""
+    from safetensors.torch import load_file, save_file
+
+    dst = _copy_hf(tmp_path, skip=("model.safetensors",))
+    weights = load_file(str(TINYSTORIES / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(dst / "model.safetensors"))
+    cfg = json.loads((TINYSTORIES / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg.update(tie_word_embeddings=True, rope_theta=500000.0, eos_token_id=[2, 7])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(dst, cache_len=32)
+    c = loaded.model.config
+    assert c.tie_embeddings and c.rope_theta == 500000.0 and c.eos_id == 2 and loaded.model.cache_len == 32
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    # theta reaches the RoPE tables: cos[p, 1] = cos(p * theta^(-2/hd)).
+    torch.testing.assert_close(loaded.model.rope_cos[5, 1], torch.tensor(5 * 500000.0 ** (-2 / 32)).cos())
+
+
+def test_other_hf_architectures_go_through_transformers(tmp_path) -> None:
+    """A non-llama folder (a tiny random GPT-2 written here, nothing downloaded) loads with AutoModelForCausalLM
+    and captures as input_ids -> logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    ref.save_pretrained(str(tmp_path / "gpt2"))
+    loaded = load_model(tmp_path / "gpt2")
+    assert loaded.kind == "hf" and loaded.config["model_type"] == "gpt2" and loaded.tokenizer is None
+    ids = torch.randint(0, 64, (1, 6))
+    module = llmpress.ir.capture(loaded.model, (ids,))
+    with torch.no_grad():
+        want = ref(ids).logits
+    # Same weights, same eager ops traced: identical up to fp32 reassociation in the traced graph.
+    torch.testing.assert_close(module.run(ids), want, rtol=1e-5, atol=1e-5)

@@ -190,12 +190,15 @@ def _zoo(rng, opset: int) -> onnx.ModelProto:
         n("Flatten", ["msq"], ["mflat"], name="flatten", axis=1), n("Add", ["w1", "gtf"], ["w2"], name="add_gt"),
         n("Add", ["w2", "mflat"], ["out1"], name="out1"),
         n("Reshape", ["ls", "flat"], ["out2"], name="reshape"), n("Identity", ["rme"], ["out3"], name="ident"),
+        # axis=1 of a 3-D input: before opset 13 it normalizes over dims 1.. flattened, from 13 over dim 1 only.
+        n("Softmax", ["sl"], ["out4"], name="softmax_axis1", axis=1),
     ]
     graph = helper.make_graph(
         nodes, "zoo", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, "seq"])],
         [helper.make_tensor_value_info("out1", TensorProto.FLOAT, [2, "seq"]),
          helper.make_tensor_value_info("out2", TensorProto.FLOAT, [2, "seq7"]),
-         helper.make_tensor_value_info("out3", TensorProto.FLOAT, [2, "seq", 1])], inits)
+         helper.make_tensor_value_info("out3", TensorProto.FLOAT, [2, "seq", 1]),
+         helper.make_tensor_value_info("out4", TensorProto.FLOAT, [2, "seq", 7])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
