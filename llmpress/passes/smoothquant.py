@@ -137,7 +137,23 @@ def _analyse(module: Module, x: fx.Node, selected: list[fx.Node]) -> tuple[Scale
         if why:
             return None, f"input comes from {_describe(x)}: {why}"
         return ScaleSite(x, consumers, selected, "linear", x, _describe(x)), ""
+    if _is_attention_output(x):
+        return None, (f"input is the attention output ({_describe(x)}), which cannot absorb a per-channel scale: "
+                      "folding it into v_proj would pass through the KV cache and tie the scales of the query "
+                      "heads sharing a key/value head (not implemented)")
     return None, f"input comes from {_describe(x)}, which cannot absorb a per-channel scale"
+
+
+_LAYOUT = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
+           torch.ops.aten.permute.default, torch.ops.aten.contiguous.default, torch.ops.aten.clone.default}
+
+
+def _is_attention_output(x: fx.Node) -> bool:
+    """``x`` is ``probs @ values`` seen through reshapes/transposes (the input of o_proj)."""
+    while x.op == "call_function" and x.target in _LAYOUT:
+        x = x.args[0]
+    return x.op == "call_function" and x.target in (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default,
+                                                    torch.ops.aten.scaled_dot_product_attention.default)
 
 
 def find_sites(module: Module, selected: list[fx.Node]) -> tuple[list[ScaleSite], list[tuple[fx.Node, str]]]:
