@@ -62,6 +62,14 @@ def test_structure_and_stats(tiny_llama) -> None:
     assert st["bytes_after"] == rst.stats["bytes_after"] and st["bytes_before"] == rst.stats["bytes_before"]
 
 
+def test_second_run_changes_nothing(tiny_llama) -> None:
+    module = capture(tiny_llama)
+    _awq(module, _calib(), bits=4, group=16, exclude="lm_head")
+    text = module.print()
+    res = _awq(module, _calib(), bits=4, group=16, exclude="lm_head")
+    assert not res.modified and res.stats["quantized"] == 0 and module.print() == text
+
+
 def test_search_scale_a0_is_rtn_and_picks_the_minimum() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 32, generator=g)
