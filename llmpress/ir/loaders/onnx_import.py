@@ -61,7 +61,10 @@ def _np(v: Any) -> np.ndarray:
     """Numpy turns 0-d results into scalars (a SymInt, a bool): make every static value an array again."""
     if isinstance(v, np.ndarray):
         if v.dtype == object and not any(isinstance(x, (torch.SymInt, torch.SymBool)) for x in v.reshape(-1)):
-            return v.astype(np.int64) if all(isinstance(x, int) for x in v.reshape(-1)) else v
+            flat = v.reshape(-1)
+            if all(isinstance(x, (bool, np.bool_)) for x in flat):
+                return v.astype(np.bool_)
+            return v.astype(np.int64) if all(isinstance(x, (int, np.integer)) for x in flat) else v
         return v
     if isinstance(v, (torch.SymInt, torch.SymBool)):
         a = np.empty((), dtype=object)
@@ -132,8 +135,10 @@ def _binary(torch_fn, np_fn):
 
 
 def _div_np(x, y):
-    if x.dtype == object or y.dtype == object or np.issubdtype(x.dtype, np.integer):
-        return x // y  # shape arithmetic: non-negative operands, truncation == floor
+    if x.dtype == object or y.dtype == object:
+        return x // y  # symbolic shape arithmetic: sizes are non-negative, so truncation == floor
+    if np.issubdtype(x.dtype, np.integer):
+        return (np.abs(x) // np.abs(y) * np.sign(x) * np.sign(y)).astype(x.dtype)  # ONNX: truncate toward zero
     return x / y
 
 
@@ -437,6 +442,39 @@ def _trilu(ins, a, o):
     return [torch.triu(x, k) if a.get("upper", 1) else torch.tril(x, k)]
 
 
+@_op("ScatterElements")
+def _scatter_elements(ins, a, o):
+    if a.get("reduction", b"none") not in (b"none", "none"):
+        raise UnsupportedOpError(f"ScatterElements with reduction={a['reduction']!r} is not supported",
+                                 op="ScatterElements")
+    x, idx, upd = _tensor(ins[0]), _tensor(ins[1]).to(torch.int64), _tensor(ins[2])
+    axis = _axis(a.get("axis", 0), x.dim())
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    return [torch.scatter(x, axis, idx, upd)]
+
+
+@_op("GatherElements")
+def _gather_elements(ins, a, o):
+    x, idx = _tensor(ins[0]), _tensor(ins[1]).to(torch.int64)
+    axis = _axis(a.get("axis", 0), x.dim())
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    return [torch.gather(x, axis, idx)]
+
+
+def _variadic(fn):
+    def conv(ins, a, o):
+        vals = [v for v in ins if v is not None]
+        out = _tensor(vals[0])
+        for v in vals[1:]:
+            out = fn(out, _tensor(v))
+        return [out]
+    return conv
+
+
+_OPS["Max"] = _variadic(torch.maximum)
+_OPS["Min"] = _variadic(torch.minimum)
+_OPS["Sum"] = _variadic(torch.add)
+
 SUPPORTED_OPS = frozenset(_OPS) | {"Constant"}
 
 
@@ -506,7 +544,7 @@ class OnnxModule(nn.Module):
                 return
             attr = _sanitize(name, taken)
             t = torch.from_numpy(np.array(arr))
-            if param and t.dtype.is_floating_point:
+            if param and t.dtype.is_floating_point and t.dim() >= 1:  # 0-d floats (eps, scale) are constants
                 self.register_parameter(attr, nn.Parameter(t, requires_grad=False))
             else:
                 self.register_buffer(attr, t)
