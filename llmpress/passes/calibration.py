@@ -46,9 +46,11 @@ class _Collector(fx.Interpreter):
         self.wanted = set(nodes)
         self.pending: set[fx.Node] = set()
         self.observer = observer
+        self.nodes_run = 0
 
     def run(self, *args):  # noqa: D102
         self.pending = set(self.wanted)
+        self.nodes_run = 0
         try:
             return super().run(*args)
         except _Done:
@@ -62,6 +64,8 @@ class _Collector(fx.Interpreter):
             self.pending.discard(n)
             if not self.pending:
                 raise _Done
+        if n.op == "call_function":
+            self.nodes_run += 1
         return super().run_node(n)
 
 
@@ -81,6 +85,7 @@ class Calibration:
             out.append(b)
         self.batches: list[torch.Tensor] = out
         self.source = source
+        self.last_run_nodes = 0  # call_function nodes the last collect() ran per batch (early stop shows here)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -174,6 +179,7 @@ class Calibration:
                     else:
                         args.append(weights[s.target])
                 collector.run(*args)
+                self.last_run_nodes = collector.nodes_run
                 if collector.pending:
                     missing = ", ".join(sorted(n.name for n in collector.pending))
                     raise PassError(f"collect: the graph finished without reaching {missing}")
