@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 from ...errors import ArtifactError, ConfigError, LlmpressError
 
 __all__ = ["RunnerResult", "repo_root", "build_dir", "host_arch", "artifact_arch", "missing_tools",
-           "build_runner", "runner_command", "run_artifact", "generate_ids", "ARCHES"]
+           "build_runner", "runner_command", "run_artifact", "run_emulated", "generate_ids", "ARCHES"]
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,28 @@ def run_artifact(folder: str | Path, *, prompt: str | None = None, prompt_ids: S
     for line in proc.stderr.strip().splitlines():
         log.info("%s", line)
     return RunnerResult(cmd, proc.stdout, proc.stderr, ids)
+
+
+def run_emulated(path: str | Path, *, prompt: str | None = None, max_new_tokens: int = 256, **kw) -> str:
+    """``llmpress run PATH --emulate``: the greedy text of the artifact folder (or ``.tar``) at ``path``, produced
+    by the edge runner of the artifact's architecture (under qemu when it is not this machine's)."""
+    import tarfile
+    import tempfile
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".tar":
+        with tempfile.TemporaryDirectory(prefix="llmpress-edge-") as tmp:
+            try:
+                with tarfile.open(path, "r") as tar:
+                    tar.extractall(tmp, filter="data")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise ArtifactError(f"{path}: damaged tar ({e})") from e
+            return run_emulated(tmp, prompt=prompt, max_new_tokens=max_new_tokens, **kw)
+    if not (path / "manifest.json").is_file():
+        raise ArtifactError(f"{path}: not an artifact folder or .tar (no manifest.json); --emulate runs compiled "
+                            "artifacts (llmpress compile ... --target arm64 -o DIR)")
+    res = run_artifact(path, prompt=prompt or None, max_new_tokens=max_new_tokens, **kw)
+    return res.stdout.rstrip("\n")
 
 
 def generate_ids(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int = 32, **kw) -> list[int]:
