@@ -131,6 +131,14 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
     if (!f.has_value()) throw RunnerError(lpath + ": the VM has no function '" + name + "'");
     return *f;
   };
+  // Weight-only work lifted out of the functions at build time (e.g. transposed linear weights): run it once.
+  if (auto transform = (*vm_)->GetFunction("transform_params", false)) {
+    ffi::Any out = (*transform)(ffi::Array<ffi::Tensor>(weights_.begin(), weights_.end()));
+    auto arr = out.as<ffi::Array<ffi::Any>>();
+    if (!arr.has_value()) throw RunnerError(lpath + ": transform_params returned " + std::string(out.GetTypeKey()));
+    weights_.clear();
+    for (const ffi::Any& t : *arr) weights_.push_back(t.cast<ffi::Tensor>());
+  }
   prefill_ = get(std::find(fns.begin(), fns.end(), "prefill") != fns.end() ? "prefill" : fns.at(0));
   decode_ = std::find(fns.begin(), fns.end(), "decode") != fns.end() ? get("decode") : prefill_;
 

@@ -8,6 +8,9 @@
 //       -> (logits float32[1,T,V], k_0', v_0', ...)
 //
 // Caches are [1, n_kv_heads, cache_len, head_dim]; prefill takes the prompt (dynamic T), decode takes T = 1.
+// When the library has a `transform_params` function (relax LiftTransformParams: weight layout changes lifted
+// out of the functions), it is called once on the weights (one array argument) and its outputs are what the
+// functions take instead.
 #pragma once
 
 #include <tvm/ffi/container/tensor.h>
