@@ -25,6 +25,13 @@ def module():
     return capture(Llama(cfg).eval())
 
 
+def _reference(module):
+    """The reference backend's program (PyTorch eager over the exported graph, unlifted once)."""
+    from llmpress.backends import get_backend
+
+    return get_backend("reference").lower(module, "reference")
+
+
 def _elf_machine(path) -> int:
     head = path.read_bytes()[:20]
     assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
@@ -78,7 +85,7 @@ def test_cuda_greedy_matches_reference(module, tmp_path):
     from llmpress.eval.generate import greedy
 
     compiled = TVMBackend().lower(module, "cuda", progress=False)
-    ref = greedy(module.run, module.lm, [1, 5], 20)
+    ref = greedy(_reference(module), module.lm, [1, 5], 20)
     assert greedy(compiled, module.lm, [1, 5], 20) == ref
     payload = compiled.save_payload(tmp_path)
     loaded = TVMBackend().load(tmp_path, {"payload": payload, "lm": module.lm.to_json()})

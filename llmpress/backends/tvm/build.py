@@ -3,6 +3,8 @@
 Pipelines (phases as in TVM's ``relax/backend/<target>/pipeline.py``: dispatch, legalize, schedule, lower,
 finalize):
 
+Both first lift weight-only work (the transposes of linear weights) into ``transform_params``, run once at load.
+
 - ``llvm`` (x86-64 / aarch64 CPUs): legalize every Relax op into TIR, fuse, then our CPU schedule rules
   (``schedules.cpu_rules``: parallel + vectorised matmul / GEMV / reductions; a function no rule claims keeps TVM's
   default loop nest), then the standard lowering and memory planning;
@@ -28,7 +30,7 @@ from typing import Any
 from ...errors import LlmpressError
 from .targets import TargetSpec
 
-__all__ = ["build", "export_library", "cuda_sources", "compile_ptx", "compile_fatbin", "source_key", "BuildError"]
+__all__ = ["build", "export_library", "cuda_sources", "compile_ptx", "compile_fatbin", "source_key", "BuildError", "TRANSFORM_PARAMS"]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,20 @@ class BuildError(LlmpressError):
     """TVM or the C/CUDA toolchain failed to build the program; the message names the step."""
 
 
+#: The function ``LiftTransformParams`` creates: weights -> the layouts the kernels read (run once at load).
+TRANSFORM_PARAMS = "transform_params"
+
+
 def _pipeline(spec: TargetSpec, target: Any):
     import tvm
     from tvm import relax
 
+    # Work that depends only on weights (the frontend transposes every linear weight, W[out,in] -> W^T[in,out],
+    # on each call) moves into one `transform_params` function that the runtime runs once at load; the kernels
+    # then read W^T, whose output dimension is contiguous (what a vectorised matmul/GEMV wants).
+    lift = relax.transform.LiftTransformParams(shared_transform=True)
     if spec.device == "cuda":
-        return relax.get_default_pipeline(target)
+        return tvm.transform.Sequential([lift, relax.get_default_pipeline(target)])
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .schedules import cpu_rules
@@ -50,7 +60,7 @@ def _pipeline(spec: TargetSpec, target: Any):
     @tvm.transform.module_pass(opt_level=0, name="llmpress_cpu_pipeline")
     def _cpu(mod, _ctx):
         with target:
-            passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            passes = [lift] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
             rules = cpu_rules(target)
             if rules:
                 from tvm.s_tir import dlight as dl

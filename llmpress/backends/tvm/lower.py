@@ -182,7 +182,9 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
     for gv in mod.get_global_vars():  # helper functions the frontend may have added (cond branches)
         if gv.name_hint != "main":
             out[gv] = mod[gv]  # the same GlobalVar: call sites (e.g. emitted call_tir kernels) refer to it
-    return RelaxProgram(out, ("prefill", "decode"), params, num_inputs, weights)
+    from .kernels import specialize_decode  # decode call sites of llmpress kernels -> their GEMV-scheduled copies
+
+    return RelaxProgram(specialize_decode()(out), ("prefill", "decode"), params, num_inputs, weights)
 
 
 def _seq_var(func: Any):

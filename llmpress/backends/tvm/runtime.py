@@ -3,7 +3,8 @@
 Calling convention (shared by every backend, see ``llmpress.models.llama``): for language models
 ``forward(input_ids[B,T], start_pos[1], *caches) -> (logits, *caches)``; T > 1 runs the ``prefill`` function
 (dynamic T), T == 1 runs ``decode`` (compiled for T = 1). Weights are VM function parameters: they are converted
-to TVM tensors once and appended to every call.
+to TVM tensors once, passed through the library's ``transform_params`` (layout changes lifted out of the
+functions at build time), and appended to every call.
 
 Tensors cross the boundary through DLPack on the CPU (no copy) and through host memory for CUDA.
 
@@ -23,6 +24,7 @@ import torch
 from ...errors import ArtifactError, LlmpressError
 from ...ir.meta import LMInfo
 from ..base import Compiled
+from .build import TRANSFORM_PARAMS
 from .targets import TargetSpec, host_arch, missing_features
 
 __all__ = ["TVMCompiled", "load_compiled", "LIB", "WEIGHTS"]
@@ -79,7 +81,11 @@ class TVMCompiled(Compiled):
 
         self._dev = tvm.cuda(0) if self.spec.device == "cuda" else tvm.cpu(0)
         self._vm = relax.VirtualMachine(self.executable, self._dev)
-        self._param_tensors = [self._to_tvm(self.weights[name]) for name in self.params]
+        params = [self._to_tvm(self.weights[name]) for name in self.params]
+        if self._vm.module.implements_function(TRANSFORM_PARAMS):
+            # weights -> the layouts the kernels read (e.g. transposed linear weights), once per load
+            params = list(self._vm[TRANSFORM_PARAMS](params))
+        self._param_tensors = params
 
     # -- conversions -----------------------------------------------------------------------------
     def _to_tvm(self, t: Any):

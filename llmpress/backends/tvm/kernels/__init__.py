@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CONVERTERS", "schedule_kernels", "kernel_rule", "lowered_float_allocations"]
+__all__ = ["CONVERTERS", "schedule_kernels", "kernel_rule", "specialize_decode", "lowered_float_allocations"]
 
 
 def _lazy(module: str, name: str):
@@ -51,6 +51,11 @@ def schedule_kernels(target: Any) -> Any:
 def kernel_rule() -> Any:
     """dlight ``ScheduleRule`` for the llmpress kernels on CPU (see ``common.kernel_rule``)."""
     return _load_all().kernel_rule()
+
+
+def specialize_decode() -> Any:
+    """Relax module pass pointing decode (T = 1) call sites at GEMV-scheduled kernel copies (see ``common``)."""
+    return _load_all().specialize_decode()
 
 
 def lowered_float_allocations(func: Any, target: Any) -> list[tuple[str, str]]:

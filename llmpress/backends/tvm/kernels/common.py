@@ -30,6 +30,8 @@ __all__ = [
     "cpu_kernel_schedule",
     "kernel_rule",
     "schedule_kernels",
+    "specialize_decode",
+    "DECODE_ATTR",
     "is_gpu_target",
     "cpu_vector_lanes",
     "lowered_float_allocations",
@@ -142,6 +144,56 @@ def schedule_kernels(target) -> tvm.transform.Pass:
             for gv, func in updates.items():
                 mod[gv] = func
         return mod
+
+    return _pass
+
+
+DECODE_ATTR = "llmpress.decode"
+
+
+def specialize_decode() -> tvm.transform.Pass:
+    """Relax module pass: call sites of a token-shaped llmpress kernel (``llmpress.token_dims`` = leading dims of its
+    first argument) whose leading dims are statically 1 -- the ``decode`` function, where the sequence length is
+    bound to 1 -- are pointed at a copy of the kernel tagged ``llmpress.decode``, for which the CPU schedules pick
+    their GEMV form (weights decoded in registers) instead of the GEMM form (a decoded tile reused by every token).
+    Both forms compute the same thing for any shape; only speed depends on the choice. Idempotent."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Specialize(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule) -> None:
+            super().__init__(mod)
+            self.mod_ = mod
+            self.variants: dict[str, relax.GlobalVar] = {}
+
+        def visit_call_(self, call):  # noqa: D102 - mutator protocol
+            call = self.visit_expr_post_order(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+                return call
+            gv = call.args[0]
+            func = self.mod_[gv] if gv in self.mod_.get_global_vars() else None
+            if not isinstance(func, tirx.PrimFunc) or _func_attr(func, KERNEL_ATTR) is None:
+                return call
+            if _func_attr(func, "llmpress.token_dims") is None or _func_attr(func, DECODE_ATTR, False):
+                return call
+            x_ty = call.args[1].fields[0].ty
+            shape = getattr(x_ty, "shape", None)
+            dims = list(shape.values) if shape is not None and hasattr(shape, "values") else None
+            lead = dims[:-1] if dims else None
+            if not lead or not all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in lead):
+                return call
+            key = gv.name_hint
+            if key not in self.variants:
+                self.variants[key] = self.builder_.add_func(func.with_attr(DECODE_ATTR, True), key + "_decode")
+            return relax.Call(call.op, [self.variants[key], *call.args[1:]], call.attrs, call.sinfo_args)
+
+    @tvm.transform.module_pass(opt_level=0, name="llmpress.SpecializeDecode")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = _Specialize(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return m.builder_.get()
 
     return _pass
 

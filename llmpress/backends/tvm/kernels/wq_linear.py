@@ -38,7 +38,7 @@ from tvm import relax, te, tirx
 from ....errors import UnsupportedOpError
 from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule, register_cpu_schedule
 
-__all__ = ["wq_linear_te", "wq_linear_cpu_te", "emit_wq_linear", "convert_wq_linear", "schedule_cpu"]
+__all__ = ["wq_linear_te", "wq_linear_cpu_te", "wq_linear_cpu_gemm_te", "emit_wq_linear", "convert_wq_linear", "schedule_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ def emit_wq_linear(bb: relax.BlockBuilder, x: relax.Expr, qweight: relax.Expr, s
     """Emit the fused kernel as one ``call_tir`` (+ a Relax ``add`` for the bias); returns the output var."""
     if bits not in _VALUES_PER_UNIT:
         raise UnsupportedOpError(f"wq_linear: bits={bits} has no TVM kernel (supported 2, 3, 4, 8)", op="wq_linear")
+    if group_size % _VALUES_PER_UNIT[bits]:
+        raise UnsupportedOpError(f"wq_linear: the TVM kernels need group_size ({group_size}) to be a multiple of the "
+                                 f"{_VALUES_PER_UNIT[bits]} values one {bits}-bit packing unit holds", op="wq_linear")
     x_dtype = x.ty.dtype
     if x_dtype != "float32":
         x = bb.emit(relax.op.astype(x, "float32"))
@@ -105,7 +108,8 @@ def emit_wq_linear(bb: relax.BlockBuilder, x: relax.Expr, qweight: relax.Expr, s
     in_f = int(qweight.ty.shape[1]) * _VALUES_PER_UNIT[bits] // (3 if bits == 3 else 1)
     name = f"llmpress_wq_linear_b{bits}_g{group_size}_{'sym' if sym else 'asym'}"
     # op_pattern 8 (kOpaque): FuseOps must not merge the kernel into a new, unscheduled function.
-    attrs = {KERNEL_ATTR: "wq_linear", "op_pattern": 8, "llmpress.bits": bits, "llmpress.group_size": group_size,
+    # llmpress.token_dims: the leading dims of x count tokens (decode call sites get a GEMV-scheduled copy).
+    attrs = {KERNEL_ATTR: "wq_linear", "op_pattern": 8, "llmpress.token_dims": 1, "llmpress.bits": bits, "llmpress.group_size": group_size,
              "llmpress.in_features": in_f}
     args = [x, qweight, scales] + ([] if sym else [zeros])
     y = bb.emit_te(lambda *a: wq_linear_te(*a, bits=bits, group_size=group_size), *args,
@@ -190,9 +194,44 @@ def wq_linear_cpu_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros:
     return te.compute((*lead, out_f), body, name="matmul")
 
 
-def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, out_tile: int) -> None:
-    """Shared tail of both CPU schedules: loops ``(*lead, o, *reduce)`` -> parallel output tiles, token loop, an
-    rfactor over the innermost ``lanes`` of the last reduction loop (vectorized), and a horizontal sum."""
+def wq_linear_cpu_gemm_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None = None, *,
+                          bits: int, group_size: int) -> te.Tensor:
+    """Prefill (GEMM) formulation: the same math as :func:`wq_linear_cpu_te`, with the dequantized weight as a
+    separate stage ``dequant[o, n, u]`` that the schedule computes one output tile at a time (``OT`` rows, at most
+    32 KB, in L1) and reuses for every token, instead of decoding every weight again for each token::
+
+        parallel for o0:  tile[OT, P, units] = dequant(rows o0*OT ...)     # vectorized over u, contiguous
+                          for m, o1: y[m, o] = sum_{n,u} xs[m, n, u] * tile[o1, n, u]   # vectorized, from L1
+    """
+    per = _VALUES_PER_UNIT[bits]
+    out_f = qweight.shape[0]
+    in_f = int(qweight.shape[1]) * per // (3 if bits == 3 else 1)
+    units, ug = in_f // per, group_size // per
+    sym = zeros is None
+    lead = list(x.shape[:-1])
+    if per == 1:
+        xs = te.compute((*lead, 1, units), lambda *i: x[(*i[:-2], i[-1])], name="x_deinterleave")
+    else:
+        xs = te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])], name="x_deinterleave")
+
+    def dequant(o, n, u):
+        g = u // ug
+        c = _unit_code(qweight, o, u, n, bits)
+        if sym:
+            return tirx.Cast("float32", c if bits == 8 else c - (1 << (bits - 1))) * scales[o, g].astype("float32")
+        return (tirx.Cast("float32", c) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
+
+    wd = te.compute((out_f, per, units), dequant, name="dequant")
+    n = te.reduce_axis((0, per), name="n")
+    u = te.reduce_axis((0, units), name="u")
+    return te.compute((*lead, out_f), lambda *i: te.sum(xs[(*i[:-1], n, u)] * wd[i[-1], n, u], axis=[n, u]),
+                      name="matmul")
+
+
+def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, out_tile: int):
+    """Shared tail of the CPU schedules: loops ``(*lead, o, *reduce)`` -> parallel output tiles, token loop, an
+    rfactor over the innermost ``lanes`` of the last reduction loop (vectorized), and a horizontal sum right after
+    each output's partial sums. Returns the parallel loop."""
     loops = sch.get_loops(blk)
     lead, o, red = loops[:n_lead], loops[n_lead], loops[n_lead + 1:]
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
@@ -201,21 +240,24 @@ def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, 
     sch.reorder(o0, m, o1, *red[:-1], r0, r1)
     rf = sch.rfactor(r1, factor_axis=n_lead + 1)
     rf_loops = sch.get_loops(rf)
-    sch.reverse_compute_at(blk, rf_loops[2])  # the horizontal sum right after each (token, output) partial sum
+    sch.reverse_compute_at(blk, rf_loops[2])
     sch.vectorize(sch.get_loops(rf)[-1])
-    sch.parallel(sch.get_loops(rf)[0])
+    outer = sch.get_loops(rf)[0]
+    sch.parallel(outer)
     sch.decompose_reduction(rf, sch.get_loops(rf)[3])
+    return outer
 
 
 @register_cpu_schedule("wq_linear")
 def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
-    """The CPU kernel: :func:`wq_linear_cpu_te` when ``P | group_size`` (always, for the supported layouts), else
-    the generic TE with the dequant block inlined; both vectorized with rfactor and parallel over output tiles.
-
-    The same schedule serves decode (T = 1, a GEMV) and prefill (T > 1): the token loop sits inside the output
-    tile, so the tile's packed bytes stay in L1 while every token reuses them."""
+    """The CPU kernel. Decode call sites (``llmpress.decode``, see ``common.specialize_decode``) get the GEMV form
+    (:func:`wq_linear_cpu_te`: every weight decoded in registers where it is used, nothing stored); every other call
+    gets the GEMM form (:func:`wq_linear_cpu_gemm_te`: one decoded tile of at most 32 KB per thread, reused by all
+    tokens). Both: output tiles in parallel, the reduction vectorized via rfactor, a horizontal sum per output."""
     bits = int(func.attrs["llmpress.bits"])
     group = int(func.attrs["llmpress.group_size"])
+    in_f = int(func.attrs["llmpress.in_features"])
+    decode = bool(func.attrs.get("llmpress.decode", False))
     bufs = list(func.params)  # TVM 0.27: parameters are buffer vars carrying shape and dtype
     x_buf, q_buf, s_buf = bufs[0], bufs[1], bufs[2]
     z_buf = bufs[3] if len(bufs) == 5 else None
@@ -224,20 +266,21 @@ def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     s = te.placeholder(s_buf.shape, s_buf.dtype, name="scales")
     z = te.placeholder(z_buf.shape, z_buf.dtype, name="zeros") if z_buf is not None else None
     per = _VALUES_PER_UNIT[bits]
-    max_lanes = cpu_vector_lanes(target)
+    lanes = _pick_tile(group // per, tuple(v for v in (32, 16, 8, 4, 2) if v <= cpu_vector_lanes(target)))
     out_f = int(q_buf.shape[0])
-    out_tile = _pick_tile(out_f, (8, 4, 2))
     n_lead = len(x_buf.shape) - 1
-    if group % per == 0:
-        y = wq_linear_cpu_te(x, q, s, z, bits=bits, group_size=group)
-        lanes = _pick_tile(group // per, tuple(v for v in (32, 16, 8, 4, 2) if v <= max_lanes))
-    else:  # pragma: no cover - every supported layout has P | group; kept as a safe fallback
-        y = wq_linear_te(x, q, s, z, bits=bits, group_size=group)
-        lanes = _pick_tile(int(func.attrs["llmpress.in_features"]), tuple(v for v in (32, 16, 8, 4, 2)
-                                                                          if v <= max_lanes))
+    te_fn = wq_linear_cpu_te if decode else wq_linear_cpu_gemm_te
+    y = te_fn(x, q, s, z, bits=bits, group_size=group)
     args = [x, q, s] + ([z] if z is not None else []) + [y]
     sch = new_schedule(te.create_prim_func(args), func)
-    if group % per != 0:  # pragma: no cover
-        sch.compute_inline(sch.get_sblock("dequant"))
-    _vectorize_reduction(sch, sch.get_sblock("matmul"), n_lead, lanes, out_tile)
+    # GEMM: the tile of OT dequantized rows must fit L1 (32 KB = 8192 floats)
+    out_tile = _pick_tile(out_f, (8, 4, 2)) if decode else _pick_tile(out_f, tuple(
+        t for t in (8, 4, 2) if t * in_f <= 8192) or (1,))
+    outer = _vectorize_reduction(sch, sch.get_sblock("matmul"), n_lead, lanes, out_tile)
+    if not decode:
+        dq = sch.get_sblock("dequant")
+        sch.compute_at(dq, outer)
+        inner = sch.get_loops(dq)[-1]
+        _, vec = sch.split(inner, [None, lanes])
+        sch.vectorize(vec)
     return sch

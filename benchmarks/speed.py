@@ -1,0 +1,219 @@
+"""Speed, side by side in one process: prefill latency (128 tokens) and batch-1 decode tokens/s.
+
+Models: (a) tinystories-llama (/work/shared/models/tinystories-llama, ~7M parameters, trained) and (b) a Llama with
+the shape of a 110M model (hidden 768, 12 layers, 12 heads, 12 KV heads, intermediate 2048, vocab 32000) and
+random weights. Runtimes, all fp32 on the CPU:
+
+- PyTorch eager, our ``llmpress.models.Llama`` with its static KV cache (the baseline every ratio refers to);
+- PyTorch eager, the Hugging Face ``transformers`` model with its own dynamic cache (model (a) only);
+- llmpress TVM ``cpu`` (x86-64-v3 LLVM code, weights as VM parameters);
+- ONNX Runtime on the graph exported by ``llmpress.backends.onnx`` (the same captured graph; CPU provider,
+  graph optimizations on).
+
+Protocol (``llmpress.eval.latency.measure``): random prompt of 128 tokens from a fixed seed, fresh cache; prefill
+time is one call; decode is N greedy steps right after it; one warm-up round, then ``--repeats`` rounds, median.
+Every runtime gets the same number of threads (``--threads``, default 1: on this shared 2-core machine, with other
+jobs running, 2 OpenMP threads made PyTorch eager 15x slower than 1 thread -- spinning workers waiting for a core
+-- so 1 thread per runtime is the comparison that measures the code rather than the scheduler). Output: ``benchmarks/results/speed.json``
+and ``speed.md``.
+
+Run: ``.venv/bin/python benchmarks/speed.py`` (about 10 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+RESULTS = REPO / "benchmarks" / "results"
+
+log = logging.getLogger("benchmarks.speed")
+
+
+def _hf_measure(model, *, vocab: int, prefill_tokens: int, decode_tokens: int, repeats: int) -> dict:
+    """``latency.measure`` for a Hugging Face causal LM driven through its own KV cache."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (1, prefill_tokens), generator=g)
+    times, rates = [], []
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            t1 = time.perf_counter()
+            past = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            for _ in range(decode_tokens):
+                out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                tok = out.logits[:, -1:].argmax(-1)
+            t3 = time.perf_counter()
+            if r:
+                times.append(t1 - t0)
+                rates.append(decode_tokens / (t3 - t2))
+    times.sort()
+    rates.sort()
+    return {"prefill_tokens": prefill_tokens, "prefill_ms": 1000 * times[len(times) // 2],
+            "decode_tokens_per_s": rates[len(rates) // 2]}
+
+
+def _eager(model):
+    def forward(*inputs):
+        with torch.no_grad():
+            return model(*inputs)
+
+    return forward
+
+
+def bench_model(name: str, model, *, hf=None, threads: int, prefill: int, decode: int, repeats: int,
+                skip: set[str]) -> list[dict]:
+    import llmpress
+    from llmpress.eval.latency import measure
+
+    module = llmpress.capture(model)
+    lm = module.lm
+    rows: list[dict] = []
+
+    def run(runtime: str, forward, extra: dict | None = None) -> None:
+        log.info("%s / %s: measuring", name, runtime)
+        t0 = time.perf_counter()
+        r = measure(forward, lm, prefill_tokens=prefill, decode_tokens=decode, repeats=repeats)
+        rows.append({"model": name, "runtime": runtime, **r, **(extra or {}),
+                     "measure_seconds": round(time.perf_counter() - t0, 1)})
+        log.info("%s / %s: %s", name, runtime, rows[-1])
+
+    run("PyTorch eager (llmpress Llama)", _eager(model))
+    if hf is not None:
+        log.info("%s / HF transformers: measuring", name)
+        r = _hf_measure(hf, vocab=lm.vocab_size, prefill_tokens=prefill, decode_tokens=decode, repeats=repeats)
+        rows.append({"model": name, "runtime": "PyTorch eager (HF transformers)", **r})
+    if "tvm" not in skip:
+        from llmpress.backends.tvm import TVMBackend
+
+        t0 = time.perf_counter()
+        compiled = TVMBackend().lower(module, "cpu", progress=False)
+        build_s = time.perf_counter() - t0
+        run("llmpress TVM cpu", compiled, {"compile_seconds": round(build_s, 1)})
+    if "onnx" not in skip:
+        try:
+            from llmpress.backends.onnx import OrtProgram, export
+        except ImportError as e:  # the exporter is part of llmpress; report instead of faking a number
+            rows.append({"model": name, "runtime": "ONNX Runtime fp32", "error": f"exporter unavailable: {e}"})
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                path = export(module, Path(tmp) / "model.onnx")
+                ort = OrtProgram(path, threads=threads)
+                build_s = time.perf_counter() - t0
+                run("ONNX Runtime fp32", ort, {"compile_seconds": round(build_s, 1)})
+    base = rows[0]
+    for r in rows:
+        if "prefill_ms" in r:
+            r["prefill_speedup_vs_eager"] = base["prefill_ms"] / r["prefill_ms"]
+            r["decode_ratio_vs_eager"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    return rows
+
+
+def to_markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        "# Speed: prefill and decode, fp32 CPU, batch 1",
+        "",
+        f"Machine: {env['cpu']} ({env['cores']} cores visible, {env['threads']} threads per runtime), load average "
+        f"{env['load_before']} before / {env['load_after']} after the run (other jobs share this machine: numbers "
+        "are noisy). Produced by `benchmarks/speed.py` on " + env["date"] + ".",
+        "",
+        f"Prefill: one call on {env['prefill']} random tokens (fresh cache). Decode: {env['decode']} greedy steps "
+        f"right after it. Median of {env['repeats']} round(s) after one warm-up round. Ratios are against PyTorch "
+        "eager running our Llama (higher is better for both).",
+        "",
+        "| model | runtime | prefill ms | prefill speedup | decode tok/s | decode ratio | compile s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['runtime']} | n/a | n/a | n/a | n/a | {r['error']} |")
+            continue
+        comp = r.get("compile_seconds", "")
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['prefill_ms']:.1f} | {r['prefill_speedup_vs_eager']:.2f}x"
+                     f" | {r['decode_tokens_per_s']:.1f} | {r['decode_ratio_vs_eager']:.2f}x | {comp} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--models", default="tinystories,110m")
+    ap.add_argument("--skip", default="", help="comma list of runtimes to skip: tvm, onnx")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # TVM's thread pool reads it at first use
+    torch.set_num_threads(args.threads)
+    import llmpress
+    from llmpress.models import Llama, LlamaConfig
+
+    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+           "prefill": args.prefill, "decode": args.decode, "repeats": args.repeats,
+           "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
+    try:
+        env["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    for mod in ("tvm", "onnxruntime", "transformers"):
+        try:
+            from importlib.metadata import version
+
+            env["versions"][mod] = version({"tvm": "apache-tvm"}.get(mod, mod))
+        except Exception:  # noqa: BLE001
+            env["versions"][mod] = None
+    skip = {s for s in args.skip.split(",") if s}
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for which in args.models.split(","):
+        if which == "tinystories":
+            folder = SHARED / "models" / "tinystories-llama"
+            loaded = llmpress.load_model(folder)
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            rows += bench_model("tinystories-llama (7M)", loaded.model.eval(), hf=hf, threads=args.threads,
+                                prefill=args.prefill, decode=args.decode, repeats=args.repeats, skip=skip)
+        elif which == "110m":
+            torch.manual_seed(0)
+            cfg = LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048,
+                              max_seq_len=256)
+            model = Llama(cfg).eval()
+            with torch.no_grad():  # keep activations O(1) like a trained model: small random weights
+                for p in model.parameters():
+                    p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+            rows += bench_model("llama-110M shape (random)", model, threads=args.threads, prefill=args.prefill,
+                                decode=args.decode, repeats=args.repeats, skip=skip)
+        else:
+            ap.error(f"unknown model {which!r} (tinystories, 110m)")
+    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    (out / "speed.md").write_text(to_markdown(rows, env))
+    sys.stdout.write(to_markdown(rows, env))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
