@@ -185,7 +185,7 @@ def specialize_decode() -> tvm.transform.Pass:
             key = gv.name_hint
             if key not in self.variants:
                 self.variants[key] = self.builder_.add_func(func.with_attr(DECODE_ATTR, True), key + "_decode")
-            return relax.Call(call.op, [self.variants[key], *call.args[1:]], call.attrs, call.sinfo_args)
+            return relax.Call(call.op, [self.variants[key], *call.args[1:]], call.attrs, call.ty_args)
 
     @tvm.transform.module_pass(opt_level=0, name="llmpress.SpecializeDecode")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
