@@ -164,7 +164,9 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
                                  f"and {len(params)} weights")
     if module.lm is None:
         mod["main"] = main
-        return RelaxProgram(mod, ("main",), params, num_inputs, weights)
+        from .kernels import specialize_decode  # statically one-token call sites -> GEMV-scheduled kernel copies
+
+        return RelaxProgram(specialize_decode()(mod), ("main",), params, num_inputs, weights)
     import tvm
     from tvm.relax.utils import copy_with_new_vars
 
