@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded = llmpress.load_model(folder)
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             rows += bench_model("tinystories-llama (7M)", loaded.model.eval(), hf=hf, threads=args.threads,
                                 prefill=args.prefill, decode=args.decode, repeats=args.repeats, skip=skip)
         elif which == "110m":
