@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -136,8 +137,10 @@ def _newest_source(runner: Path) -> float:
 
 def _run(cmd: Sequence[str], what: str, timeout: float) -> None:
     log.info("%s: %s", what, " ".join(map(str, cmd)))
+    env = dict(os.environ)
+    env.setdefault("PYTHON", sys.executable)  # the fetch script reads the TVM version of this environment
     try:
-        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         raise LlmpressError(f"{what} took longer than {timeout:.0f} s: {' '.join(map(str, cmd))}") from e
     if proc.returncode != 0:
