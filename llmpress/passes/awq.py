@@ -46,6 +46,8 @@ from .quant_common import (
     QuantizedWeight,
     check_bits,
     check_group_option,
+    fake_quant,
+    find_params,
     group_size_for,
     linear_weight,
     relative_error,
@@ -82,8 +84,11 @@ class AWQOptions(SelectOptions):
 
 
 def _fake_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
-    q, scales, zeros = rtn_quantize(w, bits, group, sym)
-    return QuantizedWeight(q, scales, zeros, bits, group).dequantize()
+    """``Q(W)``: the RTN grid of ``quantize`` (``quant_common.find_params``) applied to every ``group`` consecutive
+    values of the last axis; any leading shape (a stack of candidate weights) is allowed."""
+    wg = w.reshape(-1, group)
+    scale, zero = find_params(wg, bits, sym)
+    return fake_quant(wg, scale, zero, bits).reshape(w.shape)
 
 
 def output_error(d: torch.Tensor, h: torch.Tensor) -> float:
@@ -91,23 +96,23 @@ def output_error(d: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h) * d).sum())
 
 
+_CHUNK = 4  # candidates evaluated at once: bounds the memory of the stacked candidate weights
+
+
 def search_scale(weights: list[torch.Tensor], groups: list[int], h: torch.Tensor, mean_abs: torch.Tensor, *,
                  bits: int, sym: bool, n_grid: int) -> tuple[torch.Tensor, float, list[float]]:
     """(s, chosen exponent a, loss for every a) of the grid search in the module docstring."""
-    best_s, best_a, best_loss = None, 0.0, float("inf")
-    losses = []
-    for i in range(n_grid):
-        a = i / n_grid
-        s = mean_abs.pow(a).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = 0.0
+    exps = torch.arange(n_grid, dtype=torch.float32) / n_grid
+    s_all = mean_abs.clamp(min=0)[None, :].pow(exps[:, None]).clamp(min=1e-4)  # [n_grid, in]
+    s_all = s_all / (s_all.amax(1, keepdim=True) * s_all.amin(1, keepdim=True)).sqrt()
+    losses = torch.zeros(n_grid, dtype=torch.float64)
+    for c in range(0, n_grid, _CHUNK):
+        sc = s_all[c:c + _CHUNK, None, :]  # [k, 1, in]
         for w, g in zip(weights, groups):
-            d = w - _fake_rtn(w * s[None, :], bits, g, sym) / s[None, :]
-            loss += output_error(d, h)
-        losses.append(loss)
-        if loss < best_loss:
-            best_s, best_a, best_loss = s, a, loss
-    return best_s, best_a, losses
+            d = w[None] - _fake_rtn(w[None] * sc, bits, g, sym) / sc  # [k, out, in]
+            losses[c:c + _CHUNK] += ((d @ h) * d).sum((1, 2)).double()
+    best = int(torch.argmin(losses))  # first minimum: the smallest exponent among ties
+    return s_all[best], best / n_grid, losses.tolist()
 
 
 def clip_search(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sym: bool) -> tuple[torch.Tensor, float]:
@@ -122,16 +127,17 @@ def clip_search(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sym:
     else:
         hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
         lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
-    best_err = torch.full((out_f, ng), float("inf"))
-    best_r = torch.ones(out_f, ng, 1)
-    for i in range(int(_CLIP_MAX_SHRINK * _CLIP_GRID)):
-        r = 1.0 - i / _CLIP_GRID
-        wc = torch.maximum(torch.minimum(wg, hi * r), lo * r)
-        d = (wg - _fake_rtn(wc.reshape(out_f, in_f), bits, group, sym).reshape(out_f, ng, group)).transpose(0, 1)
-        err = (torch.bmm(d, hb) * d).sum(-1).transpose(0, 1)  # [out, ng]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_r = torch.where(better[..., None], torch.full_like(best_r, r), best_r)
+    ratios = 1.0 - torch.arange(int(_CLIP_MAX_SHRINK * _CLIP_GRID), dtype=torch.float32) / _CLIP_GRID
+    errs = []
+    for c in range(0, len(ratios), _CHUNK):
+        r = ratios[c:c + _CHUNK, None, None, None]  # [k, 1, 1, 1]
+        wc = torch.maximum(torch.minimum(wg[None], hi[None] * r), lo[None] * r)  # [k, out, ng, g]
+        d = wg[None] - _fake_rtn(wc, bits, group, sym)
+        dg = d.permute(2, 0, 1, 3).reshape(ng, -1, group)  # [ng, k*out, g]
+        e = (torch.bmm(dg, hb) * dg).sum(-1)  # [ng, k*out]
+        errs.append(e.reshape(ng, -1, out_f).permute(1, 2, 0))  # [k, out, ng]
+    best = torch.argmin(torch.cat(errs), dim=0)  # [out, ng]; first minimum: the mildest clipping among ties
+    best_r = ratios[best][..., None]
     clipped = torch.maximum(torch.minimum(wg, hi * best_r), lo * best_r)
     return clipped.reshape(out_f, in_f), float(best_r.mean())
 
