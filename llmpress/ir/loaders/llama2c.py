@@ -23,7 +23,7 @@ import torch
 from ...errors import LoadError
 from ...models.llama import Llama, LlamaConfig
 
-__all__ = ["read_header", "load_llama2c", "interleaved_to_half"]
+__all__ = ["read_header", "load_llama2c", "interleaved_to_half", "find_llama2c_tokenizer"]
 
 log = logging.getLogger(__name__)
 
