@@ -1,7 +1,9 @@
 """Export an ``ir.Module`` to an ONNX model that runs in ONNX Runtime.
 
 Why our own FX -> ONNX translator rather than ``torch.onnx.export``: the official exporter for ``torch.export``
-programs (the "dynamo" exporter) needs ``onnxscript`` and ``onnx-ir``, which are not dependencies of llmpress, and
+programs (the "dynamo" exporter) needs ``onnxscript`` and ``onnx-ir``, which are not dependencies of llmpress
+(checked with torch 2.13: ``torch.onnx.export(..., dynamo=True)`` fails with ``No module named 'onnxscript'``; the
+legacy TorchScript exporter re-traces an ``nn.Module`` and cannot take our captured, rewritten graph), and
 it would still need custom translations for every llmpress op (whose packing into ``MatMulNBits`` is the point of
 this backend). The ATen subset our captured models use is small (about 30 ops, see ``aten.py``), every
 translation is a few lines over ``onnx.helper``, and owning it means an unsupported op fails with our
