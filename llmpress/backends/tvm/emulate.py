@@ -9,7 +9,9 @@ Running an artifact picks the runner of the artifact's architecture (``payload.a
 host's, it runs under ``qemu-<arch> -L /usr/<arch>-linux-gnu`` (``QEMU_LD_PREFIX`` overrides the sysroot). This is
 what ``llmpress run DIR --emulate`` uses, and how the tests prove an ``arm64`` artifact runs on an aarch64 machine.
 
-The build folder is ``$LLMPRESS_BUILD`` or ``<repo>/build``.
+The build folder is ``$LLMPRESS_BUILD`` or ``<repo>/build``. Nothing is downloaded here: the foreign runtime must
+have been fetched (``scripts/fetch_tvm_runtime.sh aarch64``, which ``.ci/install-cross.sh`` runs); the host's comes
+from the installed wheels.
 """
 from __future__ import annotations
 
@@ -97,7 +99,19 @@ def missing_tools(arch: str) -> list[str]:
     missing = [t for t in need if shutil.which(t) is None]
     if arch != host_arch() and not Path(_sysroot(arch)).is_dir():
         missing.append(f"{_sysroot(arch)} (the {arch} C library for qemu)")
+    if arch != host_arch() and not _have_runtime(arch):
+        # Never downloaded implicitly: scripts/fetch_tvm_runtime.sh (run by .ci/install-cross.sh) fetches it.
+        missing.append(f"the {arch} TVM runtime in {build_dir() / f'tvm-{arch}'} (scripts/fetch_tvm_runtime.sh {arch})")
     return missing
+
+
+def _have_runtime(arch: str) -> bool:
+    """The ``arch`` runtime is laid out, or its wheels are downloaded (laying out needs no network then)."""
+    build = build_dir()
+    if (build / f"tvm-{arch}" / "lib" / "libtvm_runtime.so").is_file():
+        return True
+    wheels = build / "wheels"
+    return any(wheels.glob(f"apache_tvm-*{arch}*.whl")) and any(wheels.glob(f"apache_tvm_ffi-*{arch}*.whl"))
 
 
 def artifact_arch(folder: str | Path) -> str:
