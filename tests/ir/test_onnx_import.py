@@ -256,7 +256,8 @@ def test_unsupported_ops_are_listed_before_tracing(tmp_path) -> None:
     n = helper.make_node
     nodes = [n("Relu", ["boxes"], ["r"], name="relu"),
              n("NonMaxSuppression", ["r", "scores"], ["sel"], name="nms"),
-             n("TopK", ["scores", "k"], ["vals", "idx"], name="topk")]
+             n("TopK", ["scores", "k"], ["vals", "idx"], name="topk"),
+             n("Cast", ["scores"], ["s8"], name="to_string", to=TensorProto.STRING)]
     graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4]),
                                              helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 4])],
                               [helper.make_tensor_value_info("sel", TensorProto.INT64, ["n", 3])], [_ints("k", [2])])
@@ -264,9 +265,10 @@ def test_unsupported_ops_are_listed_before_tracing(tmp_path) -> None:
     with pytest.raises(UnsupportedOpError) as err:
         load_model(path)
     msg = str(err.value)
-    assert "det.onnx" in msg and "2 unsupported" in msg
+    assert "det.onnx" in msg and "3 unsupported" in msg
+    assert "Cast (node 'to_string', index 3: cast to ONNX data type 8)" in msg
     assert "NonMaxSuppression (node 'nms', index 1)" in msg and "TopK (node 'topk', index 2)" in msg
-    assert err.value.op == "NonMaxSuppression, TopK"
+    assert err.value.op == "Cast, NonMaxSuppression, TopK"
     # Checked before any tracing: building the module alone refuses it.
     with pytest.raises(UnsupportedOpError, match="NonMaxSuppression"):
         OnnxModule(onnx.load(path))

@@ -484,13 +484,32 @@ def _np_to_onnx(dt: np.dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dt))
 
 
+def _unsupported_attribute(node) -> str | None:
+    """Attribute values a converter does not implement, found without running anything."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "ScatterElements" and attrs.get("reduction", b"none") not in (b"none", "none"):
+        return f"reduction={attrs['reduction'].decode()}"
+    if node.op_type == "Cast" and attrs.get("to") not in _DTYPES:
+        return f"cast to ONNX data type {attrs.get('to')}"
+    if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+        return "mask output"
+    return None
+
+
 def check_supported(model, source: str = "<model>") -> None:
     """Raise ``UnsupportedOpError`` listing every node llmpress cannot import (before anything runs)."""
     bad = []
     for i, n in enumerate(model.graph.node):
+        where = f"node {n.name or '<unnamed>'!r}, index {i}"
         if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS:
             dom = f"{n.domain}::" if n.domain not in ("", "ai.onnx") else ""
-            bad.append((f"{dom}{n.op_type}", f"node {n.name or '<unnamed>'!r}, index {i}"))
+            bad.append((f"{dom}{n.op_type}", where))
+            continue
+        why = _unsupported_attribute(n)
+        if why:
+            bad.append((n.op_type, f"{where}: {why}"))
     if bad:
         listing = "; ".join(f"{op} ({where})" for op, where in bad)
         raise UnsupportedOpError(f"{source}: {len(bad)} unsupported ONNX op(s): {listing}",
