@@ -272,6 +272,6 @@ class GPTQ(Pass):
 
 def _output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     d = w - w_hat
-    num = float(torch.einsum("oi,ij,oj->", d, h, d))
-    den = float(torch.einsum("oi,ij,oj->", w, h, w))
+    num = float(((d @ h) * d).sum())  # tr(D H D^T)
+    den = float(((w @ h) * w).sum())
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
