@@ -176,3 +176,17 @@ def test_llmpress_op_needs_a_converter_and_uses_it():
     torch.testing.assert_close(compiled(x), mod.run(x), atol=ATOL, rtol=RTOL)
     # the integer weight stays a parameter (int8 in the payload), not a constant in the library
     assert compiled.weights["q"].dtype == torch.int8 and "q" in compiled.params
+
+
+def test_compile_save_load_through_the_api(llama, module, tmp_path):
+    """``llmpress.compile(..., target="cpu")`` -> artifact folder -> ``llmpress.load``: same greedy tokens."""
+    import llmpress
+
+    art = llmpress.compile(llama, target="cpu", progress=False)
+    assert art.manifest["backend"] == "tvm" and art.manifest["target"]["name"] == "cpu"
+    path = art.save(tmp_path / "tiny-cpu")
+    loaded = llmpress.load(path)
+    assert loaded.manifest["payload"]["functions"] == ["prefill", "decode"]
+    ref = greedy(_reference(module), module.lm, [1, 2, 3], 12)
+    got = loaded.generate_ids([1, 2, 3], 12)  # stops early only at EOS
+    assert len(got) > 3 and got == ref[: len(got)]

@@ -85,7 +85,7 @@ def _make_rules():
                 return None
             main = reductions[0]
             kinds = main.dom_kind()
-            if len(kinds) < 3 or kinds[-1] != "R" or set(kinds[:-1]) != {"S"}:
+            if len(kinds) < 2 or kinds[-1] != "R" or set(kinds[:-1]) != {"S"}:
                 return None
             block = main.block_rv
             stmt = sch.get(block)
@@ -105,24 +105,37 @@ def _make_rules():
                 return None
             lanes = _lanes(target)
             loops = sch.get_loops(block)
-            *batch, i, j, k = loops
+            if len(loops) == 2:  # unit row loops were normalised away: a GEMV
+                (j, k), batch, i = loops, [], None
+            else:
+                *batch, i, j, k = loops
             n = _static(get_extent(sch, j))
             if n is None:
                 return None
             jt = 2 * lanes if n % (2 * lanes) == 0 else lanes if n % lanes == 0 else None
             if jt is None:
                 return None
-            m = _static(get_extent(sch, i))
+            m = 1 if i is None else _static(get_extent(sch, i))
+            vec = jt  # the vectorised inner width
+            if m == 1:
+                # GEMV (decode): wide column tiles, so each k step reads a long contiguous run of a W^T row
+                # (hardware prefetch, few pages per byte); the accumulators then live in L1, not registers.
+                jt = next((t for t in (256, 128, 64) if n % t == 0 and t >= vec), vec)
             it = 1 if m == 1 else 4
             acc = sch.cache_write(block, 0, "local")
             jo, ji = sch.split(j, factors=[None, jt])
             if it > 1:
                 io, ii = sch.split(i, factors=[None, it])
-                sch.reorder(*batch, io, jo, k, ii, ji)
+                # column tile outside the row tile: a K x jt panel of B stays in L2 while every row tile uses it
+                sch.reorder(*batch, jo, io, k, ii, ji)
+                first, second = jo, io
             else:
-                io, ii = i, None
-                sch.reorder(*batch, io, jo, k, ji)
-            outer = sch.fuse(*batch, io, jo)
+                ii = None
+                jm, ji = sch.split(ji, factors=[None, vec])
+                sch.reorder(*batch, *([i] if i is not None else []), jo, k, jm, ji)
+                first, second = i, jo
+            outer_loops = [lp for lp in (*batch, first, second) if lp is not None]
+            outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
             sch.parallel(outer)
             sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
             # vectorise while the block still has its init (a "local reduction block"); then split off the init
@@ -132,8 +145,12 @@ def _make_rules():
             init = sch.decompose_reduction(block, k)
             for b in (init, acc):  # zeroing and writing back the accumulators: one vector per row
                 bl = sch.get_loops(b)
-                if len(bl) > 1 and _static(get_extent(sch, bl[-1])) == jt:
-                    sch.vectorize(bl[-1])
+                n_inner = _static(get_extent(sch, bl[-1])) if len(bl) > 1 else None
+                if n_inner is not None and n_inner % vec == 0:
+                    if n_inner > vec:
+                        sch.vectorize(sch.split(bl[-1], factors=[None, vec])[1])
+                    else:
+                        sch.vectorize(bl[-1])
             # the fused epilogue (SiLU, residual add, ...) and any other spatial block
             for b in infos:
                 if b is not main and b.is_injective():
