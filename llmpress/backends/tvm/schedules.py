@@ -121,7 +121,7 @@ def _make_rules():
                 # GEMV (decode): wide column tiles, so each k step reads a long contiguous run of a W^T row
                 # (hardware prefetch, few pages per byte); the accumulators then live in L1, not registers.
                 jt = next((t for t in (256, 128, 64) if n % t == 0 and t >= vec), vec)
-            it = 1 if m == 1 else 4
+            it = 1 if m == 1 else 6  # 6 x 2 vectors = 12 accumulators of the 16 AVX2 registers
             acc = sch.cache_write(block, 0, "local")
             jo, ji = sch.split(j, factors=[None, jt])
             if it > 1:
