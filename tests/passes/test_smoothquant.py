@@ -137,12 +137,12 @@ def test_second_run_changes_nothing(tiny_llama) -> None:
 
 @pytest.mark.slow
 def test_tinystories_w8a8_perplexity(shared) -> None:
-    """W8A8 (alpha 0.5, every linear but lm_head) <= 1.02x fp32 perplexity on the first 8,192 tokens of TinyStories
-    valid, calibrated on 32 x 256 tokens of calib.txt. Why 1.02x: weight-only int8 costs nothing measurable here
-    (README: 1.0000x); per-token int8 activations add a relative error of ~1/127 of each token's absmax to every
-    linear input, which on this model costs a fraction of a percent -- 2% leaves room for window-to-window noise
-    of an 8k-token prefix while still failing for a broken grid (int8 without smoothing clipping outliers, a
-    wrong scale fold), which cost far more."""
+    """W8A8 (alpha 0.5, every linear but lm_head) <= 1.005x fp32 perplexity on the first 8,192 tokens of TinyStories
+    valid, calibrated on 32 x 256 tokens of calib.txt (measured: 25.324 against 25.319, 1.0002x). Why 1.005x:
+    weight-only int8 costs nothing measurable on this model (README: 1.0000x) and per-token int8 activations add a
+    relative error of ~1/254 of each token's absmax to every linear input; half a percent is the budget the issue
+    gives int8 KV caches, and a wrong fold or a broken grid costs far more (a scale folded the wrong way round
+    changes the function: the exactness test catches it at 1e-5)."""
     from llmpress.eval import perplexity, token_stream
     from llmpress.ir.loaders import load_model
 
@@ -155,4 +155,4 @@ def test_tinystories_w8a8_perplexity(shared) -> None:
     assert res.stats["quantized"] == 56 and res.stats["smoothed"] == 24
     ppl = perplexity(module.run, module.lm, stream, progress=False).perplexity
     print(f"smoothquant w8a8: fp32 {base:.4f} -> {ppl:.4f} ({ppl / base:.5f}x)")
-    assert ppl <= 1.02 * base
+    assert ppl <= 1.005 * base
