@@ -26,6 +26,8 @@ tvm = pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
 U = 2.0 ** -24
+# the token dimension of x is dynamic: one build serves T = 1 and T > 1, as in the LM graphs
+_SEQ = ({1: torch.export.Dim("seq", min=1, max=64)},)
 IN, OUT = 256, 64
 
 # (bits, group, sym): every bit width, both flavours, group sizes 32/64/128 and per-channel (group = in).
@@ -72,7 +74,7 @@ def wq_built():
     from llmpress.backends.tvm import TVMBackend
 
     model = WQMany(WQ_CASES).eval()
-    module = capture(model, (torch.randn(1, 8, IN),))
+    module = capture(model, (torch.randn(1, 8, IN),), dynamic=_SEQ)
     assert module.op_histogram()["llmpress.wq_linear.default"] == len(WQ_CASES)
     return model, module, TVMBackend().lower(module, "cpu", progress=False)
 
@@ -180,7 +182,7 @@ def _int4_module(out_f=2048, in_f=768):
         def forward(self, x):
             return torch.ops.llmpress.wq_linear(x, self.q, self.s, None, None, 4, 128)
 
-    return capture(One().eval(), (torch.randn(1, 4, in_f),))
+    return capture(One().eval(), (torch.randn(1, 4, in_f),), dynamic=_SEQ)
 
 
 @pytest.mark.parametrize("target", [{"kind": "llvm", "mcpu": "x86-64-v3"},
@@ -229,8 +231,8 @@ def test_decode_form_stores_no_weight_at_all():
     sch = common.cpu_kernel_schedule(src.with_attr(common.DECODE_ATTR, True), target)
     allocs = lowered_float_allocations(sch.mod["main"], target)
     for buf, shape in allocs:
-        if buf == "x_deinterleave":
-            assert "s" in shape  # token-shaped
+        if buf == "x_deinterleave":  # the activation copy: one token's features times the token count
+            assert _static_numel(shape) <= 768, (buf, shape)
         else:
             assert _static_numel(shape) <= 32, (buf, shape)
 
