@@ -92,7 +92,9 @@ class Artifact:
         lm = self.lm
         if lm is None:
             raise ArtifactError("this artifact is not a causal LM with a KV cache; it cannot generate")
-        return greedy(self.compiled.forward, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id,), progress=progress)
+        # BOS also ends a sequence (llama2.c's rule; the C++ edge runner stops the same way).
+        return greedy(self.compiled.forward, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id, lm.bos_id),
+                      progress=progress)
 
     def generate(self, prompt: str = "", max_new_tokens: int = 32, *, progress: bool = False) -> str:
         """Greedy continuation of ``prompt`` (prompt included in the returned text)."""
@@ -146,6 +148,8 @@ class Artifact:
                 names.append(f"tokenizer/{Path(f).name}")
             manifest["tokenizer"] = names[0] if names else None
             manifest["tokenizer_files"] = names
+            # Backends whose runners read tokenizers without Python add what they need (hashed below).
+            manifest.update(self.compiled.tokenizer_payload(self.tokenizer, folder))
         files = {}
         for f in sorted(folder.rglob("*")):
             if f.is_file():

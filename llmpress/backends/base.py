@@ -52,6 +52,10 @@ class Compiled:
         return the JSON-able ``payload`` section of the manifest (which files, what roles)."""
         raise NotImplementedError
 
+    def tokenizer_payload(self, tokenizer: Any, folder: Path) -> dict:
+        """Extra tokenizer files a non-Python runner needs, written into ``folder``; returns manifest entries."""
+        return {}
+
     @property
     def runnable_here(self) -> bool:
         return True

@@ -77,6 +77,10 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
         elif dynamic is not False:
             ds = dynamic
         return _export(model, tuple(example_inputs), ds, lm=lm, info=info)
+    if example_inputs is None and hasattr(model, "dynamic_shapes") and hasattr(model, "example_inputs"):
+        # An imported ONNX graph knows its own example inputs and which dims are symbolic.
+        example_inputs = model.example_inputs()
+        dynamic = (model.dynamic_shapes() or False) if dynamic is True else dynamic
     if _is_hf_causal_lm(model):
         model = _LogitsOnly(model)
     if example_inputs is None:
@@ -85,9 +89,10 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
     ds = None
     if dynamic is True:
         first = example_inputs[0]
-        if isinstance(first, torch.Tensor) and first.dim() >= 2 and first.shape[1] > 1:
-            seq = torch.export.Dim("seq", min=1, max=max(int(first.shape[1]) * 64, 4096))
-            ds = ({1: seq},) + tuple(None for _ in example_inputs[1:])
+        # Token ids ([batch, seq] integers) get a dynamic sequence length; Dim.AUTO lets export keep it static
+        # where the model's code needs that, instead of failing. Float inputs keep their shapes.
+        if isinstance(first, torch.Tensor) and not first.is_floating_point() and first.dim() >= 2:
+            ds = ({1: torch.export.Dim.AUTO},) + tuple(None for _ in example_inputs[1:])
     elif dynamic is not False:
         ds = dynamic
     return _export(model, example_inputs, ds, lm=None, info=info)

@@ -49,6 +49,7 @@ class Module:
         self.lm = lm
         self.info: dict[str, Any] = dict(info or {})
         self._ids = itertools.count()
+        self._runner: torch.nn.Module | None = None  # ep.module(), built once; dropped on every edit
         for node in self.graph.nodes:
             if not node_id(node):
                 set_node_id(node, f"n{next(self._ids)}")
@@ -216,24 +217,16 @@ class Module:
         return removed
 
     def _set_signature(self, input_specs: list[InputSpec], output_specs: list[OutputSpec]) -> None:
+        self._runner = None
         self._ep._graph_signature = ExportGraphSignature(input_specs=input_specs, output_specs=output_specs)
 
     def recompile(self) -> None:
         """Call after editing the graph: re-syncs the signature's names with the graph, lints, regenerates code."""
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        specs = self.signature.input_specs
-        if len(placeholders) != len(specs):
-            raise VerifyError(f"{len(placeholders)} placeholders but {len(specs)} input specs")
-        new_in = [InputSpec(kind=s.kind, arg=TensorArgument(name=p.name) if isinstance(s.arg, TensorArgument) else s.arg,
-                            target=s.target, persistent=s.persistent) for s, p in zip(specs, placeholders)]
-        outs = self.output_node().args[0]
-        new_out = []
-        for s, a in zip(self.signature.output_specs, outs):
-            arg = TensorArgument(name=a.name) if isinstance(a, fx.Node) and isinstance(s.arg, TensorArgument) else s.arg
-            new_out.append(OutputSpec(kind=s.kind, arg=arg, target=s.target))
-        self._set_signature(new_in, new_out)
+        sig = _synced_signature(self.graph, self.signature)
+        self._set_signature(list(sig.input_specs), list(sig.output_specs))
         self.graph.lint()
         self.graph_module.recompile()
+        self._runner = None
 
     # -- checks and views --------------------------------------------------------------------
     def verify(self) -> None:
@@ -294,7 +287,8 @@ class Module:
         new = ExportedProgram(
             root=gm,
             graph=gm.graph,
-            graph_signature=copy.deepcopy(ep.graph_signature),
+            # Copying a graph may rename nodes (a placeholder called ``input`` becomes ``input_1``).
+            graph_signature=_synced_signature(gm.graph, ep.graph_signature),
             state_dict=dict(ep.state_dict),
             range_constraints=dict(ep.range_constraints),
             module_call_graph=copy.deepcopy(ep.module_call_graph),
@@ -306,13 +300,33 @@ class Module:
 
     def run(self, *inputs: Any) -> Any:
         """Run the graph in PyTorch (the reference interpreter; the oracle of every numerical test)."""
+        # Unlifting the program costs ~0.25 s, so the runner is built once and rebuilt only after an edit
+        # (``recompile`` and every weight/signature change drop it).
+        if self._runner is None:
+            self._runner = self._ep.module()
         with torch.no_grad():
-            return self._ep.module()(*inputs)
+            return self._runner(*inputs)
 
     def nodes_by_source(self, pattern: str) -> list[fx.Node]:
         import fnmatch
 
         return [n for n in self.graph.nodes if n.op == "call_function" and fnmatch.fnmatchcase(source_path(n), pattern)]
+
+
+def _synced_signature(graph: fx.Graph, sig: ExportGraphSignature) -> ExportGraphSignature:
+    """``sig`` with its input/output names taken, position by position, from ``graph``'s placeholders and outputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    specs = sig.input_specs
+    if len(placeholders) != len(specs):
+        raise VerifyError(f"{len(placeholders)} placeholders but {len(specs)} input specs")
+    new_in = [InputSpec(kind=s.kind, arg=TensorArgument(name=p.name) if isinstance(s.arg, TensorArgument) else s.arg,
+                        target=s.target, persistent=s.persistent) for s, p in zip(specs, placeholders)]
+    outs = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    new_out = []
+    for s, a in zip(sig.output_specs, outs):
+        arg = TensorArgument(name=a.name) if isinstance(a, fx.Node) and isinstance(s.arg, TensorArgument) else s.arg
+        new_out.append(OutputSpec(kind=s.kind, arg=arg, target=s.target))
+    return ExportGraphSignature(input_specs=new_in, output_specs=new_out)
 
 
 def _op_name(target: Any) -> str:

@@ -1,0 +1,68 @@
+"""llmpress.compile(): every kind of model in, a callable artifact out, with what each pass did."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import llmpress
+from llmpress.errors import ConfigError
+
+from .conftest import CALIB, STORIES260K
+from .ir.test_onnx_import import _mlp, _ort, _save
+
+
+def test_compile_nn_module_with_exact_pipeline_matches_eager(tiny_llama):
+    art = llmpress.compile(tiny_llama, pipeline="exact", progress=False)
+    names = [p["name"] for p in art.passes]
+    assert names == ["fold_constants", "fuse_qkv", "dce"]
+    fuse = art.passes[1]
+    assert fuse["modified"] and fuse["stats"]["fused"] == 2
+    x = (torch.tensor([[1, 5, 9]]), torch.zeros(1, dtype=torch.int64), *tiny_llama.empty_cache())
+    # fp32 with the q/k/v matmuls fused into one: same products, possibly another summation order.
+    torch.testing.assert_close(art(*x)[0], tiny_llama(*x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_generic_module():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8)
+    art = llmpress.compile(mlp, (x,), pipeline="dce", progress=False)
+    assert art.lm is None
+    torch.testing.assert_close(art(x), mlp(x), rtol=0, atol=0)
+
+
+def test_compile_onnx_file(tmp_path):
+    path = _save(_mlp(np.random.default_rng(0)), tmp_path / "mlp.onnx")
+    art = llmpress.compile(path, pipeline="dce", progress=False)
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    torch.testing.assert_close(art(torch.from_numpy(x)), torch.from_numpy(_ort(path, {"x": x})[0]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_through_compile_records_stats_and_shrinks():
+    art = llmpress.compile(STORIES260K / "stories260K.bin", pipeline="quantize(bits=8,group=0)", progress=False)
+    rec = art.passes[0]
+    assert rec["name"] == "quantize" and rec["modified"]
+    pb = art.manifest["parameter_bytes"]
+    assert pb["after"] < pb["before"]
+    assert any(row["compression"] for row in art.manifest["layers"])
+
+
+def test_calibration_pass_without_data_fails_before_work():
+    with pytest.raises(ConfigError, match="calibration"):
+        llmpress.compile(STORIES260K / "stories260K.bin", pipeline="gptq(bits=4,group=32)", progress=False)
+
+
+def test_calibration_from_text_file_runs_gptq():
+    from llmpress.passes.recipe import CalibrationSpec
+
+    spec = CalibrationSpec(data=str(CALIB), samples=8, seq_len=64)  # small: this checks the plumbing, not quality
+    art = llmpress.compile(STORIES260K / "stories260K.bin", pipeline="gptq(bits=8,group=0)",
+                           calibration=spec, progress=False)
+    assert art.passes[0]["modified"]
+    assert art.passes[0]["stats"]["quantized"] == 5 * 7 + 1  # every linear of 5 blocks, and lm_head
+
+
+def test_unknown_target_is_refused_before_capture(tiny_llama):
+    with pytest.raises(ConfigError, match="target"):
+        llmpress.compile(tiny_llama, target="tpu", progress=False)
