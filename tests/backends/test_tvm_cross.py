@@ -69,6 +69,22 @@ def test_cuda_build_holds_sm80_device_code(module, tmp_path):
     assert _elf_machine(tmp_path / "model.so") == 62  # the host side is x86-64
 
 
+def test_cuda_compile_hook_answers_with_precompiled_code():
+    """At load on a GPU machine TVM asks ``tvm_callback_cuda_compile`` to compile the library's CUDA source; the
+    hook answers with the fatbin built at compile time for that exact source, and defers to TVM otherwise."""
+    import tvm_ffi
+
+    from llmpress.backends.tvm import runtime
+    from llmpress.backends.tvm.build import source_key
+
+    src = "extern \"C\" __global__ void llmpress_probe() {}\n"
+    runtime._PRECOMPILED[source_key(src)] = b"FATBIN-BYTES"
+    runtime._install_cuda_hook()
+    hook = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    assert bytes(hook(src)) == b"FATBIN-BYTES"
+    del runtime._PRECOMPILED[source_key(src)]
+
+
 def _gpu() -> bool:
     try:
         import tvm

@@ -122,6 +122,12 @@ def _make_rules():
                 # (hardware prefetch, few pages per byte); the accumulators then live in L1, not registers.
                 jt = next((t for t in (256, 128, 64) if n % t == 0 and t >= vec), vec)
             it = 1 if m == 1 else 6  # 6 x 2 vectors = 12 accumulators of the 16 AVX2 registers
+            if it > 1 and m is None:
+                # dynamic row count: pad rows to a multiple of the row tile (A and C get padded copies), so the
+                # register tile carries no per-row tail predicate inside the k loop
+                sch.pad_einsum(block, [1] * len(batch) + [it, 1, 1])
+                loops = sch.get_loops(block)
+                *batch, i, j, k = loops
             acc = sch.cache_write(block, 0, "local")
             jo, ji = sch.split(j, factors=[None, jt])
             if it > 1:
