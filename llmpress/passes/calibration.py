@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 Observer = Callable[[fx.Node, torch.Tensor], None]
 
 
+def _wq_linear_op():
+    import llmpress.ir.ops  # noqa: F401 - registers torch.ops.llmpress.*
+
+    return torch.ops.llmpress.wq_linear.default
+
+
+_WQ_LINEAR = _wq_linear_op()
+
+
 class _Done(Exception):
     """Raised inside the interpreter once every listed node has been observed."""
 
@@ -47,6 +56,10 @@ class _Collector(fx.Interpreter):
         self.pending: set[fx.Node] = set()
         self.observer = observer
         self.nodes_run = 0
+        # Dequantized weights of llmpress::wq_linear nodes, kept across the batches of one collect() call: the
+        # prefix that sequential passes re-run is mostly quantized layers, and unpacking them once per batch
+        # would cost as much as the matmuls. Memory: at most the float weights the layers had before.
+        self.dequantized: dict[fx.Node, torch.Tensor] = {}
 
     def run(self, *args):  # noqa: D102
         self.pending = set(self.wanted)
@@ -66,7 +79,19 @@ class _Collector(fx.Interpreter):
                 raise _Done
         if n.op == "call_function":
             self.nodes_run += 1
+            if n.target is _WQ_LINEAR:
+                return self._wq_linear(n)
         return super().run_node(n)
+
+    def _wq_linear(self, n: fx.Node) -> torch.Tensor:
+        from ..ir.ops.wq_linear import dequantize
+
+        (x, qweight, scales, zeros, bias, bits, group_size), _ = self.fetch_args_kwargs_from_env(n)
+        w = self.dequantized.get(n)
+        if w is None:
+            w = self.dequantized[n] = dequantize(qweight, scales, zeros, bits, group_size)
+        # The same math as the op's reference kernel (dequantize, then linear), without re-unpacking.
+        return torch.nn.functional.linear(x, w.to(x.dtype), bias)
 
 
 class Calibration:

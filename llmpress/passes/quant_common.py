@@ -79,7 +79,8 @@ def _grid(bits: int, sym: bool) -> tuple[int, int]:
 
 def _params_for_ratio(w: torch.Tensor, bits: int, sym: bool, r: float | torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale [rows] and zero point [rows] (None when symmetric) of each row of ``w`` [rows, cols]."""
+    """Scale [rows] and zero point [rows] (None when symmetric) of each row of ``w`` [rows, cols]; with ratios
+    ``r`` of shape [R, 1], scale and zero are [R, rows]."""
     lo, hi = _grid(bits, sym)
     if sym:
         amax = w.abs().amax(dim=1) * r
@@ -127,16 +128,19 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, *, clip_search: bool = Fa
     scale, zero = _params_for_ratio(w, bits, sym, 1.0)
     if not clip_search:
         return scale, zero
-    best = (w - fake_quant(w, scale, zero, bits)).abs().pow(norm).sum(1)
-    for i in range(1, int(maxshrink * grid) + 1):
-        s1, z1 = _params_for_ratio(w, bits, sym, 1.0 - i / grid)
-        err = (w - fake_quant(w, s1, z1, bits)).abs().pow(norm).sum(1)
-        better = err < best
-        if better.any():
-            best = torch.where(better, err, best)
-            scale = torch.where(better, s1, scale)
-            if zero is not None:
-                zero = torch.where(better, z1, zero)
+    # All ratios at once ([R, rows, cols] per chunk of rows); argmin keeps the largest ratio among equal errors,
+    # as a loop from r = 1 downwards with a strict "<" would.
+    ratios = torch.tensor([1.0 - i / grid for i in range(int(maxshrink * grid) + 1)]).unsqueeze(1)
+    rows, cols = w.shape
+    chunk = max(1, (1 << 24) // (ratios.shape[0] * max(cols, 1)))
+    for r0 in range(0, rows, chunk):
+        wc = w[r0:r0 + chunk]
+        s_all, z_all = _params_for_ratio(wc, bits, sym, ratios)  # [R, rows]
+        err = (wc.unsqueeze(0) - fake_quant(wc.unsqueeze(0), s_all, z_all, bits)).abs().pow(norm).sum(-1)
+        best = err.argmin(dim=0, keepdim=True)  # [1, rows]
+        scale[r0:r0 + chunk] = s_all.gather(0, best).squeeze(0)
+        if zero is not None:
+            zero[r0:r0 + chunk] = z_all.gather(0, best).squeeze(0)
     return scale, zero
 
 

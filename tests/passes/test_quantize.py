@@ -240,3 +240,23 @@ def test_real_model_int8_per_channel_floor(shared) -> None:
     assert 22.0 < base < 27.0  # the README's 23.55 is on all of valid.txt; this is the first 16K tokens
     ratio = rtn_perplexity(8, 0) / base
     assert ratio <= 1.002, f"int8 RTN per channel: {ratio:.5f}x fp32 (floor 1.002x)"
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_picks_the_best_ratio_per_row(sym: bool) -> None:
+    """``find_params(clip_search=True)`` against a brute-force loop over the same ratios (1, 0.99, ..., 0.2)."""
+    from llmpress.passes.quant_common import _params_for_ratio, fake_quant, find_params
+
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(7))
+    w[0, 0] = 9.0  # an outlier: clipping pays off for this row
+    s, z = find_params(w, 3, sym, clip_search=True)
+    s1, z1 = find_params(w, 3, sym)
+    for row in range(6):
+        errs = []
+        for i in range(81):
+            si, zi = _params_for_ratio(w[row:row + 1], 3, sym, 1.0 - i / 100)
+            errs.append(float((w[row] - fake_quant(w[row:row + 1], si, zi, 3)[0]).abs().pow(2.4).sum()))
+        best = min(range(81), key=lambda i: (errs[i], i))
+        sb, _ = _params_for_ratio(w[row:row + 1], 3, sym, 1.0 - best / 100)
+        torch.testing.assert_close(s[row:row + 1], sb, rtol=0, atol=0)
+    assert s[0] < s1[0]  # the outlier row is clipped
