@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -311,10 +311,12 @@ class SmoothQuant(Pass):
                 not_scaled += [(n, "never reached by the calibration data") for n in site.selected]
                 continue
             w_max = torch.stack([module.weight(c.args[1]).abs().amax(dim=0) for c in site.selected]).amax(dim=0)
-            s = (st.absmax.clamp(min=1e-5).pow(o.alpha) / w_max.float().clamp(min=1e-5).pow(1 - o.alpha)).clamp(min=1e-5)
+            s = st.absmax.clamp(min=1e-5).pow(o.alpha) / w_max.float().clamp(min=1e-5).pow(1 - o.alpha)
+            s = s.clamp(min=1e-5)
             edits.fold(site, s)
             input_scale[site.x] = s
-            smoothed[site.producer] = {"kind": site.kind, "consumers": [source_path(c) or c.name for c in site.consumers],
+            smoothed[site.producer] = {"kind": site.kind,
+                                       "consumers": [source_path(c) or c.name for c in site.consumers],
                                        "scale_min": float(s.min()), "scale_max": float(s.max()),
                                        "act_absmax_max": float(st.absmax.max())}
         layers: dict[str, dict] = {}
@@ -339,7 +341,8 @@ class SmoothQuant(Pass):
                 b0 = module.weight(n.args[1]).numel() * module.weight(n.args[1]).element_size()
                 b1 = qw.numel() + ws.numel() * 4
                 before, after = before + b0, after + b1
-                rel = float(torch.linalg.norm(_w8a8_ops.dequantize_weight(qw, ws) - w) / torch.linalg.norm(w).clamp(min=1e-30))
+                rel = float(torch.linalg.norm(_w8a8_ops.dequantize_weight(qw, ws) - w)
+                            / torch.linalg.norm(w).clamp(min=1e-30))
                 info = {"pass": self.name, "method": "smoothquant w8a8", "bits": 8, "alpha": o.alpha,
                         "smoothed": n.args[0] in input_scale, "bytes_before": b0, "bytes_after": b1,
                         "rel_error": rel, "out_sqnr_db": sqnr, "source": path}
