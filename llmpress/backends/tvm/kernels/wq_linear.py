@@ -197,11 +197,12 @@ def wq_linear_cpu_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros:
 def wq_linear_cpu_gemm_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None = None, *,
                           bits: int, group_size: int) -> te.Tensor:
     """Prefill (GEMM) formulation: the same math as :func:`wq_linear_cpu_te`, with the dequantized weight as a
-    separate stage ``dequant[o, n, u]`` that the schedule computes one output tile at a time (``OT`` rows, at most
-    32 KB, in L1) and reuses for every token, instead of decoding every weight again for each token::
+    separate stage ``dequant[n, u, o]`` (transposed: output features contiguous) that the schedule computes one
+    column tile of ``OT`` outputs at a time and reuses for every token; the matmul is an outer-product kernel whose
+    ``4 x OT`` accumulators stay in registers::
 
-        parallel for o0:  tile[OT, P, units] = dequant(rows o0*OT ...)     # vectorized over u, contiguous
-                          for m, o1: y[m, o] = sum_{n,u} xs[m, n, u] * tile[o1, n, u]   # vectorized, from L1
+        parallel for o0:  tile[P, units, OT] = dequant(outputs o0*OT ...)          # in L1/L2, never the whole W
+                          for m0 (4 tokens at a time), k: acc[4, 0:OT] += xs[m, k] (broadcast) * tile[k, 0:OT]
     """
     per = _VALUES_PER_UNIT[bits]
     out_f = qweight.shape[0]
@@ -214,18 +215,40 @@ def wq_linear_cpu_gemm_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, z
     else:
         xs = te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])], name="x_deinterleave")
 
-    def dequant(o, n, u):
+    def dequant(n, u, o):
         g = u // ug
         c = _unit_code(qweight, o, u, n, bits)
         if sym:
             return tirx.Cast("float32", c if bits == 8 else c - (1 << (bits - 1))) * scales[o, g].astype("float32")
         return (tirx.Cast("float32", c) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
 
-    wd = te.compute((out_f, per, units), dequant, name="dequant")
+    wd = te.compute((per, units, out_f), dequant, name="dequant")
     n = te.reduce_axis((0, per), name="n")
     u = te.reduce_axis((0, units), name="u")
-    return te.compute((*lead, out_f), lambda *i: te.sum(xs[(*i[:-1], n, u)] * wd[i[-1], n, u], axis=[n, u]),
+    return te.compute((*lead, out_f), lambda *i: te.sum(xs[(*i[:-1], n, u)] * wd[n, u, i[-1]], axis=[n, u]),
                       name="matmul")
+
+
+def _schedule_gemm(sch: tvm.s_tir.Schedule, n_lead: int, out_tile: int, token_tile: int = 4) -> None:
+    """Outer-product schedule of :func:`wq_linear_cpu_gemm_te` (see its docstring). ``out_tile`` = one vector."""
+    blk = sch.get_sblock("matmul")
+    loops = sch.get_loops(blk)
+    lead, o, n, u = loops[:n_lead], loops[n_lead], loops[n_lead + 1], loops[n_lead + 2]
+    m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    o0, o1 = sch.split(o, [None, out_tile])
+    m0, m1 = sch.split(m, [None, token_tile])
+    sch.reorder(o0, m0, n, u, m1, o1)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, m0)
+    sch.unroll(m1)
+    sch.vectorize(o1)  # before decompose_reduction: the block must still be a reduction block
+    sch.parallel(o0)
+    init = sch.decompose_reduction(blk, n)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    dq = sch.get_sblock("dequant")
+    sch.compute_at(dq, o0)
+    sch.vectorize(sch.get_loops(dq)[-1])
 
 
 def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, out_tile: int):
@@ -251,12 +274,12 @@ def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, 
 @register_cpu_schedule("wq_linear")
 def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     """The CPU kernel. Decode call sites (``llmpress.decode``, see ``common.specialize_decode``) get the GEMV form
-    (:func:`wq_linear_cpu_te`: every weight decoded in registers where it is used, nothing stored); every other call
-    gets the GEMM form (:func:`wq_linear_cpu_gemm_te`: one decoded tile of at most 32 KB per thread, reused by all
-    tokens). Both: output tiles in parallel, the reduction vectorized via rfactor, a horizontal sum per output."""
+    (:func:`wq_linear_cpu_te`: every weight decoded in registers where it is used, nothing stored; output tiles in
+    parallel, the reduction vectorized via rfactor, a horizontal sum per output); every other call gets the GEMM
+    form (:func:`wq_linear_cpu_gemm_te`: one decoded column tile of ``in x vector-width`` floats per thread, reused by
+    all tokens, under a register-blocked outer-product matmul)."""
     bits = int(func.attrs["llmpress.bits"])
     group = int(func.attrs["llmpress.group_size"])
-    in_f = int(func.attrs["llmpress.in_features"])
     decode = bool(func.attrs.get("llmpress.decode", False))
     bufs = list(func.params)  # TVM 0.27: parameters are buffer vars carrying shape and dtype
     x_buf, q_buf, s_buf = bufs[0], bufs[1], bufs[2]
@@ -273,14 +296,9 @@ def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     y = te_fn(x, q, s, z, bits=bits, group_size=group)
     args = [x, q, s] + ([z] if z is not None else []) + [y]
     sch = new_schedule(te.create_prim_func(args), func)
-    # GEMM: the tile of OT dequantized rows must fit L1 (32 KB = 8192 floats)
-    out_tile = _pick_tile(out_f, (8, 4, 2)) if decode else _pick_tile(out_f, tuple(
-        t for t in (8, 4, 2) if t * in_f <= 8192) or (1,))
-    outer = _vectorize_reduction(sch, sch.get_sblock("matmul"), n_lead, lanes, out_tile)
-    if not decode:
-        dq = sch.get_sblock("dequant")
-        sch.compute_at(dq, outer)
-        inner = sch.get_loops(dq)[-1]
-        _, vec = sch.split(inner, [None, lanes])
-        sch.vectorize(vec)
+    if decode:
+        _vectorize_reduction(sch, sch.get_sblock("matmul"), n_lead, lanes, _pick_tile(out_f, (8, 4, 2)))
+    else:
+        vec = cpu_vector_lanes(target)
+        _schedule_gemm(sch, n_lead, _pick_tile(out_f, tuple(v for v in (32, 16, 8, 4, 2) if v <= vec)))
     return sch
