@@ -3,10 +3,13 @@ does not apply returns None and the next one is tried; a function no rule claims
 
 ``Matmul``: ``C[*b, i, j] = sum_k A[*b, i, k] * B[*b, k, j]`` with ``B`` contiguous in ``j`` (after
 ``LiftTransformParams`` every linear reads ``W^T[in, out]``, and the attention matmuls read materialised
-transposes). Register-blocked outer-product kernel: for a tile of ``it`` rows and ``jt = 2 * lanes`` columns the
-``it x jt`` accumulators live in registers (``cache_write`` to ``local``) while ``k`` runs; each ``k`` step
-broadcasts ``it`` values of ``A`` and loads ``jt`` contiguous values of ``B``, ``it * jt`` FMAs. The outer tile loops
-are fused and run in parallel. For decode (``i`` extent 1) it is a GEMV that streams ``B`` once.
+transposes). Register-blocked outer-product kernel: for a tile of ``it = 6`` rows and ``jt = 2 * lanes`` columns
+the ``it x jt`` accumulators live in registers (``cache_write`` to ``local``) while ``k`` runs; each ``k`` step
+broadcasts ``it`` values of ``A`` and loads ``jt`` contiguous values of ``B``: ``it * jt`` multiply-adds. Column
+tiles are outside row tiles, so a ``K x jt`` panel of ``B`` stays in L2 while all rows use it; the outer loops are
+fused and run in parallel. A dynamic row count (prefill) is padded to a multiple of ``it`` (``pad_einsum``)
+rather than guarded per row inside the ``k`` loop. When there is one row (decode) it is a GEMV with wide column
+tiles (up to 256), so each ``k`` step streams a long contiguous run of a ``W^T`` row.
 
 ``Elementwise``: every remaining block that is purely spatial gets its outer loops fused and parallelised and its
 innermost loop vectorised. Softmax / RMSNorm style reductions use dlight's CPU ``Reduction`` rule.
