@@ -134,8 +134,8 @@ def test_w8a8_and_kv_fake_quant_match_reference(tokens):
 
 
 def _relax_after_schedule(module, target):
-    """The Relax module after TVM's legalization/fusion and the schedule rules, as the CPU/CUDA build sees it."""
-    from llmpress.backends.tvm.build import _pipeline  # noqa: F401 - imported to fail loudly if the build moves
+    """The Relax module after TVM's legalization/fusion and the schedule rules (the backend's ``cpu_rules`` on CPU,
+    TVM's CUDA legalize phase with dlight on CUDA): the phases ``build._pipeline`` runs before TIR lowering."""
     from llmpress.backends.tvm.lower import to_relax
 
     prog = to_relax(module)
@@ -190,9 +190,9 @@ def _int4_module(out_f=2048, in_f=768):
                                     {"kind": "cuda", "arch": "sm_80"}])
 def test_dequant_is_fused_no_float_weight_buffer(target):
     """After scheduling (ours on CPU, dlight on CUDA) and TVM's block lowering, no float buffer holding a sizeable
-    part of the dequantized weight exists. What may exist, by design: on CPU (GEMM form) one decoded tile of at most
-    32 KB per thread (8 x 768 floats here, 1/256 of the weight), on CUDA a 64 x 16 tile in shared memory per step
-    (dlight's dequantize prologue). The bound checked is 1/64 of the weight."""
+    part of the dequantized weight exists. What may exist, by design: on CPU (GEMM form) one decoded column tile
+    per thread (768 x 16 floats here on x86-64-v3, 768 x 8 on NEON: 1/128 and 1/256 of the weight), on CUDA a
+    64 x 16 tile in shared memory per step (dlight's dequantize prologue). The bound checked is 1/64 of the weight."""
     from llmpress.backends.tvm.kernels import lowered_float_allocations
 
     out_f, in_f = 2048, 768

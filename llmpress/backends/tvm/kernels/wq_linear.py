@@ -13,19 +13,28 @@ Each W element is computed exactly as the reference does (``float(q) * s`` or ``
 rounding), so the kernel differs from the reference only in the fp32 summation order of the reduction.
 
 The converter emits the generic TE (:func:`wq_linear_te`): two stages, ``dequant`` (W) and ``matmul``, the
-prologue pattern TVM's dlight GPU rules (``Matmul``/``GEMV``) expect and inline into the reduction. On CPU,
-``schedule_kernels`` swaps in :func:`wq_linear_cpu_te` (same parameters): one reduction block whose body unpacks,
-offsets and scales each weight in registers right where it is multiplied, so no float weight buffer exists, neither
-the full ``[out, in]`` one nor a tile. With P values per packing unit (k = u*P + n) and group g::
+prologue pattern TVM's dlight GPU rules (``Matmul``/``GEMV``) expect and inline into the reduction (on CUDA a
+64 x 16 dequantized tile lives in shared memory per step). On CPU the schedule rule rebuilds the function (same
+parameters) in one of two forms, with P values per packing unit (k = u*P + n) and activations deinterleaved once
+(``xs[m, n, u] = x[m, u*P + n]``, an activation-sized copy):
 
-    xs[m, n, u] = x[m, u*P + n]                       # activations deinterleaved once (activation-sized copy)
+GEMV form (:func:`wq_linear_cpu_te`, decode call sites: ``common.specialize_decode``): each weight is unpacked,
+offset and scaled in registers right where it is multiplied; no float weight storage at all::
+
     parallel for o0 in out / OT:                      # output-feature tiles across threads
-      for m in tokens:                                # T = 1 (decode) is one trip; prefill reuses the tile in L1
-        for o1 in OT:
-          acc[0:V] = 0                                # V partial sums in vector registers
-          for g, n, j0:                               # s[o, g], z[o, g] and the shift 4n are scalars here
-            acc[0:V] += xs[m, n, u:u+V] * ((code(q[o, u:u+V], n) - z[o, g]) * s[o, g])   # contiguous, vectorized
-          y[m, o] = sum(acc[0:V])                     # horizontal sum
+      for m in tokens, o1 in OT:
+        acc[0:V] = 0                                  # V partial sums in vector registers
+        for g, n, j0:                                 # s[o, g], z[o, g] and the shift bits*n are scalars here
+          acc[0:V] += xs[m, n, u:u+V] * ((code(q[o, u:u+V], n) - z[o, g]) * s[o, g])   # contiguous, vectorized
+        y[m, o] = sum(acc[0:V])                       # horizontal sum
+
+GEMM form (:func:`wq_linear_cpu_gemm_te`, everything else, i.e. prefill): per thread, one column tile of the
+weight (``in x V`` floats, V = vector width: 48 KB for in = 768 on AVX2) is decoded and reused by every token under
+a register-blocked outer-product matmul; the full ``[out, in]`` float weight never exists::
+
+    parallel for o0 in out / V:
+      tile[n, u, 0:V] = (code(q[o0*V + 0:V, u], n) - z) * s          # decoded once per column tile
+      for m0 in tokens / 4, (n, u):  acc[0:4, 0:V] += xs[m0*4 + 0:4, n, u] (broadcast) * tile[n, u, 0:V]
 """
 from __future__ import annotations
 
@@ -38,7 +47,8 @@ from tvm import relax, te, tirx
 from ....errors import UnsupportedOpError
 from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule, register_cpu_schedule
 
-__all__ = ["wq_linear_te", "wq_linear_cpu_te", "wq_linear_cpu_gemm_te", "emit_wq_linear", "convert_wq_linear", "schedule_cpu"]
+__all__ = ["wq_linear_te", "wq_linear_cpu_te", "wq_linear_cpu_gemm_te", "emit_wq_linear", "convert_wq_linear",
+           "schedule_cpu"]
 
 log = logging.getLogger(__name__)
 
