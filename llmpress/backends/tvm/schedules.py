@@ -115,9 +115,7 @@ def _make_rules():
             n = _static(get_extent(sch, j))
             if n is None:
                 return None
-            jt = 2 * lanes if n % (2 * lanes) == 0 else lanes if n % lanes == 0 else None
-            if jt is None:
-                return None
+            jt = 2 * lanes if n % (2 * lanes) == 0 else lanes
             m = 1 if i is None else _static(get_extent(sch, i))
             vec = jt  # the vectorised inner width
             if m == 1:
@@ -125,12 +123,17 @@ def _make_rules():
                 # (hardware prefetch, few pages per byte); the accumulators then live in L1, not registers.
                 jt = next((t for t in (256, 128, 64) if n % t == 0 and t >= vec), vec)
             it = 1 if m == 1 else 6  # 6 x 2 vectors = 12 accumulators of the 16 AVX2 registers
-            if it > 1 and m is None:
-                # dynamic row count: pad rows to a multiple of the row tile (A and C get padded copies), so the
-                # register tile carries no per-row tail predicate inside the k loop
-                sch.pad_einsum(block, [1] * len(batch) + [it, 1, 1])
+            pad_rows = it > 1 and m is None
+            if pad_rows or n % jt:
+                # pad a dynamic row count to the row tile, and odd column counts (hidden 172) to the vector
+                # width (A/B/C get padded copies): no tail predicate inside the k loop
+                rows = [it if pad_rows else 1] if i is not None else []
+                sch.pad_einsum(block, [1] * len(batch) + rows + [jt if n % jt else 1, 1])
                 loops = sch.get_loops(block)
-                *batch, i, j, k = loops
+                if i is None:
+                    j, k = loops
+                else:
+                    *batch, i, j, k = loops
             acc = sch.cache_write(block, 0, "local")
             jo, ji = sch.split(j, factors=[None, jt])
             if it > 1:
