@@ -165,12 +165,19 @@ def specialize_decode() -> tvm.transform.Pass:
             super().__init__(mod)
             self.mod_ = mod
             self.variants: dict[str, relax.GlobalVar] = {}
+            self.redirected: set[str] = set()
+            self.called: set[str] = set()  # every call_tir target after the rewrite
 
         def visit_call_(self, call):  # noqa: D102 - mutator protocol
             call = self.visit_expr_post_order(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
                 return call
             gv = call.args[0]
+            call = self._rewrite(call, gv)
+            self.called.add(call.args[0].name_hint)
+            return call
+
+        def _rewrite(self, call, gv):
             func = self.mod_[gv] if gv in self.mod_.get_global_vars() else None
             if not isinstance(func, tirx.PrimFunc) or _func_attr(func, KERNEL_ATTR) is None:
                 return call
@@ -185,6 +192,7 @@ def specialize_decode() -> tvm.transform.Pass:
             key = gv.name_hint
             if key not in self.variants:
                 self.variants[key] = self.builder_.add_func(func.with_attr(DECODE_ATTR, True), key + "_decode")
+                self.redirected.add(key)
             return relax.Call(call.op, [self.variants[key], *call.args[1:]], call.attrs, call.ty_args)
 
     @tvm.transform.module_pass(opt_level=0, name="llmpress.SpecializeDecode")
@@ -193,7 +201,12 @@ def specialize_decode() -> tvm.transform.Pass:
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 m.builder_.update_func(gv, m.visit_expr(func))
-        return m.builder_.get()
+        out = m.builder_.get()
+        # a kernel whose every call site was redirected is dead now: drop it instead of compiling it
+        for gv in list(out.get_global_vars()):
+            if gv.name_hint in m.redirected and gv.name_hint not in m.called:
+                del out[gv]
+        return out
 
     return _pass
 
