@@ -261,7 +261,13 @@ def _schedule_gemm(sch: tvm.s_tir.Schedule, n_lead: int, out_tile: int, token_ti
     sch.vectorize(sch.get_loops(dq)[-1])
 
 
-def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, out_tile: int):
+# Below this many multiply-adds a one-token call runs on one thread: waking the pool costs more than it saves
+# (a 256 x 768 GEMV is ~20 us of work on one core).
+_PARALLEL_MIN_MACS = 1 << 20
+
+
+def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, out_tile: int, *,
+                         parallel: bool = True):
     """Shared tail of the CPU schedules: loops ``(*lead, o, *reduce)`` -> parallel output tiles, token loop, an
     rfactor over the innermost ``lanes`` of the last reduction loop (vectorized), and a horizontal sum right after
     each output's partial sums. Returns the parallel loop."""
@@ -276,7 +282,8 @@ def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, 
     sch.reverse_compute_at(blk, rf_loops[2])
     sch.vectorize(sch.get_loops(rf)[-1])
     outer = sch.get_loops(rf)[0]
-    sch.parallel(outer)
+    if parallel:
+        sch.parallel(outer)
     sch.decompose_reduction(rf, sch.get_loops(rf)[3])
     return outer
 
@@ -307,7 +314,9 @@ def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     args = [x, q, s] + ([z] if z is not None else []) + [y]
     sch = new_schedule(te.create_prim_func(args), func)
     if decode:
-        _vectorize_reduction(sch, sch.get_sblock("matmul"), n_lead, lanes, _pick_tile(out_f, (8, 4, 2)))
+        in_f = int(func.attrs["llmpress.in_features"])
+        _vectorize_reduction(sch, sch.get_sblock("matmul"), n_lead, lanes, _pick_tile(out_f, (8, 4, 2)),
+                             parallel=out_f * in_f >= _PARALLEL_MIN_MACS)
     else:
         vec = cpu_vector_lanes(target)
         _schedule_gemm(sch, n_lead, _pick_tile(out_f, tuple(v for v in (32, 16, 8, 4, 2) if v <= vec)))
