@@ -340,6 +340,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
+    """Perplexity (relative to fp32) against weight bytes: one line per weight-only method across bit widths,
+    single points for the other rows."""
     try:
         import matplotlib
 
@@ -349,23 +351,47 @@ def plot(rows: list[Row], path: Path) -> None:
         log.warning("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
     ok = [r for r in rows if not r.error and "tinystories" in r.ppl]
+    base = next((r for r in ok if r.method == "fp32" and r.runtime.startswith("llmpress")), None)
+    if base is None:
+        return
+    ref = base.ppl["tinystories"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = {"RTN": "tab:blue", "GPTQ": "tab:orange", "AWQ": "tab:green", "SmoothQuant": "tab:purple"}
-    for r in ok:
-        c = colors.get(r.method, "tab:red" if r.runtime == "ONNX Runtime" else "black")
-        marker = "s" if r.runtime == "ONNX Runtime" else "o"
-        ax.scatter(r.weight_bytes / 1e6, r.ppl["tinystories"], color=c, marker=marker, s=36, zorder=3)
-        ax.annotate(f"{r.method} {r.config}".replace(" -", ""), (r.weight_bytes / 1e6, r.ppl["tinystories"]),
-                    textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xlabel("weight bytes (MB)")
-    ax.set_ylabel("perplexity, TinyStories valid (context 256)")
+    for label, _ in WEIGHT_METHODS:
+        pts = sorted((r.weight_bytes / 1e6, r.ppl["tinystories"] / ref) for r in ok
+                     if r.method == label and r.runtime.startswith("llmpress"))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    singles = [r for r in ok if r.method not in {m for m, _ in WEIGHT_METHODS} or not r.runtime.startswith("llmpress")]
+    markers = iter("sDv^P*Xh")
+    for r in singles:
+        where = "ORT" if r.runtime == "ONNX Runtime" else "ref"
+        ax.scatter(r.weight_bytes / 1e6, r.ppl["tinystories"] / ref, marker=next(markers, "o"), s=50, zorder=3,
+                   label=f"{r.method} {r.config} ({where})".replace(" - ", " "))
+    for config, _ in WEIGHT_CONFIGS:  # name the bit widths once, at the top of their column
+        xs = [r.weight_bytes / 1e6 for r in ok if r.config == config and r.method == "RTN"]
+        if xs:
+            ax.axvline(xs[0], color="grey", lw=0.5, alpha=0.5)
+            ax.annotate(config, (xs[0], 1.0), xycoords=("data", "axes fraction"), textcoords="offset points",
+                        xytext=(2, -4), ha="left", va="top", rotation=90, fontsize=7, color="grey")
+    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_title("tinystories-llama: size vs perplexity (circles: llmpress reference, squares: ONNX Runtime)",
-                 fontsize=9)
+    ax.set_xlabel("weight bytes (MB, log scale)")
+    ax.set_ylabel("perplexity / fp32 perplexity (TinyStories valid, context 256)")
+    ax.set_title(f"tinystories-llama: size vs quality (fp32 perplexity {ref:.2f})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylim(top=max(1.02, max(r.ppl["tinystories"] / ref for r in ok)) * 1.15)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(out: Path) -> None:
+    """Rewrite quality.md and quality.png from an existing quality.json (same numbers, new presentation)."""
+    data = json.loads((out / "quality.json").read_text())
+    rows = [Row(**r) for r in data["rows"]]
+    (out / "quality.md").write_text(markdown(rows, data["meta"]))
+    plot(rows, out / "quality.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch and ONNX Runtime intra-op threads (default: 2, or 1 when the machine is already "
                         "loaded: oversubscribed OpenMP threads made PyTorch 10x slower in our measurements)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2,048-token prefixes, 8 calibration samples")
+    p.add_argument("--replot", action="store_true", help="only rewrite quality.md/png from quality.json")
     args = p.parse_args(argv)
+    if args.replot:
+        replot(Path(args.out))
+        return 0
     if args.quick:
         args.ts_tokens, args.wiki_tokens, args.calib_samples = 2048, 2048, 8
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
