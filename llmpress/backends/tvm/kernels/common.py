@@ -5,11 +5,16 @@ function attribute ``llmpress.kernel`` (the kernel family, e.g. ``"wq_linear"``)
 needs. The PrimFunc is deliberately left *unscheduled* and in the shape TVM's own rules understand (a dequantize
 prologue block feeding a matmul block), so that:
 
-- on GPU targets the default Relax pipeline's dlight rules (``Matmul``/``GEMV``/``Fallback``) schedule it and inline
-  the dequantize prologue into the reduction (no full-precision weight is ever stored);
-- on CPU targets (x86 and aarch64 LLVM) our own hand schedules apply (dequant inlined into the reduction, parallel
-  over output features, vectorized reduction), either as the dlight rule :func:`kernel_rule` (first in the CPU
-  ``ApplyDefaultSchedule`` list) or as the module pass :func:`schedule_kernels` (anywhere before TIR lowering).
+- on GPU targets the default Relax pipeline's dlight rules (``Matmul``/``GEMV``/``Fallback``) schedule it and
+  compute the dequantize prologue per tile in shared memory (no full-precision weight is ever stored);
+- on CPU targets (x86 and aarch64 LLVM) our own hand schedules apply (see each kernel file: e.g. wq_linear's GEMV
+  form decodes weights in registers, its GEMM form one column tile per thread), either as the dlight rule
+  :func:`kernel_rule` (first in the backend's CPU ``ApplyDefaultSchedule`` list, ``schedules.cpu_rules``) or as
+  the module pass :func:`schedule_kernels` (anywhere before TIR lowering).
+
+:func:`specialize_decode` (run by ``lower.to_relax``) points call sites whose token count is statically 1 (the
+``decode`` function) at a copy of the kernel tagged ``llmpress.decode``, so decode and prefill get different
+schedules of the same computation.
 
 Kernels are emitted with ``op_pattern`` = 8 (opaque) so ``FuseOps``/``FuseTIR`` never merge them into a new,
 unscheduled function that would lose the tag. Untagged functions are untouched, so the pass and the rule are always
