@@ -12,14 +12,15 @@ rather than guarded per row inside the ``k`` loop. When there is one row (decode
 tiles (up to 256), so each ``k`` step streams a long contiguous run of a ``W^T`` row.
 
 ``Elementwise``: every remaining block that is purely spatial gets its outer loops fused and parallelised and its
-innermost loop vectorised. Softmax / RMSNorm style reductions use dlight's CPU ``Reduction`` rule.
+innermost loop vectorised. Softmax / RMSNorm style reductions use dlight's CPU ``Reduction`` rule, guarded
+(``Reduction``) against a one-row case it mis-schedules.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-__all__ = ["cpu_rules", "Matmul", "Elementwise"]
+__all__ = ["cpu_rules", "Matmul", "Elementwise", "Reduction"]
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,41 @@ def _make_rules():
                 log.debug("Elementwise rule not applied: %s", e)
                 return None
 
-    return Matmul, Elementwise
+    class Reduction(ScheduleRule):
+        """dlight's CPU ``Reduction`` (softmax, RMSNorm: parallel rows, vectorised elementwise parts), applied only
+        when every block shares the same leading spatial (row) extents.
+
+        In TVM 0.27 that rule mis-schedules a one-row norm (decode): the reduction block's row axis has extent 1
+        while the last block's leading axis is the 768 features, and it recomputes the whole reduction once per
+        feature (768x the work; 2 ms per RMSNorm at hidden 768). Such functions keep their plain loop nest.
+        """
+
+        def __init__(self):
+            from tvm.s_tir import dlight as dl
+
+            self._inner = dl.cpu.Reduction()
+
+        def apply(self, func, target, tunable):
+            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+                return None
+            try:
+                infos = normalize_prim_func(s_tir.Schedule(func))
+                if not infos:
+                    return None
+                leads = []
+                for b in infos:
+                    kinds = b.dom_kind()
+                    n = len(kinds) - len(kinds.lstrip("S"))
+                    leads.append([str(d) for d in b.dom()[:n]])
+                n = min(len(x) for x in leads)
+                if n == 0 or any(x[:n] != leads[-1][:n] for x in leads):
+                    return None
+                return self._inner.apply(func, target, tunable)
+            except Exception as e:  # noqa: BLE001 - "not applicable"
+                log.debug("Reduction rule not applied: %s", e)
+                return None
+
+    return Matmul, Elementwise, Reduction
 
 
 _RULES: tuple | None = None
@@ -199,18 +234,18 @@ def cpu_rules(target: Any) -> list:
     global _RULES
     if _RULES is None:
         _RULES = _make_rules()
-    matmul, elementwise = _RULES
-    from tvm.s_tir import dlight as dl
+    matmul, elementwise, reduction = _RULES
 
     from .kernels import kernel_rule  # llmpress compressed-op kernels (fused dequant-matmul, w8a8, kv quant) first
 
-    return [kernel_rule(), matmul(), dl.cpu.Reduction(), elementwise()]
+    return [kernel_rule(), matmul(), reduction(), elementwise()]
 
 
 def __getattr__(name: str):  # Matmul / Elementwise are built lazily (they subclass TVM classes)
-    if name in ("Matmul", "Elementwise"):
+    names = ("Matmul", "Elementwise", "Reduction")
+    if name in names:
         global _RULES
         if _RULES is None:
             _RULES = _make_rules()
-        return _RULES[0 if name == "Matmul" else 1]
+        return _RULES[names.index(name)]
     raise AttributeError(name)
