@@ -7,6 +7,7 @@ import torch
 
 import llmpress
 from llmpress.errors import ConfigError
+from llmpress.eval import empty_cache
 
 from .conftest import CALIB, STORIES260K
 from .ir.test_onnx_import import _mlp, _ort, _save
@@ -66,3 +67,18 @@ def test_calibration_from_text_file_runs_gptq():
 def test_unknown_target_is_refused_before_capture(tiny_llama):
     with pytest.raises(ConfigError, match="target"):
         llmpress.compile(tiny_llama, target="tpu", progress=False)
+
+
+def test_onnx_target_artifact_runs_in_onnxruntime(tmp_path):
+    model = STORIES260K / "stories260K.bin"
+    PIPE = "quantize(bits=4,group=32,exclude=lm_head|*.down_proj)"  # down_proj's 172 inputs have no such group
+    ref = llmpress.compile(model, pipeline=PIPE, progress=False)
+    art = llmpress.compile(model, pipeline=PIPE, target="onnx",
+                           progress=False)
+    out = art.save(tmp_path / "onnx-art")
+    loaded = llmpress.load(out)
+    assert loaded.manifest["backend"] == "onnx" and "model.onnx" in loaded.manifest["files"]
+    x = (torch.tensor([[1, 403, 407]]), torch.zeros(1, dtype=torch.int64), *empty_cache(ref.lm))
+    # MatMulNBits and the reference kernel dequantize the same integers; only summation order differs.
+    torch.testing.assert_close(loaded(*x)[0], ref(*x)[0], rtol=1e-4, atol=1e-4)
+    assert loaded.generate_ids([1], 20) == ref.generate_ids([1], 20)

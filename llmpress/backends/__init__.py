@@ -15,7 +15,9 @@ __all__ = ["Backend", "Compiled", "Unsupported", "get_backend", "backend_for_tar
 def BACKENDS() -> dict[str, Backend]:  # noqa: N802
     from .reference import ReferenceBackend
 
-    out: dict[str, Backend] = {"reference": ReferenceBackend()}
+    from .onnx.backend import OnnxBackend
+
+    out: dict[str, Backend] = {"reference": ReferenceBackend(), "onnx": OnnxBackend()}
     try:
         from .tvm import TVMBackend
     except ImportError:  # the TVM backend module is optional at import time; its absence is reported on use
@@ -33,9 +35,9 @@ def get_backend(name: str) -> Backend:
 
 
 def backend_for_target(target: Any) -> Backend:
-    """``"reference"`` -> the PyTorch backend; ``cpu``/``arm64``/``cuda``/a TVM target dict -> TVM."""
+    """``"reference"`` -> PyTorch; ``"onnx"`` -> ONNX Runtime; ``cpu``/``arm64``/``cuda``/a TVM target dict -> TVM."""
     for b in BACKENDS().values():
         if b.supports(target):
             return b
-    raise ConfigError(f"no backend compiles for target {target!r} (targets: reference, cpu, arm64, cuda, "
+    raise ConfigError(f"no backend compiles for target {target!r} (targets: reference, onnx, cpu, arm64, cuda, "
                       "or a TVM target dict such as {\"kind\": \"llvm\", \"mtriple\": \"aarch64-linux-gnu\"})")

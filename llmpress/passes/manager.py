@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from ..errors import PassError
+from ..errors import ConfigError, PassError
 from ..ir.module import Module, VerifyError
 from .base import Pass, PassContext, PassResult
 
@@ -183,6 +183,10 @@ class PassManager:
                         result.module.verify()
                     except VerifyError as e:
                         raise PassError(f"pass {p.name!r} left the IR inconsistent: {e}") from e
+            except ConfigError:
+                # The user's options do not fit this model (a group that does not divide a layer, no calibration
+                # data): the message already names the pass and the layer; that is not a compiler crash.
+                raise
             except Exception as exc:  # noqa: BLE001 - every failure gets a reproducer and the pass's name
                 for ins in self.instruments:
                     ins.on_error(p, module, exc)
