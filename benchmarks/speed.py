@@ -134,7 +134,10 @@ def to_markdown(rows: list[dict], env: dict) -> str:
         "",
         f"Prefill: one call on {env['prefill']} random tokens (fresh cache). Decode: {env['decode']} greedy steps "
         f"right after it. Median of {env['repeats']} round(s) after one warm-up round. Ratios are against PyTorch "
-        "eager running our Llama (higher is better for both).",
+        "eager running our Llama (higher is better for both). All runtimes run the same graph except HF "
+        "transformers (its own model and dynamic cache); ONNX Runtime runs the file written by "
+        "`llmpress.backends.onnx.export` from the captured graph (CPU provider, graph optimizations on). TVM: "
+        "target `cpu` (x86-64-v3), untuned, llmpress's own CPU schedules.",
         "",
         "| model | runtime | prefill ms | prefill speedup | decode tok/s | decode ratio | compile s |",
         "|---|---|---:|---:|---:|---:|---:|",
