@@ -11,8 +11,10 @@ fused and run in parallel. A dynamic row count (prefill) is padded to a multiple
 rather than guarded per row inside the ``k`` loop. When there is one row (decode) it is a GEMV with wide column
 tiles (up to 256), so each ``k`` step streams a long contiguous run of a ``W^T`` row.
 
-``Elementwise``: every remaining block that is purely spatial gets its outer loops fused and parallelised and its
-innermost loop vectorised. Softmax / RMSNorm style reductions use dlight's CPU ``Reduction`` rule, guarded
+``Elementwise``: chains of spatial blocks are inlined into one pass (expand -> broadcast -> reshape of the GQA
+keys); every remaining purely spatial block gets its outer loops fused and parallelised and its innermost loop
+vectorised, except transposing copies (a read whose innermost index ignores the innermost loop), which are tiled
+8-wide instead so their source lines stay in L1 (vector lanes there would be gathers). Softmax / RMSNorm style reductions use dlight's CPU ``Reduction`` rule, guarded
 (``Reduction``) against a one-row case it mis-schedules.
 """
 from __future__ import annotations
@@ -47,8 +49,25 @@ def _static(extent: Any) -> int | None:
 def _make_rules():
     from tvm import s_tir, tirx
     from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import ScheduleRule
+    from tvm.s_tir.dlight.base import ScheduleRule, try_inline
     from tvm.s_tir.dlight.base.utils import get_extent
+
+    def strided_read(sch, block) -> bool:
+        """Whether some read's innermost index is not the block's innermost iterator (a transposing copy: vector
+        lanes would become a gather, slower on x86 than scalar loads)."""
+        stmt = sch.get(block)
+        if not stmt.iter_vars:
+            return False
+        from tvm.tirx.analysis import undefined_vars
+
+        last = stmt.iter_vars[-1].var
+        for r in stmt.reads:
+            if not len(r.region):
+                continue
+            used = undefined_vars(r.region[-1].min)
+            if used and not any(v.same_as(last) for v in used):
+                return True
+        return False
 
     def vectorize_inner(sch, block, lanes: int, *, parallel: bool) -> None:
         loops = sch.get_loops(block)
@@ -57,7 +76,16 @@ def _make_rules():
         inner = loops[-1]
         n = _static(get_extent(sch, inner))
         outer = list(loops[:-1])
-        if n is not None and n >= 2:
+        if n is not None and len(loops) >= 2 and n % 8 == 0 and n > 8 and strided_read(sch, block):
+            # transposing copy: 8-wide tiles of the output's inner axis with the second-innermost axis inside,
+            # so the 8 source lines a tile reads stay in L1 while that axis walks along them
+            o, i = sch.split(inner, factors=[None, 8])
+            sch.reorder(o, loops[-2], i)
+            outer = list(loops[:-2]) + [o]
+            if parallel and outer:
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            return
+        if n is not None and n >= 2 and not strided_read(sch, block):
             if n > lanes and n % lanes == 0:
                 o, v = sch.split(inner, factors=[None, lanes])
                 outer.append(o)
@@ -181,6 +209,7 @@ def _make_rules():
                 infos = normalize_prim_func(sch)
                 if not infos or not all(b.is_injective() for b in infos):
                     return None
+                infos = try_inline(sch, infos)  # expand_dims -> broadcast -> reshape chains: one pass, not three
                 lanes = _lanes(target)
                 for b in infos:
                     vectorize_inner(sch, b.block_rv, lanes, parallel=True)
