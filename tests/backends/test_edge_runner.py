@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,54 +46,11 @@ def _readme_text() -> str:
 
 # -- stories260K as an llmpress model ------------------------------------------------------------------------------
 def _stories260k():
-    """stories260K as (nn.Module, tokenizer): via llmpress's llama2.c loader when it exists, else converted here
-    (llama2.c v0 layout, see the model's README; q/k rows permuted from interleaved RoPE pairs to rotate-half)."""
-    from llmpress.tokenizer import Llama2cTokenizer
+    """stories260K as (nn.Module, tokenizer), through llmpress's llama2.c loader."""
+    from llmpress.ir.loaders import load_model
 
-    tok = Llama2cTokenizer(S260 / "tok512.bin")
-    try:
-        from llmpress.ir.loaders import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        loaded = load_model(S260 / "stories260K.bin")
-        return loaded.model, loaded.tokenizer or tok
-    from llmpress.models import Llama, LlamaConfig
-
-    data = (S260 / "stories260K.bin").read_bytes()
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq = struct.unpack_from("<7i", data, 0)
-    flat = np.frombuffer(data, dtype=np.float32, offset=28)
-    hd, off = dim // n_heads, 0
-
-    def take(*shape):
-        nonlocal off
-        n = int(np.prod(shape))
-        out = torch.from_numpy(flat[off:off + n].copy()).reshape(shape)
-        off += n
-        return out
-
-    cfg = LlamaConfig(vocab_size=abs(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-                      hidden_dim=hidden, max_seq_len=seq, tie_embeddings=vocab > 0)
-    emb, rms_att = take(abs(vocab), dim), take(n_layers, dim)
-    wq, wk, wv = take(n_layers, dim, dim), take(n_layers, n_kv * hd, dim), take(n_layers, n_kv * hd, dim)
-    wo, rms_ffn = take(n_layers, dim, dim), take(n_layers, dim)
-    w1, w2, w3 = take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
-    rms_final = take(dim)
-
-    def rot(w, heads):  # rows (h, i, pair) -> (h, pair, i)
-        return w.view(heads, hd // 2, 2, dim).transpose(1, 2).reshape(heads * hd, dim)
-
-    sd = {"model.embed_tokens.weight": emb, "model.norm.weight": rms_final, "lm_head.weight": emb}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": rms_att[i], p + "post_attention_layernorm.weight": rms_ffn[i],
-                   p + "self_attn.q_proj.weight": rot(wq[i], n_heads), p + "self_attn.k_proj.weight": rot(wk[i], n_kv),
-                   p + "self_attn.v_proj.weight": wv[i], p + "self_attn.o_proj.weight": wo[i],
-                   p + "mlp.gate_proj.weight": w1[i], p + "mlp.down_proj.weight": w2[i],
-                   p + "mlp.up_proj.weight": w3[i]})
-    model = Llama(cfg).eval()
-    model.load_state_dict(sd, strict=False)
-    return model, tok
+    loaded = load_model(S260 / "stories260K.bin")
+    return loaded.model, loaded.tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +202,18 @@ def test_runner_refuses_damaged_or_foreign_artifacts(native_runner, cpu_artifact
 
     res = subprocess.run(cmd + [str(src), "--prompt-ids", "1,9999"], capture_output=True, text=True)
     assert res.returncode == 1 and "outside the vocabulary of 512" in res.stderr
+
+
+@pytest.mark.slow
+def test_sentencepiece_artifact_runs_in_the_runner_like_python(native_runner, tmp_path):
+    """A Hugging Face model's artifact (int4, sentencepiece tokenizer) carries the edge tokenizer; the C++ runner
+    encodes the prompt and decodes the continuation as the Python program does."""
+    import llmpress
+
+    art = llmpress.compile(TINYSTORIES, pipeline="w4a16", target="cpu", progress=False)
+    folder = art.save(tmp_path / "ts-w4")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["edge_tokenizer"] in manifest["files"]
+    prompt = "once upon a time,  there was"  # a double space: sentencepiece's whitespace normalization applies
+    want = art.generate(prompt, 24)
+    assert emulate.run_emulated(folder, prompt=prompt, max_new_tokens=24) == want

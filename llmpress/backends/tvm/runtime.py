@@ -134,6 +134,12 @@ class TVMCompiled(Compiled):
     def target_json(self) -> dict:
         return self.spec.to_json()
 
+    def tokenizer_payload(self, tokenizer: Any, folder: Path) -> dict:
+        """The C++ edge runner reads one tokenizer format (llama2.c's): write it beside the original."""
+        from .edge_tokenizer import edge_tokenizer_manifest
+
+        return edge_tokenizer_manifest(tokenizer, folder)
+
     def save_payload(self, folder: Path) -> dict:
         from safetensors.torch import save_file
 
