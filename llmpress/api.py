@@ -11,7 +11,7 @@ import torch
 from .artifact import Artifact
 from .artifact import load as _load_artifact
 from .errors import ConfigError, UnsupportedOpError
-from .ir.meta import compression, source_line, source_path
+from .ir.meta import compression, source_path
 from .ir.module import Module
 
 __all__ = ["compile", "load", "run_pipeline", "layer_summary", "prepare"]

@@ -20,7 +20,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmpress.backends.tvm import emulate
 
