@@ -32,6 +32,11 @@ segment, ``model.layers.3``), and blocks are quantized in graph order. The Hessi
 (``Calibration.collect``, stopping after the block) on the graph in which blocks ``< i`` are already quantized,
 so each block corrects for the error of the blocks before it and memory holds one block's Hessians at a time.
 Layers that read the same activation (``q/k/v_proj``, ``gate/up_proj``) share one Hessian.
+
+Measured on the reference model (tinystories-llama, all linears but ``lm_head``, perplexity on all of
+``valid.txt``, 32 calibration windows of 256 tokens from ``calib.txt``): int3 g128 1.0040x fp32 (RTN 1.0282x),
+int2 g64 1.0308x symmetric / 1.0229x asymmetric (RTN 1.654x / 1.083x). The cost is dominated by the calibration
+runs: block i re-runs the graph up to block i, about (L + 1) / 2 full forward passes over the calibration set.
 """
 from __future__ import annotations
 

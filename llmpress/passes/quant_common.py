@@ -34,6 +34,7 @@ from ..ir.ops.wq_linear import SUPPORTED_BITS, pack_weight, qrange, values_per_u
 __all__ = [
     "SUPPORTED_BITS",
     "check_bits",
+    "check_group_option",
     "group_size_for",
     "find_params",
     "quantize_codes",
