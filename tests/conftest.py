@@ -14,7 +14,9 @@ VALID = SHARED / "data" / "tinystories" / "valid.txt"
 CALIB = SHARED / "data" / "tinystories" / "calib.txt"
 WIKITEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One intra-op thread: TVM's runtime keeps its own worker threads spinning for a while after each call, and torch's
+# OpenMP workers then wait for a core (measured 10-50x slower per step with 2 threads on the 2-core machines).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
