@@ -136,13 +136,36 @@ def cmd_passes(a: argparse.Namespace) -> int:
     from .passes.presets import PRESETS
     from .passes.registry import PASSES
 
+    import dataclasses
+
     for name, cls in sorted(PASSES().items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:<16} {doc}")
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+        first = doc.strip().splitlines()[0] if doc.strip() else ""
+        first = first.removeprefix(f"``{name}``:").strip()
+        opts = ",".join(f"{f.name}={_fmt(f)}" for f in dataclasses.fields(cls.Options))
+        print(f"{name:<16} {first}")
+        if opts:
+            print(f"{'':<16}   options: {opts}")
     print("\npresets:")
     for name, text in sorted(PRESETS.items()):
         print(f"{name:<16} {text}")
     return 0
+
+
+def _fmt(field) -> str:
+    import dataclasses
+
+    if field.default is not dataclasses.MISSING:
+        v = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        v = field.default_factory()
+    else:
+        return "?"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple):
+        return "|".join(map(str, v)) or "''"
+    return str(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
