@@ -231,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlmpressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `llmpress passes | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
