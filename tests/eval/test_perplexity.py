@@ -42,7 +42,9 @@ def test_windows_score_every_token_but_the_first(tiny_llama):
     nll, n = 0.0, 0
     for s in range(0, len(stream) - 1, 16):
         w = stream[s : s + 17]
-        logits = tiny_llama(torch.tensor([w[:-1]]), torch.zeros(1, dtype=torch.int64), *tiny_llama.empty_cache())[0]
+        with torch.no_grad():
+            logits = tiny_llama(torch.tensor([w[:-1]]), torch.zeros(1, dtype=torch.int64),
+                                *tiny_llama.empty_cache())[0]
         nll += float(torch.nn.functional.cross_entropy(logits[0], torch.tensor(w[1:]), reduction="sum"))
         n += len(w) - 1
     assert res.perplexity == pytest.approx(math.exp(nll / n), rel=1e-6)
