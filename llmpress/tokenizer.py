@@ -39,6 +39,18 @@ log = logging.getLogger(__name__)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
+def _stories(ids: Sequence[int], bos: int, eos: int) -> list[list[int]]:
+    """Split ids at BOS, dropping BOS/EOS, so each story is decoded on its own (its leading dummy space stripped)."""
+    parts: list[list[int]] = [[]]
+    for i in ids:
+        i = int(i)
+        if i == bos:
+            parts.append([])
+        elif i != eos:
+            parts[-1].append(i)
+    return [p for p in parts if p]
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What llmpress needs from a tokenizer."""
@@ -74,15 +86,7 @@ class SentencePieceTokenizer:
         return ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        # Split at BOS so that each story is decoded on its own (its leading dummy space is stripped).
-        parts: list[list[int]] = [[]]
-        for i in ids:
-            i = int(i)
-            if i == self.bos_id:
-                parts.append([])
-            elif i != self.eos_id:
-                parts[-1].append(i)
-        return "".join(self.sp.decode(p) for p in parts if p)
+        return "".join(self.sp.decode(p) for p in _stories(ids, self.bos_id, self.eos_id))
 
     def files(self) -> list[Path]:
         return [self.path]
@@ -126,14 +130,7 @@ class HFTokenizer:
         return ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        parts: list[list[int]] = [[]]
-        for i in ids:
-            i = int(i)
-            if i == self.bos_id:
-                parts.append([])
-            elif i != self.eos_id:
-                parts[-1].append(i)
-        return "".join(self.tok.decode(p, skip_special_tokens=True) for p in parts if p)
+        return "".join(self.tok.decode(p, skip_special_tokens=True) for p in _stories(ids, self.bos_id, self.eos_id))
 
     def files(self) -> list[Path]:
         return [self.path] + ([self.config_path] if self.config_path.is_file() else [])
