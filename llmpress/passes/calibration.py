@@ -28,7 +28,7 @@ from torch.export.graph_signature import InputKind
 from ..errors import ConfigError, PassError
 from ..ir.module import Module
 
-__all__ = ["Calibration", "Observer", "collect"]
+__all__ = ["BlockRunner", "BlocksNotIsolated", "Calibration", "Observer", "collect"]
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +217,144 @@ def collect(module: Module, nodes: Sequence[fx.Node], observer: Observer, calibr
     if calibration is None:
         raise ConfigError("calibration data is needed (--calib FILE or calibration=...)")
     calibration.collect(module, nodes, observer, progress=progress)
+
+
+class BlocksNotIsolated(PassError):
+    """The graph's blocks cannot be run one at a time (a value flows from a block into something outside every
+    block that later blocks read, or from a later block into an earlier one)."""
+
+
+class BlockRunner:
+    """Layer-by-layer calibration: the calibration set flows through the graph one block at a time.
+
+    ``block_of(node)`` names the block of a ``call_function`` node (``None``: outside every block). Blocks are
+    ordered by their first node in the graph. At construction the part of the graph outside every block that the
+    blocks read (embedding, RoPE tables, mask, ...) runs once per batch; its values are kept. ``collect(key,
+    nodes, observer)`` then moves to block ``key`` — every earlier block not yet passed runs, on the module's
+    *current* graph (so blocks quantized since show their quantized outputs), on the kept values, which are
+    replaced by that block's outputs — and runs block ``key``'s nodes alone on every batch, calling ``observer``
+    exactly as ``Calibration.collect`` does (float32 ``[tokens, in_features]``, stopping each batch once every
+    listed node is seen). The math per node is the graph's own, so the statistics equal ``collect``'s on the same
+    graph; the cost is one pass over the blocks instead of a prefix re-run per block.
+
+    A block's external inputs are found structurally: nodes outside its node set with users inside it. They must
+    be placeholders (weights and the calling convention's user inputs, which are re-bound per batch: token ids,
+    ``start_pos = 0``, fresh zero caches), nodes outside every block that depend on no block, or nodes of earlier
+    blocks; otherwise the constructor raises ``BlocksNotIsolated`` and the caller falls back to ``collect``.
+    Memory: the kept values for every batch (for a Llama block, the residual stream ``[T, dim]`` plus the RoPE
+    rows and the mask), never more than one block boundary's.
+    """
+
+    def __init__(self, module: Module, calibration: Calibration,
+                 block_of: Callable[[fx.Node], str | None]) -> None:
+        self.module = module
+        self.calibration = calibration
+        self.block_of = block_of
+        self.keys: list[str] = []
+        tainted: set[fx.Node] = set()  # nodes in a block or depending on one
+        for n in module.graph.nodes:
+            key = block_of(n) if n.op == "call_function" else None
+            if key is not None:
+                if key not in self.keys:
+                    self.keys.append(key)
+                idx = self.keys.index(key)
+                for u in n.all_input_nodes:
+                    ukey = block_of(u) if u.op == "call_function" else None
+                    if ukey is not None and self.keys.index(ukey) > idx:
+                        raise BlocksNotIsolated(f"node {n.name} of block {key} reads {u.name} of the later block "
+                                                f"{ukey}")
+                    if ukey is None and u in tainted:
+                        raise BlocksNotIsolated(f"node {n.name} of block {key} reads {u.name}, which is outside "
+                                                f"every block but computed from a block")
+                tainted.add(n)
+            elif n.op != "placeholder" and any(u in tainted for u in n.all_input_nodes):
+                tainted.add(n)
+        if not self.keys:
+            raise BlocksNotIsolated("the graph has no blocks")
+        self.position = 0  # index of the block whose inputs self.values holds
+        self.values: list[dict[fx.Node, object]] = []
+        needed = self._needed_from(0)
+        prefix = [n for n in module.graph.nodes if n.op not in ("placeholder", "output") and n not in tainted]
+        with torch.no_grad():
+            bind = self._binder()
+            for batch in calibration.batches:
+                interp = bind(batch, {})
+                for n in prefix:
+                    interp.env[n] = interp.run_node(n)
+                self.values.append({n: interp.env[n] for n in needed})
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _members(self, key: str) -> list[fx.Node]:
+        return [n for n in self.module.graph.nodes if n.op == "call_function" and self.block_of(n) == key]
+
+    def _needed_from(self, position: int) -> set[fx.Node]:
+        """Non-placeholder values that blocks ``position..`` read from before them (the part outside every block
+        and blocks ``< position``)."""
+        later = set(self.keys[position:])
+        out: set[fx.Node] = set()
+        for n in self.module.graph.nodes:
+            if n.op != "call_function" or self.block_of(n) not in later:
+                continue
+            for u in n.all_input_nodes:
+                if u.op != "placeholder" and (u.op != "call_function" or self.block_of(u) not in later):
+                    out.add(u)
+        return out
+
+    def _binder(self) -> Callable[[torch.Tensor, dict], "_Collector"]:
+        """``bind(batch, dequantized)``: an interpreter over the current graph with every placeholder bound for
+        ``batch`` (weights as they are now, user inputs per the calling convention)."""
+        weights = self.module.weights()
+        bound = list(zip([n for n in self.module.graph.nodes if n.op == "placeholder"],
+                         self.module.signature.input_specs))
+
+        def bind(batch: torch.Tensor, dequantized: dict) -> _Collector:
+            interp = _Collector(self.module.graph_module, (), lambda node, x: None)
+            interp.dequantized = dequantized
+            user = iter(self.calibration._inputs(self.module, batch))
+            for node, spec in bound:
+                interp.env[node] = next(user) if spec.kind == InputKind.USER_INPUT else weights[spec.target]
+            return interp
+
+        return bind
+
+    def _run_block(self, key: str, *, observe: Sequence[fx.Node] = (), observer: Observer | None = None,
+                   keep: set[fx.Node] | None = None) -> None:
+        """Run block ``key`` on every batch's kept values: observe ``observe`` (stopping each batch once all are
+        seen) or, with ``keep``, replace the kept values by ``keep``'s values (inputs of the blocks after it)."""
+        members = self._members(key)
+        missing = set(observe) - set(members)
+        if missing:
+            raise PassError(f"BlockRunner: {', '.join(sorted(n.name for n in missing))} not in block {key}")
+        dequantized: dict = {}  # wq_linear weights unpacked once for all batches, as in collect()
+        with torch.no_grad():
+            bind = self._binder()
+            for b, (batch, values) in enumerate(zip(self.calibration.batches, self.values)):
+                interp = bind(batch, dequantized)
+                interp.env.update(values)
+                pending = set(observe)
+                for n in members:
+                    if n in pending:
+                        x = interp.fetch_args_kwargs_from_env(n)[0][0]
+                        observer(n, x.detach().reshape(-1, x.shape[-1]).to(torch.float32))
+                        pending.discard(n)
+                        if not pending and keep is None:
+                            break
+                    interp.env[n] = interp.run_node(n)
+                if keep is not None:
+                    self.values[b] = {n: interp.env[n] for n in keep}
+
+    def collect(self, key: str, nodes: Sequence[fx.Node], observer: Observer) -> None:
+        """Move to block ``key`` (running the blocks before it that are not yet passed) and observe ``nodes`` of
+        it on every batch."""
+        if key not in self.keys:
+            raise PassError(f"BlockRunner: no block {key!r} (blocks: {', '.join(self.keys)})")
+        target = self.keys.index(key)
+        if target < self.position:
+            raise PassError(f"BlockRunner: block {key!r} was already passed")
+        while self.position < target:
+            keep = self._needed_from(self.position + 1)
+            self._run_block(self.keys[self.position], keep=keep)
+            self.position += 1
+        nodes = list(nodes)
+        if nodes:
+            self._run_block(key, observe=nodes, observer=observer)
