@@ -61,10 +61,9 @@ def _hf_measure(model, *, vocab: int, prefill_tokens: int, decode_tokens: int, r
             if r:
                 times.append(t1 - t0)
                 rates.append(decode_tokens / (t3 - t2))
-    times.sort()
-    rates.sort()
-    return {"prefill_tokens": prefill_tokens, "prefill_ms": 1000 * times[len(times) // 2],
-            "decode_tokens_per_s": rates[len(rates) // 2]}
+    from llmpress.eval.latency import summarize
+
+    return summarize(prefill_tokens, times, rates)
 
 
 def _eager(model):

@@ -34,3 +34,17 @@ def tiny_llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
     return Llama(cfg).eval()
+
+
+def llama_inputs(model, t: int = 12, seed: int = 5) -> tuple:
+    """Random token ids at position 0 with an empty cache: the LM calling convention's prefill inputs."""
+    ids = torch.randint(0, model.config.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
+    return (ids, torch.zeros(1, dtype=torch.int64), *model.empty_cache())
+
+
+def random_calibration(vocab: int = 64, n: int = 4, t: int = 16, seed: int = 123):
+    """``n`` deterministic random windows of ``t`` token ids, for calibration passes on the tiny Llama."""
+    from llmpress.passes.calibration import Calibration
+
+    g = torch.Generator().manual_seed(seed)
+    return Calibration.from_tensors([torch.randint(0, vocab, (1, t), generator=g) for _ in range(n)])

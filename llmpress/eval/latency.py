@@ -9,7 +9,7 @@ import torch
 from ..ir.meta import LMInfo
 from .generate import empty_cache
 
-__all__ = ["measure"]
+__all__ = ["measure", "summarize"]
 
 
 def measure(forward: Callable, lm: LMInfo, *, prefill_tokens: int = 128, decode_tokens: int = 32,
@@ -35,7 +35,11 @@ def measure(forward: Callable, lm: LMInfo, *, prefill_tokens: int = 128, decode_
             if r:  # the first round warms up caches and lazy initialization
                 times.append(t1 - t0)
                 rates.append(decode_tokens / (t3 - t2))
-    times.sort()
-    rates.sort()
+    return summarize(prefill_tokens, times, rates)
+
+
+def summarize(prefill_tokens: int, prefill_seconds: list[float], decode_rates: list[float]) -> dict:
+    """Medians of repeated rounds, in the keys ``llmpress eval --json`` and the speed benchmark report."""
+    times, rates = sorted(prefill_seconds), sorted(decode_rates)
     return {"prefill_tokens": prefill_tokens, "prefill_ms": 1000 * times[len(times) // 2],
             "decode_tokens_per_s": rates[len(rates) // 2]}

@@ -21,16 +21,6 @@ pytestmark = pytest.mark.tvm
 ATOL = RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The reference oracle runs with one intra-op thread: on a shared 2-core machine two spinning OpenMP workers
-    made it ~20x slower (measured), and the thread count does not change what is checked."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama():
     from llmpress.models import Llama, LlamaConfig

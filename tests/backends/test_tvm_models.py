@@ -3,21 +3,10 @@ through TVM ``cpu`` equal the reference backend's."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.conftest import STORIES260K, TINYSTORIES, VALID
 
 pytestmark = pytest.mark.tvm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The reference oracle runs with one intra-op thread: on a shared 2-core machine two spinning OpenMP workers
-    made it ~20x slower (measured), and the thread count does not change what is checked."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _reference(module):

@@ -30,18 +30,8 @@ def _readme_text() -> str:
     return m.group(1)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models step faster on one intra-op thread; with two OpenMP threads on a busy 2-core machine each
-    260K-parameter decode step was measured at ~360 ms instead of ~7 ms (threads spin-waiting on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-def test_stories260k_greedy_text_matches_llama2c_exactly(one_thread) -> None:
+def test_stories260k_greedy_text_matches_llama2c_exactly() -> None:
     """llama2.c ``run stories260K.bin -t 0 -n 256``: prompt "" -> tokens [BOS]; for pos in 0..255 it runs
     forward(token, pos), takes the argmax, stops *before printing* if that is BOS (1), else prints it. So: 256
     forward positions, up to 256 new tokens, BOS ends the story; decoding drops the space after BOS."""
@@ -91,7 +81,7 @@ def test_interleaved_to_half_makes_rope_agree() -> None:
 
 
 @pytest.mark.slow
-def test_tinystories_llama_matches_transformers(one_thread) -> None:
+def test_tinystories_llama_matches_transformers() -> None:
     """Our Llama from the HF folder vs ``AutoModelForCausalLM`` eager, fp32, on real sentences. Both compute the
     same fp32 ops (RMSNorm, rotate-half RoPE, GQA softmax attention, SwiGLU); only the reduction order of
     attention over the padded static cache differs, so agreement to 1e-4 absolute on logits of magnitude ~10

@@ -6,16 +6,13 @@ import torch
 
 from llmpress.ir import VerifyError, capture, node_id, source_path
 
-
-def _inputs(model, t=5):
-    ids = torch.randint(0, model.config.vocab_size, (1, t), generator=torch.Generator().manual_seed(1))
-    return (ids, torch.zeros(1, dtype=torch.int64), *model.empty_cache())
+from ..conftest import llama_inputs
 
 
 def test_capture_runs_like_eager_for_prefill_and_decode(tiny_llama):
     mod = capture(tiny_llama)
     mod.verify()
-    x = _inputs(tiny_llama)
+    x = llama_inputs(tiny_llama, t=5, seed=1)
     ref = tiny_llama(*x)
     out = mod.run(*x)
     # Same ops in the same order on the same inputs: bit-identical.
@@ -64,7 +61,7 @@ def test_clone_shares_weights_and_isolates_graph(tiny_llama):
 
 def test_add_and_remove_weights_keep_signature_coherent(tiny_llama):
     mod = capture(tiny_llama)
-    x = _inputs(tiny_llama)
+    x = llama_inputs(tiny_llama, t=5, seed=1)
     before = mod.run(*x)[0]
     n_specs = len(mod.signature.input_specs)
     w = mod.add_weight("extra.packed", torch.zeros(4, 2, dtype=torch.uint8))

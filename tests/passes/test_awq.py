@@ -12,22 +12,12 @@ from llmpress.passes.base import PassContext
 from llmpress.passes.calibration import Calibration
 from llmpress.passes.quantize import Quantize, QuantizeOptions
 
-from ..conftest import CALIB, TINYSTORIES, VALID
-
-
-def _calib(vocab: int = 64, n: int = 4, t: int = 16) -> Calibration:
-    g = torch.Generator().manual_seed(123)
-    return Calibration.from_tensors([torch.randint(0, vocab, (1, t), generator=g) for _ in range(n)])
+from ..conftest import CALIB, TINYSTORIES, VALID, llama_inputs, random_calibration
 
 
 def _awq(module, calibration=None, **opts):
     p = AWQ(AWQOptions.from_mapping(opts, pass_name="awq"))
     return p.run(module, PassContext(calibration=calibration, progress=False))
-
-
-def _inputs(model, t=12, seed=5):
-    ids = torch.randint(0, model.config.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
-    return (ids, torch.zeros(1, dtype=torch.int64), *model.empty_cache())
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -36,7 +26,7 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def test_structure_and_stats(tiny_llama) -> None:
     module = capture(tiny_llama)
-    res = _awq(module, _calib(), bits=4, group=16, exclude="lm_head")
+    res = _awq(module, random_calibration(), bits=4, group=16, exclude="lm_head")
     assert res.modified
     module.verify()
     hist = module.op_histogram()
@@ -64,9 +54,9 @@ def test_structure_and_stats(tiny_llama) -> None:
 
 def test_second_run_changes_nothing(tiny_llama) -> None:
     module = capture(tiny_llama)
-    _awq(module, _calib(), bits=4, group=16, exclude="lm_head")
+    _awq(module, random_calibration(), bits=4, group=16, exclude="lm_head")
     text = module.print()
-    res = _awq(module, _calib(), bits=4, group=16, exclude="lm_head")
+    res = _awq(module, random_calibration(), bits=4, group=16, exclude="lm_head")
     assert not res.modified and res.stats["quantized"] == 0 and module.print() == text
 
 
@@ -95,12 +85,12 @@ def test_protects_salient_channels_better_than_rtn(tiny_llama) -> None:
         for layer in tiny_llama.model.layers:
             layer.input_layernorm.weight[[1, 7]] = 8.0
             layer.post_attention_layernorm.weight[[2, 11]] = 8.0
-    inputs = _inputs(tiny_llama, t=16, seed=9)
+    inputs = llama_inputs(tiny_llama, t=16, seed=9)
     ref = capture(tiny_llama).run(*inputs)[0]
     rtn = capture(tiny_llama)
     Quantize(QuantizeOptions(bits=3, group=16, exclude=("lm_head",))).run(rtn, PassContext(progress=False))
     awq = capture(tiny_llama)
-    _awq(awq, _calib(n=8), bits=3, group=16, exclude="lm_head")
+    _awq(awq, random_calibration(n=8), bits=3, group=16, exclude="lm_head")
     s_rtn, s_awq = _sqnr(ref, rtn.run(*inputs)[0]), _sqnr(ref, awq.run(*inputs)[0])
     assert s_awq > s_rtn + 1.0, (s_awq, s_rtn)  # at least 1 dB better
 
@@ -110,9 +100,9 @@ def test_unselected_readers_of_a_scaled_norm_stay_exact(tiny_llama) -> None:
     with torch.no_grad():
         tiny_llama.model.layers[0].input_layernorm.weight[4] = 10.0
     module = capture(tiny_llama)
-    inputs = _inputs(tiny_llama)
+    inputs = llama_inputs(tiny_llama)
     ref = module.run(*inputs)
-    res = _awq(module, _calib(), bits=8, group=-1, include="q_proj|v_proj", clip=False)
+    res = _awq(module, random_calibration(), bits=8, group=-1, include="q_proj|v_proj", clip=False)
     module.verify()
     assert res.stats["quantized"] == 4 and res.stats["scaled"] == 2
     assert module.op_histogram()["aten.linear.default"] == 15 - 4
@@ -132,7 +122,7 @@ def test_bad_options_fail_before_any_work(tiny_llama) -> None:
     text = module.print()
     with pytest.raises(ConfigError, match=r"group=24 does not divide in_features=32 of layer "
                                           r"'model.layers.0.self_attn.q_proj'"):
-        _awq(module, _calib(), bits=4, group=24)
+        _awq(module, random_calibration(), bits=4, group=24)
     with pytest.raises(ConfigError, match=r"awq needs calibration data \(--calib FILE or calibration=...\)"):
         _awq(module, None, bits=4, group=16)
     assert module.print() == text

@@ -12,12 +12,7 @@ from llmpress.passes.base import PassContext
 from llmpress.passes.calibration import Calibration
 from llmpress.passes.smoothquant import SmoothQuant, SmoothQuantOptions
 
-from ..conftest import CALIB, TINYSTORIES, VALID
-
-
-def _calib(vocab: int = 64, n: int = 4, t: int = 16) -> Calibration:
-    g = torch.Generator().manual_seed(123)
-    return Calibration.from_tensors([torch.randint(0, vocab, (1, t), generator=g) for _ in range(n)])
+from ..conftest import CALIB, TINYSTORIES, VALID, llama_inputs, random_calibration
 
 
 def _run(module, calibration=None, **opts):
@@ -25,14 +20,9 @@ def _run(module, calibration=None, **opts):
     return p.run(module, PassContext(calibration=calibration, progress=False))
 
 
-def _inputs(model, t=12, seed=5):
-    ids = torch.randint(0, model.config.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
-    return (ids, torch.zeros(1, dtype=torch.int64), *model.empty_cache())
-
-
 def test_w8a8_structure_and_stats(tiny_llama) -> None:
     module = capture(tiny_llama)
-    res = _run(module, _calib(), exclude="lm_head")
+    res = _run(module, random_calibration(), exclude="lm_head")
     assert res.modified
     module.verify()
     hist = module.op_histogram()
@@ -60,11 +50,11 @@ def test_smoothing_alone_is_exact(tiny_llama) -> None:
     with torch.no_grad():
         tiny_llama.model.layers[0].input_layernorm.weight[3] = 30.0
     module = capture(tiny_llama)
-    inputs = _inputs(tiny_llama)
+    inputs = llama_inputs(tiny_llama)
     ref = module.run(*inputs)
     original = {k: v.clone() for k, v in module.weights().items()}
     smoothed = module.clone()
-    res = _run(smoothed, _calib(), quantize=False, alpha=0.8)
+    res = _run(smoothed, random_calibration(), quantize=False, alpha=0.8)
     assert res.modified and res.stats["quantized"] == 0
     smoothed.verify()
     assert smoothed.op_histogram() == module.op_histogram()
@@ -129,9 +119,9 @@ def test_bad_options_and_missing_calibration(tiny_llama) -> None:
 
 def test_second_run_changes_nothing(tiny_llama) -> None:
     module = capture(tiny_llama)
-    _run(module, _calib(), exclude="lm_head")
+    _run(module, random_calibration(), exclude="lm_head")
     text = module.print()
-    res = _run(module, _calib(), exclude="lm_head")
+    res = _run(module, random_calibration(), exclude="lm_head")
     assert not res.modified and module.print() == text
 
 
