@@ -17,9 +17,8 @@ __all__ = ["greedy", "empty_cache"]
 
 
 def empty_cache(lm: LMInfo, batch: int = 1) -> list[torch.Tensor]:
-    dtype = getattr(torch, lm.cache_dtype)
-    shape = (batch, lm.n_kv_heads, lm.cache_len, lm.head_dim)
-    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * lm.n_layers)]
+    """Zero-filled cache tensors for ``batch`` sequences, in call order (``lm.cache_specs()``)."""
+    return [torch.zeros((batch, *c["shape"]), dtype=getattr(torch, c["dtype"])) for c in lm.cache_specs()]
 
 
 def greedy(forward: Callable, lm: LMInfo, prompt_ids: Sequence[int], max_new_tokens: int, *,

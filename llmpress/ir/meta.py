@@ -62,7 +62,12 @@ def set_compression(node: fx.Node, spec: dict[str, Any]) -> None:
 class LMInfo:
     """The calling convention of a captured causal LM (see ``llmpress.models.llama``).
 
-    ``forward(input_ids[B,T], start_pos[1], k_0, v_0, ...) -> (logits, k_0', v_0', ...)``.
+    ``forward(input_ids[B,T], start_pos[1], *caches) -> (logits, *caches')``.
+
+    ``caches`` lists the cache tensors in call order, each ``{"name", "shape", "dtype"}`` with ``shape`` without the
+    batch dimension; empty means the float layout ``k_0, v_0, k_1, ...`` of ``[n_kv_heads, cache_len, head_dim]``
+    ``cache_dtype`` tensors. Passes that change the layout (``kv_quant(storage="int8")``: int8 codes + float32
+    scales) set it, and every runner allocates its caches from :meth:`cache_specs`, zero-filled.
     """
 
     n_layers: int
@@ -73,11 +78,36 @@ class LMInfo:
     bos_id: int = 1
     eos_id: int = 2
     cache_dtype: str = "float32"
+    caches: tuple = ()
     extra: dict = field(default_factory=dict)
 
+    def cache_specs(self) -> list[dict]:
+        """``[{"name": "k_0", "shape": [n_kv_heads, cache_len, head_dim], "dtype": "float32"}, ...]`` in call order."""
+        if self.caches:
+            return [dict(c) for c in self.caches]
+        shape = [self.n_kv_heads, self.cache_len, self.head_dim]
+        return [{"name": f"{kv}_{i}", "shape": list(shape), "dtype": self.cache_dtype}
+                for i in range(self.n_layers) for kv in ("k", "v")]
+
+    def cache_bytes(self, batch: int = 1) -> int:
+        """Bytes the KV cache takes for ``batch`` sequences."""
+        import torch
+
+        total = 0
+        for c in self.cache_specs():
+            n = batch
+            for d in c["shape"]:
+                n *= int(d)
+            total += n * torch.empty((), dtype=getattr(torch, c["dtype"])).element_size()
+        return total
+
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["caches"] = [dict(c) for c in self.caches]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "LMInfo":
+        d = dict(d)
+        d["caches"] = tuple(dict(c) for c in d.get("caches") or ())
         return cls(**d)
