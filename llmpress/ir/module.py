@@ -18,6 +18,7 @@ from torch.export.graph_signature import (
     ExportGraphSignature,
     InputKind,
     InputSpec,
+    OutputKind,
     OutputSpec,
     TensorArgument,
 )
@@ -153,6 +154,61 @@ class Module:
         self._ep.state_dict[name] = tensor
         self._set_signature(specs, list(self.signature.output_specs))
         return node
+
+    def add_input(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, after: fx.Node) -> fx.Node:
+        """Add a user input (a placeholder right after the placeholder ``after``) of a static ``shape``/``dtype``.
+
+        The calling convention changes with it: the pytree spec of the program's inputs is rebuilt, so
+        ``run``/``torch.export.save`` take one more positional argument at that position."""
+        if after.op != "placeholder":
+            raise VerifyError(f"add_input: {after.name} is not a placeholder")
+        fm = self.fake_mode()
+        example = torch.zeros(shape, dtype=dtype)
+        with self.graph.inserting_after(after):
+            node = self.graph.placeholder(name)
+        node.meta["val"] = fm.from_tensor(example, static_shapes=True) if fm is not None else example.to("meta")
+        set_node_id(node, f"n{next(self._ids)}")
+        specs = list(self.signature.input_specs)
+        at = next(i for i, sp in enumerate(specs) if isinstance(sp.arg, TensorArgument) and sp.arg.name == after.name)
+        specs.insert(at + 1, InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=node.name), target=None))
+        self._set_signature(specs, list(self.signature.output_specs))
+        self._sync_call_spec()
+        return node
+
+    def remove_input(self, node: fx.Node) -> None:
+        """Drop a user input nothing reads any more (its placeholder and signature entry)."""
+        if node.users:
+            raise VerifyError(f"remove_input: {node.name} still has users {list(node.users)}")
+        specs = [sp for sp in self.signature.input_specs
+                 if not (isinstance(sp.arg, TensorArgument) and sp.arg.name == node.name)]
+        self.graph.erase_node(node)
+        self._set_signature(specs, list(self.signature.output_specs))
+        self._sync_call_spec()
+
+    def set_outputs(self, outputs: list[fx.Node]) -> None:
+        """Make ``outputs`` the program's user outputs, in order (the output node and its specs follow)."""
+        out = self.output_node()
+        out.args = (tuple(outputs),)
+        specs = [OutputSpec(kind=OutputKind.USER_OUTPUT, arg=TensorArgument(name=n.name), target=None)
+                 for n in outputs]
+        self._set_signature(list(self.signature.input_specs), specs)
+        self._sync_call_spec()
+
+    def _sync_call_spec(self) -> None:
+        """Rebuild the pytree specs of the call (``forward(*user_inputs) -> tuple(user_outputs)``) after the user
+        inputs or outputs changed; the example inputs no longer match, so they are dropped."""
+        import torch.utils._pytree as pytree
+
+        entry = self._ep.module_call_graph[0]
+        users = self.user_inputs()
+        n_out = len(self.output_node().args[0])
+        sig = entry.signature
+        sig.in_spec = pytree.tree_flatten((tuple(range(len(users))), {}))[1]
+        if sig.out_spec is None or sig.out_spec.type in (tuple, list):
+            sig.out_spec = pytree.tree_flatten(tuple(range(n_out)))[1]
+        if sig.forward_arg_names is not None:
+            sig.forward_arg_names = [n.name for n in users]
+        self._ep._example_inputs = None
 
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *, like: fx.Node | None = None,
              before: fx.Node | None = None) -> fx.Node:

@@ -85,6 +85,20 @@ std::vector<int64_t> JsonObject::IntList(const std::string& key) const {
   return out;
 }
 
+std::vector<JsonObject> JsonObject::ObjList(const std::string& key) const {
+  ffi::Any v = Get(key);
+  auto arr = v.as<ffi::json::Array>();
+  if (!arr.has_value()) throw RunnerError(Path(key) + ": expected a list of objects");
+  std::vector<JsonObject> out;
+  for (const ffi::Any& e : *arr) {
+    auto o = e.as<ffi::json::Object>();
+    std::string where = where_ + ": " + key + "[" + std::to_string(out.size()) + "]";
+    if (!o.has_value()) throw RunnerError(where + ": expected an object");
+    out.emplace_back(*o, where);
+  }
+  return out;
+}
+
 std::vector<std::string> JsonObject::Keys() const {
   std::vector<std::string> out;
   for (const auto& kv : obj_) {

@@ -42,6 +42,8 @@ class JsonObject {
   JsonObject Obj(const std::string& key) const;
   std::vector<std::string> StrList(const std::string& key) const;
   std::vector<int64_t> IntList(const std::string& key) const;
+  // A list of objects; element i reports itself as "key[i]".
+  std::vector<JsonObject> ObjList(const std::string& key) const;
   std::vector<std::string> Keys() const;
   const std::string& where() const { return where_; }
 

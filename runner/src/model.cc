@@ -89,7 +89,20 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
   lm_.vocab_size = lm.Int("vocab_size");
   if (lm.Has("bos_id")) lm_.bos_id = lm.Int("bos_id");
   if (lm.Has("eos_id")) lm_.eos_id = lm.Int("eos_id");
-  if (lm.Has("cache_dtype")) lm_.cache_dtype = ParseDType(lm.Str("cache_dtype"), lm.where() + ": cache_dtype");
+  DLDataType cache_dtype{kDLFloat, 32, 1};
+  if (lm.Has("cache_dtype")) cache_dtype = ParseDType(lm.Str("cache_dtype"), lm.where() + ": cache_dtype");
+  if (lm.Has("caches") && !lm.IsNull("caches")) {
+    for (const JsonObject& c : lm.ObjList("caches")) {
+      lm_.caches.push_back({c.Str("name"), c.IntList("shape"), ParseDType(c.Str("dtype"), c.where() + ": dtype")});
+    }
+  }
+  if (lm_.caches.empty()) {
+    for (int64_t i = 0; i < lm_.n_layers; ++i) {
+      for (const char* kv : {"k_", "v_"}) {
+        lm_.caches.push_back({kv + std::to_string(i), {lm_.n_kv_heads, lm_.cache_len, lm_.head_dim}, cache_dtype});
+      }
+    }
+  }
 
   if (manifest.IsNull("payload")) throw RunnerError(mpath + ": payload: missing (not a TVM artifact?)");
   JsonObject payload = manifest.Obj("payload");
@@ -160,8 +173,10 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
 
 void EdgeModel::Reset() {
   caches_.clear();
-  for (int64_t i = 0; i < 2 * lm_.n_layers; ++i) {
-    caches_.push_back(EmptyCPU({1, lm_.n_kv_heads, lm_.cache_len, lm_.head_dim}, lm_.cache_dtype));
+  for (const CacheSpec& c : lm_.caches) {  // zero-filled (EmptyCPU), as every runner's empty cache is
+    std::vector<int64_t> shape{1};
+    shape.insert(shape.end(), c.shape.begin(), c.shape.end());
+    caches_.push_back(EmptyCPU(shape, c.dtype));
   }
 }
 

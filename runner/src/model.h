@@ -26,10 +26,19 @@
 
 namespace llmpress {
 
+// One cache tensor of the calling convention: its name, shape without the batch dimension, and dtype.
+struct CacheSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  DLDataType dtype;
+};
+
 struct LMInfo {
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, cache_len = 0, vocab_size = 0;
   int64_t bos_id = 1, eos_id = 2;
-  DLDataType cache_dtype{kDLFloat, 32, 1};
+  // In call order: the manifest's lm.caches (e.g. int8 codes + float32 scales after kv_quant), or
+  // k_0, v_0, k_1, ... of [n_kv_heads, cache_len, head_dim] lm.cache_dtype when it lists none.
+  std::vector<CacheSpec> caches;
 };
 
 // The machine this runner was built for, spelled as the manifest spells it ("x86_64", "aarch64").

@@ -216,3 +216,26 @@ def test_sentencepiece_artifact_runs_in_the_runner_like_python(native_runner, tm
     prompt = "once upon a time,  there was"  # a double space: sentencepiece's whitespace normalization applies
     want = art.generate(prompt, 24)
     assert emulate.run_emulated(folder, prompt=prompt, max_new_tokens=24) == want
+
+
+def test_native_runner_runs_an_int8_kv_cache_artifact(native_runner, s260, tmp_path):
+    """After ``kv_quant`` the calling convention holds int8 codes + float32 scales per cache (manifest
+    ``lm.caches``): the runner allocates them from the manifest and prints the ids of the Python TVM program and of
+    the reference graph (greedy from BOS, 64 tokens)."""
+    import llmpress
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    model, tok = s260
+    module = llmpress.capture(model)
+    art = llmpress.compile(module, pipeline="kv_quant", target="cpu", tokenizer=tok, progress=False)
+    folder = tmp_path / "s260-kv8"
+    art.save(folder)
+    caches = json.loads((folder / "manifest.json").read_text())["lm"]["caches"]
+    assert [(c["name"], c["dtype"]) for c in caches[:2]] == [("k_0", "int8"), ("k_0_scale", "float32")]
+    assert len(caches) == 4 * module.lm.n_layers
+    ids = emulate.generate_ids(folder, [1], max_new_tokens=64)
+    assert len(ids) == 65
+    assert ids == art.generate_ids([1], max_new_tokens=64)
+    ref = llmpress.compile(module, pipeline="kv_quant", target="reference", progress=False)
+    assert ids == ref.generate_ids([1], max_new_tokens=64)

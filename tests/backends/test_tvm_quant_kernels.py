@@ -272,6 +272,37 @@ def test_quantized_tiny_llama_prefill_and_decode_match_reference(tiny_llama):
         ref_caches, got_caches = list(ref[1:]), [torch.as_tensor(c) for c in got[1:]]
 
 
+def test_int8_kv_cache_tiny_llama_matches_reference(tiny_llama):
+    """``kv_quant``'s int8 cache through TVM: the codes TVM stores are the reference's exactly (the scale and the
+    rounding use the same float operations), the scales and logits agree to float32 summation order, over a prefill
+    and decode steps that read the stored codes."""
+    from llmpress.backends.tvm import TVMBackend
+    from llmpress.eval.generate import empty_cache
+    from llmpress.passes.base import PassContext
+    from llmpress.passes.kv_quant import KVQuant, KVQuantOptions
+
+    module = KVQuant(KVQuantOptions()).run(capture(tiny_llama), PassContext(progress=False)).module
+    compiled = TVMBackend().lower(module, "cpu", progress=False)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    ref = module.run(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))
+    got = [torch.as_tensor(t) for t in compiled(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))]
+
+    def check(pos):
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert a.dtype == b.dtype
+            if b.dtype == torch.int8:
+                assert torch.equal(a, b), f"cache {i}: int8 codes differ after position {pos}"
+            else:  # logits and scales: fp32 kernels, compared at 1e-5 of their scale
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()) + 1e-7)
+
+    check(ids.shape[1] - 1)
+    for pos, tok in enumerate([4, 11, 6], start=ids.shape[1]):
+        step, start = torch.tensor([[tok]]), torch.tensor([pos])
+        ref = module.run(step, start, *ref[1:])
+        got = [torch.as_tensor(t) for t in compiled(step, start, *got[1:])]
+        check(pos)
+
+
 def _int4_both_forms(out_f=256, in_f=768):
     """Two int4 g128 linears: one on a dynamic-length input (GEMM form), one on a one-token input (GEMV form)."""
     q, s, _ = _quantized(4, 128, True, out_f=out_f, in_f=in_f)

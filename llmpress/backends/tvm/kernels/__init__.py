@@ -4,7 +4,8 @@ Each op family has one file holding its TE definition, its ``custom_convert_map`
 
 - ``wq_linear``: weight-only quantized linear, dequantization fused into the matmul reduction;
 - ``w8a8``: per-token dynamic int8 activation quantization + int8 x int8 -> int32 matmul + rescale;
-- ``kv_quant``: per (batch, head, token) fake quantization of new keys/values.
+- ``kv_quant``: per (batch, head, token) quantization of new keys/values (fake, or int8 codes + scales
+  for an int8 cache, dequantized where attention reads it).
 
 Use: merge :data:`CONVERTERS` into the importer's converters, then schedule with :func:`kernel_rule` (first rule of a
 CPU ``ApplyDefaultSchedule``) or :func:`schedule_kernels` (a module pass); see ``common.py`` for the design.
@@ -34,6 +35,9 @@ CONVERTERS = {
     "llmpress.wq_linear.default": _lazy("wq_linear", "convert_wq_linear"),
     "llmpress.w8a8_linear.default": _lazy("w8a8", "convert_w8a8_linear"),
     "llmpress.kv_fake_quant.default": _lazy("kv_quant", "convert_kv_fake_quant"),
+    "llmpress.kv_scale.default": _lazy("kv_quant", "convert_kv_scale"),
+    "llmpress.kv_codes.default": _lazy("kv_quant", "convert_kv_codes"),
+    "llmpress.kv_dequant.default": _lazy("kv_quant", "convert_kv_dequant"),
 }
 
 

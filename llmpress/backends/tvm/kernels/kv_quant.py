@@ -1,4 +1,9 @@
-"""TVM kernel for ``llmpress::kv_fake_quant``: per-vector symmetric fake quantization of new keys/values.
+"""TVM kernels for the KV-cache ops: per-vector symmetric quantization of new keys/values.
+
+``llmpress::kv_fake_quant`` (float cache), and for the int8 cache ``llmpress::kv_scale`` (the scales: the row
+reduction below without its epilogue), ``llmpress::kv_codes`` (elementwise: ``clamp(nearbyint(x / s))`` cast to
+int8, left fusable so it merges with the cache scatter) and ``llmpress::kv_dequant`` (``astype(codes) * s`` as Relax
+ops, fused by ``FuseOps`` into the attention that reads it, so no float copy of the whole cache is kept).
 
 Math (reference: ``llmpress/ir/ops/kv_quant.py``; the same float operations in the same order)::
 
@@ -17,29 +22,43 @@ from tvm import relax, te, tirx
 from ....errors import UnsupportedOpError
 from .common import KERNEL_ATTR, new_schedule, register_cpu_schedule
 
-__all__ = ["kv_fake_quant_te", "emit_kv_fake_quant", "convert_kv_fake_quant"]
+__all__ = ["kv_fake_quant_te", "emit_kv_fake_quant", "convert_kv_fake_quant", "convert_kv_scale",
+           "convert_kv_codes", "convert_kv_dequant"]
 
 
-def kv_fake_quant_te(x: te.Tensor, *, bits: int) -> te.Tensor:
-    qmax = float((1 << (bits - 1)) - 1)
+def _qmax(bits: int) -> float:
+    if not 2 <= bits <= 8:
+        raise UnsupportedOpError(f"KV-cache quantization: bits must be in 2..8, got {bits}", op="kv_quant")
+    return float((1 << (bits - 1)) - 1)
+
+
+def _scale_te(x: te.Tensor, qmax: float, *, keepdim: bool) -> te.Tensor:
     lead, d = list(x.shape[:-1]), x.shape[-1]
     k = te.reduce_axis((0, d), name="d")
     amax = te.compute(lead, lambda *i: te.max(tirx.abs(x[(*i, k)]), axis=k), name="amax")
-    scale = te.compute(lead, lambda *i: tirx.Select(amax[i] > tirx.const(0.0, "float32"),
-                                                    amax[i] / tirx.const(qmax, "float32"),
-                                                    tirx.const(1.0, "float32")), name="scale")
 
-    def fq(*i):
-        r = tirx.nearbyint(x[i] / scale[i[:-1]])
-        r = tirx.max(tirx.min(r, tirx.const(qmax, "float32")), tirx.const(-qmax, "float32"))
-        return r * scale[i[:-1]]
+    def scale(*i):
+        i = i[:-1] if keepdim else i
+        return tirx.Select(amax[i] > tirx.const(0.0, "float32"), amax[i] / tirx.const(qmax, "float32"),
+                           tirx.const(1.0, "float32"))
 
-    return te.compute(x.shape, fq, name="fake_quant")
+    return te.compute([*lead, 1] if keepdim else lead, scale, name="scale")
+
+
+def _round_clamp(v, qmax: float):
+    r = tirx.nearbyint(v)
+    return tirx.max(tirx.min(r, tirx.const(qmax, "float32")), tirx.const(-qmax, "float32"))
+
+
+def kv_fake_quant_te(x: te.Tensor, *, bits: int) -> te.Tensor:
+    qmax = _qmax(bits)
+    scale = _scale_te(x, qmax, keepdim=False)
+    return te.compute(x.shape, lambda *i: _round_clamp(x[i] / scale[i[:-1]], qmax) * scale[i[:-1]],
+                      name="fake_quant")
 
 
 def emit_kv_fake_quant(bb: relax.BlockBuilder, x: relax.Expr, bits: int) -> relax.Expr:
-    if not 2 <= bits <= 8:
-        raise UnsupportedOpError(f"kv_fake_quant: bits must be in 2..8, got {bits}", op="kv_fake_quant")
+    _qmax(bits)
     x_dtype = x.ty.dtype
     if x_dtype != "float32":
         x = bb.emit(relax.op.astype(x, "float32"))
@@ -63,6 +82,53 @@ def _schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     n_lead = len(func.params[0].shape) - 1
     sch.compute_inline(sch.get_sblock("scale"))
     out = sch.get_sblock("fake_quant")
+    loops = sch.get_loops(out)
+    row = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
+    sch.compute_at(sch.get_sblock("amax"), row)
+    sch.parallel(row)
+    return sch
+
+
+def _f32(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+    return x if x.ty.dtype == "float32" else bb.emit(relax.op.astype(x, "float32"))
+
+
+def convert_kv_scale(node, importer) -> relax.Expr:
+    """``custom_convert_map`` entry for ``llmpress.kv_scale.default``: ``float32[..., 1]`` absmax scales."""
+    bb = importer.block_builder
+    qmax = _qmax(int(node.args[1]))
+    x = _f32(bb, importer.env[node.args[0]])
+    return bb.emit_te(lambda t: _scale_te(t, qmax, keepdim=True), x, primfunc_name_hint="llmpress_kv_scale",
+                      primfunc_attrs={KERNEL_ATTR: "kv_scale", "op_pattern": 8})
+
+
+def convert_kv_codes(node, importer) -> relax.Expr:
+    """``llmpress.kv_codes.default``: ``int8`` codes, elementwise (left fusable with the scatter that stores them)."""
+    bb = importer.block_builder
+    qmax = _qmax(int(node.args[2]))
+    x = _f32(bb, importer.env[node.args[0]])
+    s = importer.env[node.args[1]]
+
+    def codes(xt: te.Tensor, st: te.Tensor) -> te.Tensor:
+        return te.compute(xt.shape, lambda *i: _round_clamp(xt[i] / st[(*i[:-1], 0)], qmax).astype("int8"),
+                          name="kv_codes")
+
+    return bb.emit_te(codes, x, s, primfunc_name_hint="llmpress_kv_codes")
+
+
+def convert_kv_dequant(node, importer) -> relax.Expr:
+    """``llmpress.kv_dequant.default``: ``astype(codes, float32) * scale`` as Relax ops (fused with its reader)."""
+    bb = importer.block_builder
+    codes = importer.env[node.args[0]]
+    scale = importer.env[node.args[1]]
+    return bb.emit(relax.op.multiply(relax.op.astype(codes, "float32"), scale))
+
+
+@register_cpu_schedule("kv_scale")
+def _schedule_scale_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
+    sch = new_schedule(func, func)
+    n_lead = len(func.params[0].shape) - 1
+    out = sch.get_sblock("scale")
     loops = sch.get_loops(out)
     row = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
     sch.compute_at(sch.get_sblock("amax"), row)
