@@ -133,21 +133,31 @@ def test_quantized_model_exports_to_matmulnbits(tiny_llama, tmp_path, bits, grou
     _prefill_then_decode(module, OrtProgram(path), tiny_llama.config.vocab_size)
 
 
-@pytest.mark.parametrize("pipeline,op", [("smoothquant", "MatMulInteger"), ("gptq(bits=4,group=32)", "MatMulNBits"),
-                                         ("kv_quant", "Round")])
-def test_calibrated_pipelines_export(tiny_llama, tmp_path, pipeline, op):
+@pytest.mark.parametrize("pipeline,w8a8,op,absent", [
+    ("smoothquant", "qdq", "QuantizeLinear", "MatMulInteger"),  # the default W8A8 form
+    ("smoothquant", "integer", "MatMulInteger", "QuantizeLinear"),
+    ("gptq(bits=4,group=32)", "qdq", "MatMulNBits", "QuantizeLinear"),
+    ("kv_quant", "qdq", "Round", "MatMulInteger")])
+def test_calibrated_pipelines_export(tiny_llama, tmp_path, pipeline, w8a8, op, absent):
     """What the calibration passes produce exports too. SmoothQuant's W8A8 layers quantize activations per token
-    inside the graph: the quantization and the int32 product are reproduced exactly, but an upstream float32
-    difference (~1e-7) could in principle move one activation across a rounding boundary; for this fixed model and
-    input none does (measured 5e-7), so the common tolerance holds."""
+    inside the graph: the codes are reproduced exactly in both forms (the integer product too, in ``integer``), but
+    an upstream float32 difference (~1e-7) could in principle move one activation across a rounding boundary; for
+    this fixed model and input none does (measured worst logit difference 5e-7 for ``integer``, 6e-7 for ``qdq``,
+    whose float32 MatMul over dequantized values adds only summation-order error), so the common tolerance holds."""
     from llmpress.api import run_pipeline
     from llmpress.passes.calibration import Calibration
 
     g = torch.Generator().manual_seed(0)
     cal = Calibration.from_tensors([torch.randint(0, 64, (1, 16), generator=g) for _ in range(4)])
     module, _ = run_pipeline(capture(tiny_llama), pipeline, calibration=cal, progress=False)
-    path = export(module, tmp_path / "cal.onnx")
-    assert _ops(path).get(op, 0) > 0
+    path = export(module, tmp_path / "cal.onnx") if w8a8 == "qdq" else export(module, tmp_path / "cal.onnx",
+                                                                              w8a8=w8a8)
+    ops = _ops(path)
+    assert ops.get(op, 0) > 0 and ops.get(absent, 0) == 0, ops
+    if pipeline == "smoothquant":
+        n = module.op_histogram()["llmpress.w8a8_linear.default"]
+        assert ops[op] == n
+        assert OrtProgram(path).metadata["llmpress.w8a8"] == w8a8
     _prefill_then_decode(module, OrtProgram(path), tiny_llama.config.vocab_size)
 
 
@@ -170,9 +180,9 @@ def test_group_without_power_of_two_block_is_refused(tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
 
 
-def test_w8a8_linear_exports_to_matmulinteger(tmp_path):
-    """One w8a8 layer: per-token int8 quantization and the int32 product are reproduced exactly, so the only
-    difference left is float32 rounding of the two final scale multiplications (identical order): 1e-6 relative."""
+def _one_w8a8_layer():
+    """A captured single ``w8a8_linear`` (in 48, out 24, with bias) with a dynamic token axis, and an input whose
+    token ``[0, 3]`` is all zero (the scale-1 guard)."""
     from llmpress.ir.ops.w8a8 import quantize_weight
 
     torch.manual_seed(0)
@@ -189,14 +199,87 @@ def test_w8a8_linear_exports_to_matmulinteger(tmp_path):
             return torch.ops.llmpress.w8a8_linear(x, self.qw, self.ws, self.bias)
 
     x = torch.randn(2, 7, 48)
-    x[0, 3] = 0.0  # an all-zero token takes the scale-1 guard
-    module = capture(One(), (x,), dynamic=({1: torch.export.Dim("t", min=1, max=64)},))  # float input: say it
-    path = export(module, tmp_path / "w8a8.onnx")
-    assert _ops(path).get("MatMulInteger") == 1
+    x[0, 3] = 0.0
+    return capture(One(), (x,), dynamic=({1: torch.export.Dim("t", min=1, max=64)},)), x  # float input: say it
+
+
+def test_w8a8_linear_exports_to_matmulinteger(tmp_path):
+    """One w8a8 layer, ``w8a8="integer"``: per-token int8 quantization and the int32 product are reproduced exactly,
+    so the only difference left is float32 rounding of the two final scale multiplications (identical order):
+    1e-6 relative."""
+    module, x = _one_w8a8_layer()
+    path = export(module, tmp_path / "w8a8.onnx", w8a8="integer")
+    ops = _ops(path)
+    assert ops.get("MatMulInteger") == 1 and "QuantizeLinear" not in ops
     x2 = torch.randn(2, 11, 48)  # another sequence length through the same file
     for inp in (x, x2):
         (ours,) = OrtProgram(path)(inp)
         torch.testing.assert_close(ours, module.run(inp), atol=1e-6, rtol=1e-6)
+
+
+def test_w8a8_linear_exports_to_qdq(tmp_path):
+    """One w8a8 layer in the default QDQ form. The activation codes ORT's QuantizeLinear produces are identical to
+    ``quantize_activation``'s (half-to-even ties included: some inputs sit exactly on k + 0.5 scales). The output
+    then differs only by float32 arithmetic: the reference sums integer products exactly and scales once, the QDQ
+    graph rounds each dequantized value, product and partial sum. The standard bound for a K-term float sum gives,
+    per output, ``|ours - ref| <= (K + 6) * 2^-24 * S`` with ``S = sum_k |xq[k] wq[k]| + |bias|`` (K - 1 sums, 2
+    dequantizations, 1 product, 1 bias add on our side, 3 roundings on the reference's); asserted element-wise."""
+    import onnx.helper as oh
+    from onnx import TensorProto
+
+    from llmpress.ir.ops.w8a8 import dequantize_weight, quantize_activation
+
+    module, x = _one_w8a8_layer()
+    path = export(module, tmp_path / "w8a8.onnx")  # the default form
+    model = onnx.load(str(path))
+    ops = _ops(path)
+    assert ops.get("QuantizeLinear") == 1 and ops.get("DequantizeLinear") == 2 and "MatMulInteger" not in ops, ops
+    assert {p.key: p.value for p in model.metadata_props}["llmpress.w8a8"] == "qdq"
+    # Expose the activation codes as a second output, to compare them with the reference's.
+    (q_node,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    model.graph.output.append(oh.make_tensor_value_info(q_node.output[0], TensorProto.INT8, ["M", 48]))
+    onnx.save_model(model, str(tmp_path / "codes.onnx"))
+    program = OrtProgram(tmp_path / "codes.onnx")
+
+    qw, ws = module.weights()["qw"], module.weights()["ws"]
+    bias = module.weights()["bias"].detach()
+    eps = 2.0 ** -24
+    # Ties: with a power-of-two scale s0 = 2^-3 (absmax 127 * s0), x = (k + 0.5) * s0 and x / s0 are exact.
+    s0 = 2.0 ** -3
+    x_ties = (torch.randn(2, 5, 48) * 30 * s0).clamp(-100 * s0, 100 * s0)
+    x_ties[..., :8] = (torch.randint(-120, 120, (2, 5, 8)) + 0.5) * s0
+    x_ties[..., -1] = 127 * s0
+    for inp in (x, torch.randn(2, 11, 48) * 30, x_ties):
+        ours, codes = program(inp)
+        qx, sx = quantize_activation(inp.reshape(-1, 48))
+        assert torch.equal(codes.to(torch.float32), qx), "QuantizeLinear codes differ from the reference"
+        ref = module.run(inp)
+        xq = (qx * sx[:, None]).reshape(*inp.shape)
+        s = xq.abs() @ dequantize_weight(qw, ws).abs().t() + bias.abs()
+        err = (ours - ref).abs()
+        bound = (48 + 6) * eps * s
+        assert bool((err <= bound).all()), f"worst error / bound: {float((err / bound).max())}"
+    assert bool((sx == s0).all()) and bool((qx[:, :8] % 2 == 0).all())  # every tie went to the even code
+
+
+def test_w8a8_form_is_validated_and_recorded(tmp_path):
+    """A typo in the form fails with the choices listed, for the export keyword and for the target string; the
+    target's form reaches the file's metadata and the manifest's target spec."""
+    from llmpress.backends import backend_for_target
+    from llmpress.backends.onnx.backend import OnnxBackend
+    from llmpress.errors import ConfigError
+
+    module, _ = _one_w8a8_layer()
+    with pytest.raises(ConfigError, match=r"'int'.*'qdq' \(default\), 'integer'"):
+        export(module, tmp_path / "bad.onnx", w8a8="int")
+    assert not (tmp_path / "bad.onnx").exists()
+    with pytest.raises(ConfigError, match=r"'onnx:int8'.*onnx, onnx:qdq, onnx:integer"):
+        backend_for_target("onnx:int8")
+    assert isinstance(backend_for_target("onnx:integer"), OnnxBackend)
+    for target, form, op in (("onnx", "qdq", "QuantizeLinear"), ("onnx:integer", "integer", "MatMulInteger")):
+        compiled = OnnxBackend().lower(module, target, progress=False)
+        assert compiled.target_json()["spec"]["w8a8"] == form
+        assert _ops(compiled.path).get(op) == 1
 
 
 def test_kv_fake_quant_exports(tmp_path):

@@ -1,8 +1,13 @@
-"""The ``onnx`` target: export the rewritten IR to ``model.onnx`` and run it in ONNX Runtime.
+"""The ``onnx`` targets: export the rewritten IR to ``model.onnx`` and run it in ONNX Runtime.
 
 ``llmpress compile MODEL --pipeline w4a16 --target onnx -o DIR`` gives an artifact whose payload is one ONNX file
-(weight-only layers as ``com.microsoft.MatMulNBits``, W8A8 as ``MatMulInteger``); ``llmpress eval``/``run`` load it
-through ``OrtProgram`` with the same calling convention as every other backend.
+(weight-only layers as ``com.microsoft.MatMulNBits``, W8A8 as QuantizeLinear/DequantizeLinear + MatMul);
+``llmpress eval``/``run`` load it through ``OrtProgram`` with the same calling convention as every other backend.
+
+Targets (``TARGETS``): ``"onnx"`` and ``"onnx:qdq"`` export W8A8 layers as QDQ, ``"onnx:integer"`` as
+``MatMulInteger`` (see ``llmpress_ops``); any other ``"onnx:..."`` is a ``ConfigError`` listing these, raised when
+the target is chosen, before any work. The form is recorded in the manifest's target spec (``"w8a8"``) and in the
+ONNX file's metadata (``llmpress.w8a8``).
 """
 from __future__ import annotations
 
@@ -12,13 +17,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ...errors import ArtifactError
+from ...errors import ArtifactError, ConfigError
 from ...ir.module import Module
 from ..base import Backend, Compiled, Unsupported
 
-__all__ = ["OnnxBackend", "OnnxCompiled"]
+__all__ = ["OnnxBackend", "OnnxCompiled", "TARGETS", "target_options"]
 
 _FILE = "model.onnx"
+
+# target -> export options; "onnx" is the default form
+TARGETS: dict[str, dict[str, str]] = {"onnx": {"w8a8": "qdq"}, "onnx:qdq": {"w8a8": "qdq"},
+                                      "onnx:integer": {"w8a8": "integer"}}
+
+
+def target_options(target: Any) -> dict[str, str]:
+    """Export options of an ``onnx`` target string (``ConfigError`` listing the targets for an unknown one)."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown ONNX target {target!r}: choose one of {', '.join(TARGETS)} ('onnx' = 'onnx:qdq': "
+                          "W8A8 as QuantizeLinear/DequantizeLinear + MatMul; 'onnx:integer': W8A8 as MatMulInteger)")
+    return dict(TARGETS[target])
 
 
 class OnnxCompiled(Compiled):
@@ -30,14 +47,15 @@ class OnnxCompiled(Compiled):
         self.path = path
         self._owns_dir = owns_dir
         self.program = OrtProgram(path)
+        self.w8a8 = self.program.metadata.get("llmpress.w8a8", "integer")  # files from before the option: integer
 
     def forward(self, *inputs: Any) -> Any:
         out = self.program.forward(*inputs)
         return out if len(out) > 1 else out[0]
 
     def target_json(self) -> dict:
-        return {"name": "onnx", "spec": {"opset": 18, "runtime": "onnxruntime"}, "arch": "any", "device": "cpu",
-                "host": platform.machine()}
+        return {"name": "onnx", "spec": {"opset": 18, "runtime": "onnxruntime", "w8a8": self.w8a8}, "arch": "any",
+                "device": "cpu", "host": platform.machine()}
 
     def save_payload(self, folder: Path) -> dict:
         shutil.copy2(self.path, folder / _FILE)
@@ -52,7 +70,12 @@ class OnnxBackend(Backend):
     name = "onnx"
 
     def supports(self, target: Any) -> bool:
-        return target == "onnx"
+        """Every ``"onnx"`` / ``"onnx:<form>"`` string; an unknown form raises ``ConfigError`` here, so a typo fails
+        when the target is chosen rather than after the passes ran."""
+        if not isinstance(target, str) or not (target == "onnx" or target.startswith("onnx:")):
+            return False
+        target_options(target)
+        return True
 
     def check(self, module: Module, target: Any) -> list[Unsupported]:
         from .export import check
@@ -62,9 +85,10 @@ class OnnxBackend(Backend):
     def lower(self, module: Module, target: Any = "onnx", *, progress: bool = True) -> OnnxCompiled:
         from .export import export
 
+        opts = target_options(target)
         tmp = Path(tempfile.mkdtemp(prefix="llmpress-onnx-"))
         try:
-            export(module, tmp / _FILE, progress=progress)
+            export(module, tmp / _FILE, progress=progress, **opts)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

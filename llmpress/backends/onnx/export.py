@@ -5,18 +5,23 @@ programs (the "dynamo" exporter) needs ``onnxscript`` and ``onnx-ir``, which are
 (checked with torch 2.13: ``torch.onnx.export(..., dynamo=True)`` fails with ``No module named 'onnxscript'``; the
 legacy TorchScript exporter re-traces an ``nn.Module`` and cannot take our captured, rewritten graph), and
 it would still need custom translations for every llmpress op (whose packing into ``MatMulNBits`` is the point of
-this backend). The ATen subset our captured models use is small (about 30 ops, see ``aten.py``), every
-translation is a few lines over ``onnx.helper``, and owning it means an unsupported op fails with our
-``UnsupportedOpError`` naming the node and the model's source line, before anything is written.
+this backend). The ATen subset our captured models use is small (about 30 ops, see ``aten_math.py`` and
+``aten_shape.py``), every translation is a few lines over ``onnx.helper``, and owning it means an unsupported op
+fails with our ``UnsupportedOpError`` naming the node and the model's source line, before anything is written.
 
 What comes out:
 - opset 18 (+ ``com.microsoft`` 1 when compressed ops are present);
+- W8A8 layers in the form ``w8a8`` names (``"qdq"``, the default: QuantizeLinear/DequantizeLinear + MatMul;
+  ``"integer"``: MatMulInteger; see ``llmpress_ops``), recorded in the metadata as ``llmpress.w8a8``;
 - weights as initializers (linear weights stored transposed, ``[in, out]``, so ``MatMul`` needs no Transpose; ORT's
   own ``MatMulNBitsQuantizer`` recognises those MatMuls); files over 1.5 GiB keep weights as external data;
 - for LMs (``module.lm`` set) the calling convention of ``llmpress.models.llama`` with ONNX names:
-  inputs ``input_ids [B, T]``, ``start_pos [1]``, ``past_k_i``/``past_v_i`` ``[B, H_kv, cache_len, D]``;
-  outputs ``logits [B, T, V]``, ``present_k_i``/``present_v_i``; ``T`` is a symbolic dimension, so one model
-  serves prefill and decode; the ``LMInfo`` is stored in the model's metadata (``llmpress.lm``);
+  inputs ``input_ids [B, T]``, ``start_pos [1]``, then one ``past_<name>`` per cache tensor of
+  ``lm.cache_specs()`` (``past_k_0``, ``past_v_0``, ... for a float cache ``[B, H_kv, cache_len, D]``; ``past_k_0``
+  int8 codes and ``past_k_0_scale`` float32 ``[B, H_kv, cache_len, 1]`` scales, ... after
+  ``kv_quant(storage="int8")``); outputs ``logits [B, T, V]`` and ``present_<name>`` likewise; ``T`` is a symbolic
+  dimension, so one model serves prefill and decode; the ``LMInfo`` (with its cache specs) is stored in the
+  model's metadata (``llmpress.lm``);
 - for other modules the placeholder names of the graph and ``output_<i>``.
 
 Unused nodes (``torch.export``'s shape assertions) are not translated.
@@ -33,12 +38,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ...errors import UnsupportedOpError
+from ...errors import ConfigError, UnsupportedOpError
 from ...ir.module import Module
 from ..base import Unsupported
 from .graph import MS_DOMAIN, OPSET, GraphBuilder, onnx_dtype, op_name, unsupported
 
-__all__ = ["export", "to_onnx", "check", "io_names"]
+__all__ = ["export", "to_onnx", "check", "io_names", "check_w8a8_form"]
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +83,38 @@ def check(module: Module) -> list[Unsupported]:
     return out
 
 
+def check_w8a8_form(w8a8: Any) -> str:
+    """``w8a8`` if it names a W8A8 export form, else ``ConfigError`` listing the forms."""
+    from .llmpress_ops import W8A8_FORMS
+
+    if w8a8 not in W8A8_FORMS:
+        raise ConfigError(f"ONNX export: unknown W8A8 form {w8a8!r}; choose one of "
+                          + ", ".join(f"{f!r}" + (" (default)" if i == 0 else "") for i, f in enumerate(W8A8_FORMS))
+                          + ": 'qdq' is QuantizeLinear/DequantizeLinear around MatMul, 'integer' is MatMulInteger")
+    return w8a8
+
+
 def io_names(module: Module) -> tuple[list[str], list[str]]:
-    """ONNX input and output names for ``module`` (LM names when ``module.lm`` is set)."""
+    """ONNX input and output names for ``module``: for an LM (``module.lm`` set) ``input_ids``, ``start_pos``,
+    ``past_<name>`` per cache tensor of ``lm.cache_specs()`` in call order, and ``logits``, ``present_<name>``;
+    otherwise the placeholder names of the graph and ``output_<i>``."""
     users = module.user_inputs()
     outs = module.output_node().args[0]
-    if module.lm is not None and len(users) == 2 + 2 * module.lm.n_layers:
-        caches_in = [f"past_{kv}_{i}" for i in range(module.lm.n_layers) for kv in ("k", "v")]
-        caches_out = [f"present_{kv}_{i}" for i in range(module.lm.n_layers) for kv in ("k", "v")]
-        return ["input_ids", "start_pos", *caches_in], ["logits", *caches_out][: len(outs)]
+    if module.lm is not None:
+        names = [c["name"] for c in module.lm.cache_specs()]
+        if len(users) == 2 + len(names) and len(outs) == 1 + len(names):
+            return (["input_ids", "start_pos", *[f"past_{n}" for n in names]],
+                    ["logits", *[f"present_{n}" for n in names]])
+        log.warning("ONNX export: the graph has %d inputs and %d outputs, but its LM calling convention lists %d "
+                    "cache tensors (%s); using the graph's own names", len(users), len(outs), len(names),
+                    ", ".join(names))
     return [n.name for n in users], [f"output_{i}" for i in range(len(outs))]
 
 
 class _Exporter:
-    def __init__(self, module: Module) -> None:
+    def __init__(self, module: Module, *, w8a8: str = "qdq") -> None:
         self.module = module
+        self.w8a8 = check_w8a8_form(w8a8)
         self.b = GraphBuilder()
         self.derived: dict[Any, str] = {}  # (kind, weight name) -> initializer of a transformed weight
         self._weights = module.weights()
@@ -168,7 +191,8 @@ class _Exporter:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="llmpress")
         model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
-        meta = {"llmpress.inputs": json.dumps(in_names), "llmpress.outputs": json.dumps(out_names)}
+        meta = {"llmpress.inputs": json.dumps(in_names), "llmpress.outputs": json.dumps(out_names),
+                "llmpress.w8a8": self.w8a8}
         if mod.lm is not None:
             meta["llmpress.lm"] = json.dumps(mod.lm.to_json())
         helper.set_model_props(model, meta)
@@ -189,19 +213,22 @@ class _LazyWeight:
         return self.ex.derived[key]
 
 
-def to_onnx(module: Module, *, progress: bool = False):
+def to_onnx(module: Module, *, w8a8: str = "qdq", progress: bool = False):
     """The ``onnx.ModelProto`` of ``module`` (raises ``UnsupportedOpError`` before any work if an op has no
-    translation)."""
-    return _Exporter(module).run(progress=progress)
+    translation, ``ConfigError`` for an unknown ``w8a8`` form: ``"qdq"`` or ``"integer"``)."""
+    return _Exporter(module, w8a8=w8a8).run(progress=progress)
 
 
-def export(module: Module, path: str | Path, *, check_model: bool = True, progress: bool = False) -> Path:
-    """Write ``module`` as an ONNX file at ``path`` (see the module docstring for what the file holds)."""
+def export(module: Module, path: str | Path, *, w8a8: str = "qdq", check_model: bool = True,
+           progress: bool = False) -> Path:
+    """Write ``module`` as an ONNX file at ``path`` (see the module docstring for what the file holds;
+    ``w8a8`` picks the form of W8A8 layers: ``"qdq"`` (default) or ``"integer"``)."""
     import onnx
 
+    check_w8a8_form(w8a8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = to_onnx(module, progress=progress)
+    model = to_onnx(module, w8a8=w8a8, progress=progress)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     if size > _EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

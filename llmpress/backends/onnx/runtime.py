@@ -2,7 +2,10 @@
 
 ``OrtProgram(path)(input_ids, start_pos, *caches) -> (logits, *caches)`` takes and returns torch tensors, so the
 generator (``llmpress.eval.generate.greedy``) and the perplexity evaluator use an ONNX model exactly like any
-other backend's program.
+other backend's program. The caches are whatever ``lm.cache_specs()`` lists (float32 ``k_i``/``v_i``, or int8
+codes + float32 scales after ``kv_quant(storage="int8")``); ``OrtProgram.empty_cache()`` allocates them from the
+specs stored in the file, and an input of the wrong dtype is refused with the input's name and the dtype the
+model takes (ONNX Runtime would not convert it).
 """
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ from ...errors import ArtifactError
 from ...ir.meta import LMInfo
 
 __all__ = ["OrtProgram"]
+
+_ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 class OrtProgram:
@@ -40,14 +47,29 @@ class OrtProgram:
             raise ArtifactError(f"{self.path}: ONNX Runtime cannot load the model: {e}") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        props = self.session.get_modelmeta().custom_metadata_map
+        self._input_dtypes = [_ORT_TO_NP.get(i.type) for i in self.session.get_inputs()]
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        props = self.metadata
         self.lm = LMInfo.from_json(json.loads(props["llmpress.lm"])) if "llmpress.lm" in props else None
+
+    def empty_cache(self, batch: int = 1) -> list[torch.Tensor]:
+        """Zero-filled caches for ``batch`` sequences, from the cache specs stored in the file."""
+        if self.lm is None:
+            raise ArtifactError(f"{self.path}: not a language model (no llmpress.lm metadata), so it has no cache")
+        return [torch.zeros((batch, *c["shape"]), dtype=getattr(torch, c["dtype"])) for c in self.lm.cache_specs()]
 
     def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):
             raise ArtifactError(f"{self.path}: the model takes {len(self.input_names)} inputs "
                                 f"({', '.join(self.input_names)}), got {len(inputs)}")
-        feeds = {n: _numpy(x) for n, x in zip(self.input_names, inputs)}
+        feeds = {}
+        for name, want, x in zip(self.input_names, self._input_dtypes, inputs):
+            arr = _numpy(x)
+            if want is not None and arr.dtype != want:
+                raise ArtifactError(f"{self.path}: input {name!r} must be {np.dtype(want).name}, got "
+                                    f"{arr.dtype.name} (allocate caches with empty_cache() from the model's "
+                                    "cache specs)")
+            feeds[name] = arr
         return tuple(torch.from_numpy(o) for o in self.session.run(self.output_names, feeds))
 
     __call__ = forward
