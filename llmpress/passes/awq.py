@@ -15,7 +15,7 @@ linears themselves (the paper measures the enclosing block's output; the linear 
 the search exact): with ``H = X^T X / tokens`` and ``D_l = W_l - Q(W_l diag(s)) diag(1/s)`` it is
 ``sum_l tr(D_l H D_l^T)``, so calibration only accumulates ``H`` and ``m`` per distinct input.
 
-``1/s`` is folded into the op producing ``X`` (found on the graph by ``smoothquant.find_sites``: the RMSNorm weight
+``1/s`` is folded into the op producing ``X`` (found on the graph by ``scale_folding.find_sites``: the RMSNorm weight
 shared by the linears reading it, the rows of a preceding linear, or of the linear inside an elementwise gate such
 as ``silu(gate) * up``), ``W_l diag(s)`` into every linear reading ``X`` -- exact before quantization. A layer whose
 producer cannot absorb a scale (o_proj reads the attention output; v_proj -> o_proj would have to pass through the
@@ -54,8 +54,8 @@ from .quant_common import (
     replace_with_wq_linear,
     rtn_quantize,
 )
+from .scale_folding import WeightEdits, collect_inputs, find_sites, require_calibration
 from .select import select_linears
-from .smoothquant import WeightEdits, collect_inputs, find_sites, require_calibration
 
 __all__ = ["AWQ", "AWQOptions", "search_scale", "clip_search", "output_error"]
 

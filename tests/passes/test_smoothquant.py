@@ -91,7 +91,7 @@ class _NearMiss(nn.Module):
 
 
 def test_near_misses_are_not_smoothed_and_say_why() -> None:
-    from llmpress.passes.smoothquant import find_sites
+    from llmpress.passes.scale_folding import find_sites
     from llmpress.passes.select import select_linears
 
     model = _NearMiss().eval()
