@@ -98,8 +98,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     res = perplexity(art.compiled.forward, art.lm, stream, context=a.context, progress=not a.quiet)
     pb = art.manifest.get("parameter_bytes", {}).get("after")
     out = {"perplexity": res.perplexity, "nll": res.nll, "tokens": res.tokens, "context": res.context,
-           "parameter_bytes": pb, "target": art.manifest["target"]["name"], "data": str(a.data),
-           "eval_seconds": res.seconds}
+           "parameter_bytes": pb, "kv_cache_bytes": art.lm.cache_bytes() if art.lm is not None else None,
+           "target": art.manifest["target"]["name"], "data": str(a.data), "eval_seconds": res.seconds}
     if art.lm is not None and getattr(art.compiled, "runnable_here", True):
         from .eval.latency import measure
 
@@ -117,11 +117,19 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     rows = art.manifest.get("layers", [])
     info = {"target": art.manifest["target"], "pipeline": art.manifest.get("pipeline", ""),
             "parameter_bytes": art.manifest.get("parameter_bytes"), "passes": art.passes, "layers": rows}
+    if art.lm is not None:
+        specs = art.lm.cache_specs()
+        info["kv_cache"] = {"bytes": art.lm.cache_bytes(), "tensors": len(specs),
+                            "dtypes": sorted({c["dtype"] for c in specs}), "cache_len": art.lm.cache_len}
     if a.json:
         print(json.dumps(info, default=str))
         return 0
     print(f"target {info['target']['name']}   pipeline {info['pipeline'] or '(none)'}   "
           f"parameter bytes {info['parameter_bytes']}")
+    if "kv_cache" in info:
+        kv = info["kv_cache"]
+        print(f"KV cache: {kv['bytes']:,} bytes for {kv['cache_len']} positions, {kv['tensors']} tensors "
+              f"({', '.join(kv['dtypes'])})")
     w = max([len(r["path"]) for r in rows] + [5])
     print(f"{'layer':<{w}}  {'op':<28} {'weights':<34} {'bytes':>10}  compression")
     for r in rows:

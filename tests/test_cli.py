@@ -75,3 +75,27 @@ def test_console_script_is_installed():
     exe = shutil.which("llmpress") or str(__import__("pathlib").Path(sys.executable).parent / "llmpress")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "compile" in out.stdout
+
+
+def test_int8_kv_cache_shows_in_inspect_and_eval(artifact, tmp_path, capsys):
+    """``kv8`` stores the cache as int8 codes + one float32 scale per (token, head): ``4 * head_dim`` bytes become
+    ``head_dim + 4`` (stories260K: head_dim 8, so 32 -> 12 bytes per token, head and K/V)."""
+    out = tmp_path / "s260k-kv8"
+    assert main(["compile", MODEL, "--pipeline", "exact,kv8", "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    sizes = {}
+    for folder in (artifact, out):
+        assert main(["inspect", str(folder), "--json"]) == 0
+        sizes[folder] = json.loads(capsys.readouterr().out)["kv_cache"]
+    lm = json.loads((artifact / "manifest.json").read_text())["lm"]
+    vectors = 2 * lm["n_layers"] * lm["n_kv_heads"] * lm["cache_len"]
+    assert sizes[artifact] == {"bytes": vectors * lm["head_dim"] * 4, "tensors": 2 * lm["n_layers"],
+                               "dtypes": ["float32"], "cache_len": lm["cache_len"]}
+    assert sizes[out] == {"bytes": vectors * (lm["head_dim"] + 4), "tensors": 4 * lm["n_layers"],
+                          "dtypes": ["float32", "int8"], "cache_len": lm["cache_len"]}
+    assert main(["inspect", str(out)]) == 0
+    assert f"KV cache: {vectors * (lm['head_dim'] + 4):,} bytes" in capsys.readouterr().out
+    assert main(["eval", str(out), "--data", str(VALID), "--max-tokens", "300", "--json", "-q",
+                 "--decode-tokens", "2"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kv_cache_bytes"] == sizes[out]["bytes"] and 1.0 < res["perplexity"] < 100.0
