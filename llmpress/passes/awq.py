@@ -54,7 +54,7 @@ from .quant_common import (
     replace_with_wq_linear,
     rtn_quantize,
 )
-from .scale_folding import WeightEdits, collect_inputs, find_sites, require_calibration
+from .scale_folding import WeightEdits, collect_input_stats, find_sites, require_calibration
 from .select import select_linears
 
 __all__ = ["AWQ", "AWQOptions", "search_scale", "clip_search", "output_error"]
@@ -189,13 +189,7 @@ class AWQ(Pass):
         if not selected:
             return PassResult(module, False, {"quantized": 0, "scaled": 0, "skipped": skipped})
         sites, not_scaled = find_sites(module, selected)
-        reps: dict[fx.Node, fx.Node] = {}
-        for n in selected:
-            reps.setdefault(n.args[0], n)
-        hstats = {x: _HStats() for x in reps}
-        rep_input = {rep: x for x, rep in reps.items()}
-        collect_inputs(module, ctx, list(reps.values()),
-                       lambda node, x2d: hstats[rep_input[node]].update(x2d))
+        hstats, reps = collect_input_stats(module, ctx, selected, _HStats)
         unseen = [x for x, st in hstats.items() if st.tokens == 0]
         if unseen:
             raise ConfigError(f"awq: the calibration data never reached the input of "

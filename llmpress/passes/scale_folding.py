@@ -24,12 +24,12 @@ pass through the KV cache and tie the scales of query heads sharing a key/value 
 times ``s1``) and the producer of the next (rows divided by ``s2``), and ``diag(1/s2) W diag(s1)`` does not depend
 on the order, so every scale can be computed from the original weights first. Stored tensors are never changed in
 place (``replace_weight`` adds new ones). Both passes compute ``s`` from per-channel statistics of ``X`` over the
-calibration data, collected with ``collect_inputs``.
+calibration data, collected with ``collect_input_stats``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, TypeVar
 
 import torch
 import torch.fx as fx
@@ -39,8 +39,8 @@ from ..ir.meta import source_path
 from ..ir.module import Module
 from .base import PassContext
 
-__all__ = ["ScaleSite", "find_sites", "WeightEdits", "replace_weight", "linear_bias", "collect_inputs",
-           "require_calibration"]
+__all__ = ["ScaleSite", "find_sites", "WeightEdits", "replace_weight", "linear_bias", "InputStats",
+           "collect_input_stats", "require_calibration"]
 
 _LINEAR = torch.ops.aten.linear.default
 _MUL = torch.ops.aten.mul.Tensor
@@ -235,9 +235,31 @@ def require_calibration(ctx: PassContext, pass_name: str):
     return ctx.calibration
 
 
-def collect_inputs(module: Module, ctx: PassContext, nodes: list[fx.Node],
-                   observer: Callable[[fx.Node, torch.Tensor], None]) -> None:
-    """Run the calibration data through the graph, calling ``observer(node, x2d)`` with each listed node's input."""
+class InputStats(Protocol):
+    """Running statistics of one linear input, fed ``[tokens, in]`` batches of it."""
+
+    def update(self, x2d: torch.Tensor) -> None: ...
+
+
+_S = TypeVar("_S", bound=InputStats)
+
+
+def collect_input_stats(module: Module, ctx: PassContext, linears: list[fx.Node], new_stats: Callable[[], _S]
+                        ) -> tuple[dict[fx.Node, _S], dict[fx.Node, fx.Node]]:
+    """Run the calibration data through the graph once, feeding each distinct input of ``linears`` to its own
+    ``new_stats()`` (linears sharing an input are observed once, through the first of them).
+
+    Returns (stats by input node, the observed linear by input node)."""
     from .calibration import collect
 
-    collect(module, nodes, observer, ctx.calibration, progress=ctx.progress)
+    reps: dict[fx.Node, fx.Node] = {}
+    for n in linears:
+        reps.setdefault(n.args[0], n)
+    stats = {x: new_stats() for x in reps}
+    input_of = {rep: x for x, rep in reps.items()}
+
+    def observe(node: fx.Node, x2d: torch.Tensor) -> None:
+        stats[input_of[node]].update(x2d)
+
+    collect(module, list(reps.values()), observe, ctx.calibration, progress=ctx.progress)
+    return stats, reps

@@ -37,7 +37,7 @@ from ..ir.meta import set_compression, source_path
 from ..ir.module import Module
 from ..ir.ops import w8a8 as _w8a8_ops
 from .base import Pass, PassContext, PassResult, SelectOptions
-from .scale_folding import WeightEdits, collect_inputs, find_sites, linear_bias, require_calibration
+from .scale_folding import WeightEdits, collect_input_stats, find_sites, linear_bias, require_calibration
 from .select import select_linears
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
@@ -93,16 +93,7 @@ class SmoothQuant(Pass):
         if not selected:
             return PassResult(module, False, {"quantized": 0, "smoothed": 0, "skipped": skipped})
         sites, not_scaled = find_sites(module, selected)
-        inputs: dict[fx.Node, fx.Node] = {}  # one observed linear per distinct input
-        for n in selected:
-            inputs.setdefault(n.args[0], n)
-        stats_by_input = {x: _InputStats() for x in inputs}
-        rep_to_input = {rep: x for x, rep in inputs.items()}
-
-        def observe(node: fx.Node, x2d: torch.Tensor) -> None:
-            stats_by_input[rep_to_input[node]].update(x2d)
-
-        collect_inputs(module, ctx, list(inputs.values()), observe)
+        stats_by_input, _ = collect_input_stats(module, ctx, selected, _InputStats)
         edits = WeightEdits(module)
         smoothed = {}
         input_scale: dict[fx.Node, torch.Tensor] = {}
