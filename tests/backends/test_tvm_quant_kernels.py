@@ -346,6 +346,28 @@ def test_cuda_sm80_build_of_int4_g128_module():
     assert any("unsigned char" in s or "uint8_t" in s for s in srcs)
 
 
+@pytest.mark.parametrize("target", [
+    pytest.param("arm64", marks=pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                                                   reason="no aarch64 cross compiler")),
+    pytest.param("cuda", marks=pytest.mark.skipif(shutil.which("nvcc") is None,
+                                                  reason="nvcc is not installed: CUDA device code cannot be built")),
+])
+def test_int8_kv_cache_builds_for_arm64_and_cuda(tiny_llama, target):
+    """The int8-cache kernels (scales: a row reduction; codes: elementwise; dequantize: fused into its reader) get
+    schedules on the other targets too: aarch64 LLVM code, and CUDA device code from dlight's GPU rules."""
+    from llmpress.backends.tvm import TVMBackend
+    from llmpress.backends.tvm.build import cuda_sources
+    from llmpress.passes.base import PassContext
+    from llmpress.passes.kv_quant import KVQuant, KVQuantOptions
+
+    module = KVQuant(KVQuantOptions()).run(capture(tiny_llama), PassContext(progress=False)).module
+    compiled = TVMBackend().lower(module, target, progress=False)
+    assert compiled.functions == ("prefill", "decode")
+    if target == "cuda":
+        srcs = "\n".join(cuda_sources(compiled.executable))
+        assert "llmpress_kv_scale" in srcs and "signed char" in srcs  # int8 codes live on the device
+
+
 E2E_TOKENS = 1024  # a fixed prefix of valid.txt (4 windows of 256): the reference interpreter needs ~30 s for it
 
 
