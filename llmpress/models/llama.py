@@ -8,7 +8,8 @@ Signature of ``forward`` (the calling convention every backend and runner shares
     forward(input_ids: int64[B, T], start_pos: int64[1], k_0, v_0, ..., k_{L-1}, v_{L-1})
         -> (logits: float[B, T, V], k_0', v_0', ..., k_{L-1}', v_{L-1}')
 
-Each cache is ``float[B, n_kv_heads, cache_len, head_dim]``; tokens ``input_ids[:, t]`` sit at position
+Each cache is ``float[B, n_kv_heads, cache_len, head_dim]`` as captured (``kv_quant`` later replaces each with
+int8 codes + float32 scales; ``LMInfo.cache_specs()`` always lists the current layout); tokens ``input_ids[:, t]`` sit at position
 ``start_pos + t`` and are written into the cache there. Prefill is ``start_pos = 0`` with T tokens, decode is
 T = 1, so one graph (and one set of compression rewrites) serves both. Attention spans the whole cache with a
 causal mask ``key_pos <= query_pos``; masked scores are exactly zero after the softmax, so the result equals
