@@ -262,6 +262,25 @@ def test_w8a8_linear_exports_to_qdq(tmp_path):
     assert bool((sx == s0).all()) and bool((qx[:, :8] % 2 == 0).all())  # every tie went to the even code
 
 
+def test_qdq_weights_folded_once_on_request(tmp_path):
+    """``OrtProgram(fold_qdq_weights=True)``: ORT's constant folding turns the int8 weight's DequantizeLinear into a
+    float initializer at load (only the activation's Q/DQ pair is left in the optimized graph), and the outputs stay
+    those of the unfolded session up to float32 GEMM order (same 1e-6 as the integer form's test: one K=48 layer)."""
+    module, x = _one_w8a8_layer()
+    path = export(module, tmp_path / "w8a8.onnx")
+    folded = OrtProgram(path, fold_qdq_weights=True)
+    assert folded.session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    opt = _ops(tmp_path / "opt.onnx")
+    assert opt.get("DequantizeLinear") == 1 and opt.get("QuantizeLinear") == 1, opt
+    (ours,) = folded(x)
+    (plain,) = OrtProgram(path)(x)
+    torch.testing.assert_close(ours, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_w8a8_form_is_validated_and_recorded(tmp_path):
     """A typo in the form fails with the choices listed, for the export keyword and for the target string; the
     target's form reaches the file's metadata and the manifest's target spec."""
