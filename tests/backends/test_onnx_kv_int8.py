@@ -139,3 +139,21 @@ def test_wrong_cache_dtype_is_refused_by_name(tiny_llama, tmp_path):
     caches[0] = caches[0].to(torch.float32)
     with pytest.raises(ArtifactError, match=r"input 'past_k_0' must be int8, got float32"):
         program(torch.tensor([[1, 2]]), torch.tensor([0]), *caches)
+
+
+def test_artifact_with_w8a8_integer_and_int8_cache(tiny_llama, tmp_path):
+    """The user's path: ``llmpress.compile(..., pipeline="smoothquant,kv_quant", target="onnx:integer")``, saved and
+    loaded back, records its W8A8 form and int8 cache layout and generates the reference backend's greedy ids."""
+    import llmpress
+
+    from ..conftest import random_calibration
+
+    kw = dict(pipeline="smoothquant,kv_quant", calibration=random_calibration(), progress=False)
+    ref = llmpress.compile(tiny_llama, **kw)
+    art = llmpress.compile(tiny_llama, target="onnx:integer", **kw)
+    loaded = llmpress.load(art.save(tmp_path / "art"))
+    assert loaded.manifest["target"]["spec"]["w8a8"] == "integer"
+    assert [c["dtype"] for c in loaded.lm.cache_specs()[:2]] == ["int8", "float32"]
+    program = loaded.compiled.program
+    assert program.metadata["llmpress.w8a8"] == "integer" and "past_v_1_scale" in program.input_names
+    assert loaded.generate_ids([1, 7], 12) == ref.generate_ids([1, 7], 12)

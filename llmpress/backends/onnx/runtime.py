@@ -10,10 +10,12 @@ model takes (ONNX Runtime would not convert it).
 W8A8 in the QDQ form (``llmpress.w8a8 = "qdq"``) on ORT's CPU provider: no CPU kernel fuses a MatMul whose
 activation scale is per token (QDQ fusion wants a per-tensor activation scale), and ORT's constant folding keeps
 ``DequantizeLinear`` nodes so that QDQ fusions can see them, so by default every int8 weight is dequantized again at
-each call (int8 weights resident; measured on tinystories-llama, 1 thread: decode 66 tokens/s, against 138 for the
-``integer`` form and 297 for fp32). ``fold_qdq_weights=True`` sets ORT's ``session.disable_quant_qdq`` so constant
-folding dequantizes the weights once at load (decode ~260 tokens/s), at the cost of float32 weights in memory (4x
-the int8 bytes). Activations are still quantized per token either way; the outputs differ only by float32
+each call (int8 weights resident). Measured in one run on tinystories-llama after ``smoothquant`` (ORT 1.32, 1 thread,
+2-core x86 machine): decode 66 tokens/s (prefill of 128 tokens 45 ms), against 130 tokens/s (70 ms) for the
+``integer`` form and 394 (30 ms) for the fp32 model. ``fold_qdq_weights=True`` sets ORT's
+``session.disable_quant_qdq``, under which constant folding dequantizes the weights once at load (the profile then
+shows DequantizeLinear on activations only): decode 285 tokens/s, prefill 32 ms, at the cost of float32 weights in
+memory (4x the int8 bytes). Activations are still quantized per token either way; the outputs differ only by float32
 summation order (which can move an activation across a rounding boundary, see ``llmpress_ops``).
 """
 from __future__ import annotations
