@@ -35,9 +35,11 @@ def get_backend(name: str) -> Backend:
 
 
 def backend_for_target(target: Any) -> Backend:
-    """``"reference"`` -> PyTorch; ``"onnx"`` -> ONNX Runtime; ``cpu``/``arm64``/``cuda``/a TVM target dict -> TVM."""
+    """``"reference"`` -> PyTorch; ``"onnx"``/``"onnx:qdq"``/``"onnx:integer"`` -> ONNX Runtime;
+    ``cpu``/``arm64``/``cuda``/a TVM target dict -> TVM."""
     for b in BACKENDS().values():
         if b.supports(target):
             return b
-    raise ConfigError(f"no backend compiles for target {target!r} (targets: reference, onnx, cpu, arm64, cuda, "
+    raise ConfigError(f"no backend compiles for target {target!r} (targets: reference, onnx, onnx:qdq, onnx:integer, "
+                      "cpu, arm64, cuda, "
                       "or a TVM target dict such as {\"kind\": \"llvm\", \"mtriple\": \"aarch64-linux-gnu\"})")
