@@ -8,10 +8,10 @@ Columns: KV-cache bytes for the model's full 512-position cache (from the artifa
 to the float cache; perplexity on ``tinystories/valid.txt`` (the pinned protocol of ``llmpress.eval.perplexity``,
 ``--max-tokens`` first tokens, through the compiled program); prefill of ``--prefill`` random tokens (ms) and
 batch-1 decode tokens/s right after it, at a short and a long context (``llmpress.eval.latency.measure``, median
-of ``--repeats`` rounds after a warm-up, one thread per runtime). Ratios compare the int8 cache to the float cache
+of ``--repeats`` rounds after a warm-up, the rows interleaved within each round, one thread per runtime). Ratios compare the int8 cache to the float cache
 of the same runtime.
 
-Run: ``.venv/bin/python benchmarks/kv_cache.py`` (about 5 minutes on 2 cores) -> ``benchmarks/results/kv_cache.{md,json}``.
+Run: ``.venv/bin/python benchmarks/kv_cache.py`` (about 3 minutes on 2 cores) -> ``benchmarks/results/kv_cache.{md,json}``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import loadavg, machine_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -34,9 +35,9 @@ log = logging.getLogger("benchmarks.kv_cache")
 PIPELINES = {"float32 cache": "w4a16", "int8 cache": "w4a16,kv8"}
 
 
-def measure_row(label: str, pipeline: str, target: str, *, stream, args) -> dict:
+def build_row(label: str, pipeline: str, target: str, *, stream, args) -> tuple[dict, object, object]:
+    """Compile, score perplexity; returns the row, the forward function and the LM convention."""
     import llmpress
-    from llmpress.eval.latency import measure
     from llmpress.eval.perplexity import perplexity
 
     model = SHARED / "models" / "tinystories-llama"
@@ -45,14 +46,33 @@ def measure_row(label: str, pipeline: str, target: str, *, stream, args) -> dict
     row = {"cache": label, "pipeline": pipeline, "target": target, "compile_seconds": round(time.perf_counter() - t0, 1),
            "kv_cache_bytes": art.lm.cache_bytes(), "cache_len": art.lm.cache_len,
            "cache_dtypes": sorted({c["dtype"] for c in art.lm.cache_specs()})}
-    res = perplexity(art.compiled.forward, art.lm, stream, context=256, progress=False)
+    forward = art.compiled.forward
+    if target.startswith("onnx"):  # the same file in a session pinned to the benchmark's thread count
+        from llmpress.backends.onnx import OrtProgram
+
+        forward = OrtProgram(art.compiled.path, threads=args.threads).forward
+    res = perplexity(forward, art.lm, stream, context=256, progress=False)
     row.update(perplexity=res.perplexity, ppl_tokens=res.tokens)
-    for name, prefill in (("short", args.prefill), ("long", args.long_prefill)):
-        r = measure(art.compiled.forward, art.lm, prefill_tokens=prefill, decode_tokens=args.decode,
-                    repeats=args.repeats)
-        row[name] = r
     log.info("%s", row)
-    return row
+    return row, forward, art.lm
+
+
+def time_rows(built: list[tuple[dict, object, object]], args) -> None:
+    """Prefill/decode timings, interleaved: each round measures every row once (one warm-up round first), so
+    a burst of load on this shared machine hits all rows alike; medians over ``--repeats`` rounds."""
+    from llmpress.eval.latency import measure, summarize
+
+    for name, prefill in (("short", args.prefill), ("long", args.long_prefill)):
+        samples: list[tuple[list, list]] = [([], []) for _ in built]
+        for r in range(args.repeats + 1):
+            for (row, forward, lm), (times, rates) in zip(built, samples):
+                m = measure(forward, lm, prefill_tokens=prefill, decode_tokens=args.decode, repeats=1)
+                if r:
+                    times.append(m["prefill_ms"] / 1000)
+                    rates.append(m["decode_tokens_per_s"])
+        for (row, _, _), (times, rates) in zip(built, samples):
+            row[name] = summarize(prefill, times, rates)
+            row[name]["decode_samples"] = [round(x, 1) for x in rates]
 
 
 def to_markdown(rows: list[dict], env: dict) -> str:
@@ -63,8 +83,8 @@ def to_markdown(rows: list[dict], env: dict) -> str:
         f"{env['load_before']} before / {env['load_after']} after (a shared machine: timings are indicative). "
         f"Produced by `benchmarks/kv_cache.py` on {env['date']} in {env['seconds']} s.",
         "",
-        f"Perplexity: first {env['max_tokens']} tokens of tinystories/valid.txt, context 256. Speed: prefill of "
-        f"N random tokens, then {env['decode']} greedy decode steps, median of {env['repeats']} rounds; 'short' is "
+        f"Perplexity: {env['ppl_tokens']:,} tokens of tinystories/valid.txt, context 256. Speed: prefill of "
+        f"N random tokens, then {env['decode']} greedy decode steps, median of {env['repeats']} rounds (every row measured once per round, interleaved); 'short' is "
         f"N = {env['prefill']}, 'long' N = {env['long_prefill']} (decode then reads a cache that is mostly full). "
         "Ratios: int8 cache against the float32 cache in the same runtime.",
         "",
@@ -90,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=128)
-    ap.add_argument("--long-prefill", type=int, default=448)
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--long-prefill", type=int, default=352)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
     ap.add_argument("--targets", default="cpu,onnx")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -104,21 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     import llmpress
     from llmpress.eval.perplexity import token_stream
 
-    env = {"cpu": "unknown", "cores": os.cpu_count(), "threads": args.threads, "prefill": args.prefill,
-           "long_prefill": args.long_prefill, "decode": args.decode, "repeats": args.repeats,
-           "max_tokens": args.max_tokens, "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    try:
-        env["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    env = machine_env(threads=args.threads, prefill=args.prefill, long_prefill=args.long_prefill,
+                      decode=args.decode, repeats=args.repeats, max_tokens=args.max_tokens)
     tok = llmpress.load_model(SHARED / "models" / "tinystories-llama").tokenizer
     stream = token_stream(SHARED / "data" / "tinystories" / "valid.txt", tok, max_tokens=args.max_tokens)
     t0 = time.perf_counter()
-    rows = [measure_row(label, pipe, target, stream=stream, args=args)
-            for target in args.targets.split(",") for label, pipe in PIPELINES.items()]
+    built = [build_row(label, pipe, target, stream=stream, args=args)
+             for target in args.targets.split(",") for label, pipe in PIPELINES.items()]
+    time_rows(built, args)
+    rows = [row for row, _, _ in built]
     env["seconds"] = round(time.perf_counter() - t0, 1)
-    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["ppl_tokens"] = rows[0]["ppl_tokens"]
+    env["load_after"] = loadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_cache.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")

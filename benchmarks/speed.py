@@ -25,13 +25,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import loadavg, machine_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -167,15 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     import llmpress
     from llmpress.models import Llama, LlamaConfig
 
-    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
-           "prefill": args.prefill, "decode": args.decode, "repeats": args.repeats,
-           "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
-    try:
-        env["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    env = machine_env(threads=args.threads, prefill=args.prefill, decode=args.decode, repeats=args.repeats,
+                      versions={"torch": torch.__version__, "python": sys.version.split()[0]})
     for mod in ("tvm", "onnxruntime", "transformers"):
         try:
             from importlib.metadata import version
@@ -207,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                 decode=args.decode, repeats=args.repeats, skip=skip)
         else:
             ap.error(f"unknown model {which!r} (tinystories, 110m)")
-    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["load_after"] = loadavg()
     env["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

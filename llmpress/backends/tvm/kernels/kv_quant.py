@@ -76,17 +76,23 @@ def convert_kv_fake_quant(node, importer) -> relax.Expr:
     return emit_kv_fake_quant(importer.block_builder, importer.env[x], int(bits))
 
 
-@register_cpu_schedule("kv_fake_quant")
-def _schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
+def _rows_in_parallel(func: tirx.PrimFunc, out_block: str, *, inline_scale: bool) -> tvm.s_tir.Schedule:
+    """CPU schedule of a per-row reduction + epilogue: all rows in parallel, each row's amax computed right before
+    its ``out_block`` elements."""
     sch = new_schedule(func, func)
     n_lead = len(func.params[0].shape) - 1
-    sch.compute_inline(sch.get_sblock("scale"))
-    out = sch.get_sblock("fake_quant")
-    loops = sch.get_loops(out)
+    if inline_scale:
+        sch.compute_inline(sch.get_sblock("scale"))
+    loops = sch.get_loops(sch.get_sblock(out_block))
     row = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
     sch.compute_at(sch.get_sblock("amax"), row)
     sch.parallel(row)
     return sch
+
+
+@register_cpu_schedule("kv_fake_quant")
+def _schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
+    return _rows_in_parallel(func, "fake_quant", inline_scale=True)
 
 
 def _f32(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
@@ -126,11 +132,4 @@ def convert_kv_dequant(node, importer) -> relax.Expr:
 
 @register_cpu_schedule("kv_scale")
 def _schedule_scale_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
-    sch = new_schedule(func, func)
-    n_lead = len(func.params[0].shape) - 1
-    out = sch.get_sblock("scale")
-    loops = sch.get_loops(out)
-    row = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
-    sch.compute_at(sch.get_sblock("amax"), row)
-    sch.parallel(row)
-    return sch
+    return _rows_in_parallel(func, "scale", inline_scale=False)
