@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import loadavg, machine_env
+from machine import interleaved_timings, loadavg, machine_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -55,24 +55,6 @@ def build_row(label: str, pipeline: str, target: str, *, stream, args) -> tuple[
     row.update(perplexity=res.perplexity, ppl_tokens=res.tokens)
     log.info("%s", row)
     return row, forward, art.lm
-
-
-def time_rows(built: list[tuple[dict, object, object]], args) -> None:
-    """Prefill/decode timings, interleaved: each round measures every row once (one warm-up round first), so
-    a burst of load on this shared machine hits all rows alike; medians over ``--repeats`` rounds."""
-    from llmpress.eval.latency import measure, summarize
-
-    for name, prefill in (("short", args.prefill), ("long", args.long_prefill)):
-        samples: list[tuple[list, list]] = [([], []) for _ in built]
-        for r in range(args.repeats + 1):
-            for (row, forward, lm), (times, rates) in zip(built, samples):
-                m = measure(forward, lm, prefill_tokens=prefill, decode_tokens=args.decode, repeats=1)
-                if r:
-                    times.append(m["prefill_ms"] / 1000)
-                    rates.append(m["decode_tokens_per_s"])
-        for (row, _, _), (times, rates) in zip(built, samples):
-            row[name] = summarize(prefill, times, rates)
-            row[name]["decode_samples"] = [round(x, 1) for x in rates]
 
 
 def to_markdown(rows: list[dict], env: dict) -> str:
@@ -131,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     built = [build_row(label, pipe, target, stream=stream, args=args)
              for target in args.targets.split(",") for label, pipe in PIPELINES.items()]
-    time_rows(built, args)
+    interleaved_timings(built, {"short": args.prefill, "long": args.long_prefill}, decode=args.decode,
+                        repeats=args.repeats)
     rows = [row for row, _, _ in built]
     env["seconds"] = round(time.perf_counter() - t0, 1)
     env["ppl_tokens"] = rows[0]["ppl_tokens"]
