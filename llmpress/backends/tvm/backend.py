@@ -58,7 +58,7 @@ class TVMBackend(Backend):
         bar = tqdm(total=len(steps), desc="tvm", disable=not progress, leave=False)
         t0 = time.perf_counter()
         bar.set_postfix_str(steps[0])
-        prog = to_relax(module, converters=self.converters)
+        prog = to_relax(module, converters=self.converters, inplace_cache=spec.device == "cpu")
         bar.update(1)
         bar.set_postfix_str(steps[1])
         t1 = time.perf_counter()

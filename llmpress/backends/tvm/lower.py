@@ -141,9 +141,13 @@ def _weights_as_params(ep: ExportedProgram) -> tuple[ExportedProgram, dict[str, 
     return new, weights
 
 
-def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = None) -> RelaxProgram:
+def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = None,
+             inplace_cache: bool = False) -> RelaxProgram:
     """Translate ``module`` to Relax (see the module docstring); raises ``UnsupportedOpError`` listing every node
-    that cannot be translated, before translating anything."""
+    that cannot be translated, before translating anything.
+
+    ``inplace_cache``: write KV caches in place (``kernels/cache_write.py``; CPU targets) instead of copying the
+    whole cache on every call; the cache tensors a caller passes are then updated in place."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     conv = dict(CONVERTERS if converters is None else converters)
@@ -154,7 +158,13 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
             op=problems[0].op, where=problems[0].source_line)
     ep, weights = _weights_as_params(ep)
     importer = ExportedProgramImporter()
-    custom = custom_convert_map({**ATEN_OVERRIDES, **conv}, importer)
+    overrides = dict(ATEN_OVERRIDES)
+    if inplace_cache and module.lm is not None:
+        from .kernels.cache_write import scatter_converter
+
+        users = frozenset(s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT)
+        overrides["aten.scatter.src"] = scatter_converter(users)
+    custom = custom_convert_map({**overrides, **conv}, importer)
     mod = importer.from_exported_program(ep, True, False, False, custom or None)
     main = mod["main"].without_attr("params")  # the frontend copies every weight into this attribute
     params = [s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER]

@@ -6,7 +6,9 @@ Calling convention (shared by every backend, see ``llmpress.models.llama``): for
 to TVM tensors once, passed through the library's ``transform_params`` (layout changes lifted out of the
 functions at build time), and appended to every call.
 
-Tensors cross the boundary through DLPack on the CPU (no copy) and through host memory for CUDA.
+Tensors cross the boundary through DLPack on the CPU (no copy) and through host memory for CUDA. On CPU targets
+the KV caches are written in place (``kernels/cache_write.py``): the cache tensors passed in are updated and
+returned, so use the returned caches (as ``greedy``/``perplexity`` do) and do not expect the inputs unchanged.
 
 Payload files (``save_payload``): ``model.so`` (the library), ``weights.safetensors`` (the weights by state-dict
 name; ``params`` lists them in VM parameter order), and for CUDA ``model.fatbin`` / ``model.ptx`` (device code
