@@ -11,7 +11,9 @@ random weights. Runtimes, all fp32 on the CPU:
   graph optimizations on).
 
 Protocol (``llmpress.eval.latency.measure``): random prompt of 128 tokens from a fixed seed, fresh cache; prefill
-time is one call; decode is N greedy steps right after it; one warm-up round, then ``--repeats`` rounds, median.
+time is one call; decode is N greedy steps right after it; one warm-up round, then ``--repeats`` rounds, median;
+within a round every runtime is measured once, interleaved, so a burst of load hits all alike (HF transformers,
+with its own cache, is measured on its own before them).
 Every runtime gets the same number of threads (``--threads``, default 1: on this shared 2-core machine, with other
 jobs running, 2 OpenMP threads made PyTorch eager 15x slower than 1 thread -- spinning workers waiting for a core
 -- so 1 thread per runtime is the comparison that measures the code rather than the scheduler). Output: ``benchmarks/results/speed.json``
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import loadavg, machine_env
+from machine import interleaved_timings, loadavg, machine_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -77,44 +79,51 @@ def _eager(model):
 def bench_model(name: str, model, *, hf=None, threads: int, prefill: int, decode: int, repeats: int,
                 skip: set[str]) -> list[dict]:
     import llmpress
-    from llmpress.eval.latency import measure
 
     module = llmpress.capture(model)
     lm = module.lm
-    rows: list[dict] = []
+    entries: list[tuple[dict, object, object]] = []  # (row, forward, lm), timed together below
 
-    def run(runtime: str, forward, extra: dict | None = None) -> None:
-        log.info("%s / %s: measuring", name, runtime)
-        t0 = time.perf_counter()
-        r = measure(forward, lm, prefill_tokens=prefill, decode_tokens=decode, repeats=repeats)
-        rows.append({"model": name, "runtime": runtime, **r, **(extra or {}),
-                     "measure_seconds": round(time.perf_counter() - t0, 1)})
-        log.info("%s / %s: %s", name, runtime, rows[-1])
+    def add(runtime: str, forward, extra: dict | None = None) -> None:
+        entries.append(({"model": name, "runtime": runtime, **(extra or {})}, forward, lm))
 
-    run("PyTorch eager (llmpress Llama)", _eager(model))
+    hf_row = None
     if hf is not None:
         log.info("%s / HF transformers: measuring", name)
         r = _hf_measure(hf, vocab=lm.vocab_size, prefill_tokens=prefill, decode_tokens=decode, repeats=repeats)
-        rows.append({"model": name, "runtime": "PyTorch eager (HF transformers)", **r})
-    if "tvm" not in skip:
-        from llmpress.backends.tvm import TVMBackend
+        hf_row = {"model": name, "runtime": "PyTorch eager (HF transformers)", **r}
+    with tempfile.TemporaryDirectory() as tmp:
+        add("PyTorch eager (llmpress Llama)", _eager(model))
+        if "tvm" not in skip:
+            from llmpress.backends.tvm import TVMBackend
 
-        t0 = time.perf_counter()
-        compiled = TVMBackend().lower(module, "cpu", progress=False)
-        build_s = time.perf_counter() - t0
-        run("llmpress TVM cpu", compiled, {"compile_seconds": round(build_s, 1)})
-    if "onnx" not in skip:
-        try:
-            from llmpress.backends.onnx import OrtProgram, export
-        except ImportError as e:  # the exporter is part of llmpress; report instead of faking a number
-            rows.append({"model": name, "runtime": "ONNX Runtime fp32", "error": f"exporter unavailable: {e}"})
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            compiled = TVMBackend().lower(module, "cpu", progress=False)
+            add("llmpress TVM cpu", compiled, {"compile_seconds": round(time.perf_counter() - t0, 1)})
+            # the same build with the functional cache (a copy of the whole KV cache per call): what in-place
+            # cache writes save
+            add("llmpress TVM cpu, cache copied per call",
+                TVMBackend(inplace_cache=False).lower(module, "cpu", progress=False))
+        if "onnx" not in skip:
+            try:
+                from llmpress.backends.onnx import OrtProgram, export
+            except ImportError as e:  # the exporter is part of llmpress; report instead of faking a number
+                entries.append(({"model": name, "runtime": "ONNX Runtime fp32",
+                                 "error": f"exporter unavailable: {e}"}, None, lm))
+            else:
                 t0 = time.perf_counter()
                 path = export(module, Path(tmp) / "model.onnx")
                 ort = OrtProgram(path, threads=threads)
-                build_s = time.perf_counter() - t0
-                run("ONNX Runtime fp32", ort, {"compile_seconds": round(build_s, 1)})
+                add("ONNX Runtime fp32", ort, {"compile_seconds": round(time.perf_counter() - t0, 1)})
+        timed = [e for e in entries if e[1] is not None]
+        log.info("%s: timing %d runtimes interleaved", name, len(timed))
+        interleaved_timings(timed, {"t": prefill}, decode=decode, repeats=repeats)
+    rows = []
+    for row, _, _ in entries:
+        row.update(row.pop("t", {}))
+        rows.append(row)
+    if hf_row is not None:
+        rows.insert(1, hf_row)
     base = rows[0]
     for r in rows:
         if "prefill_ms" in r:
@@ -132,8 +141,8 @@ def to_markdown(rows: list[dict], env: dict) -> str:
         "are noisy). Produced by `benchmarks/speed.py` on " + env["date"] + ".",
         "",
         f"Prefill: one call on {env['prefill']} random tokens (fresh cache). Decode: {env['decode']} greedy steps "
-        f"right after it. Median of {env['repeats']} round(s) after one warm-up round. Ratios are against PyTorch "
-        "eager running our Llama (higher is better for both). All runtimes run the same graph except HF "
+        f"right after it. Median of {env['repeats']} round(s) after one warm-up round, runtimes interleaved within "
+        "each round. Ratios are against PyTorch eager running our Llama (higher is better for both). All runtimes run the same graph except HF "
         "transformers (its own model and dynamic cache); ONNX Runtime runs the file written by "
         "`llmpress.backends.onnx.export` from the captured graph (CPU provider, graph optimizations on). TVM: "
         "target `cpu` (x86-64-v3), untuned, llmpress's own CPU schedules.",
@@ -155,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=128)
-    ap.add_argument("--decode", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", default="tinystories,110m")
     ap.add_argument("--skip", default="", help="comma list of runtimes to skip: tvm, onnx")
     ap.add_argument("--out", default=str(RESULTS))

@@ -19,13 +19,17 @@ log = logging.getLogger(__name__)
 
 class TVMBackend(Backend):
     """Lowers through Apache TVM for ``cpu``, ``cpu:native``, ``arm64[:dotprod|:i8mm]``, ``cuda[:sm_XX]`` or a
-    TVM target dict."""
+    TVM target dict.
+
+    ``inplace_cache`` (default True): on CPU targets, KV caches passed in are updated in place
+    (``kernels/cache_write.py``); False keeps the functional form (a new cache per call, inputs untouched)."""
 
     name = "tvm"
 
-    def __init__(self, *, converters: Mapping[str, Converter] | None = None) -> None:
+    def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True) -> None:
         # None: the shared ``converters.CONVERTERS`` (read at lowering time, so entries added later count)
         self.converters = converters
+        self.inplace_cache = inplace_cache
 
     def supports(self, target: Any) -> bool:
         if target in (None, "reference"):
@@ -58,7 +62,7 @@ class TVMBackend(Backend):
         bar = tqdm(total=len(steps), desc="tvm", disable=not progress, leave=False)
         t0 = time.perf_counter()
         bar.set_postfix_str(steps[0])
-        prog = to_relax(module, converters=self.converters, inplace_cache=spec.device == "cpu")
+        prog = to_relax(module, converters=self.converters, inplace_cache=self.inplace_cache and spec.device == "cpu")
         bar.update(1)
         bar.set_postfix_str(steps[1])
         t1 = time.perf_counter()
