@@ -338,8 +338,14 @@ class Module:
         """A structural copy: new graph and signature, the same weight tensors (no weight is copied)."""
         import copy
 
+        import warnings
+
         ep = self._ep
         gm = fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph))
+        with warnings.catch_warnings():
+            # torch 2.13's pytree warns about its own LeafSpec when a call graph's specs are copied
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            call_graph = copy.deepcopy(ep.module_call_graph)
         new = ExportedProgram(
             root=gm,
             graph=gm.graph,
@@ -347,7 +353,7 @@ class Module:
             graph_signature=_synced_signature(gm.graph, ep.graph_signature),
             state_dict=dict(ep.state_dict),
             range_constraints=dict(ep.range_constraints),
-            module_call_graph=copy.deepcopy(ep.module_call_graph),
+            module_call_graph=call_graph,
             example_inputs=ep.example_inputs,
             constants=dict(ep.constants),
             verifiers=list(ep.verifiers) if hasattr(ep, "verifiers") else None,
