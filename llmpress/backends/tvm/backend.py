@@ -62,7 +62,8 @@ class TVMBackend(Backend):
         bar = tqdm(total=len(steps), desc="tvm", disable=not progress, leave=False)
         t0 = time.perf_counter()
         bar.set_postfix_str(steps[0])
-        prog = to_relax(module, converters=self.converters, inplace_cache=self.inplace_cache and spec.device == "cpu")
+        prog = to_relax(module, converters=self.converters, inplace_cache=self.inplace_cache and spec.device == "cpu",
+                        cpu_kernels=spec.device == "cpu")
         bar.update(1)
         bar.set_postfix_str(steps[1])
         t1 = time.perf_counter()

@@ -142,12 +142,13 @@ def _weights_as_params(ep: ExportedProgram) -> tuple[ExportedProgram, dict[str, 
 
 
 def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = None,
-             inplace_cache: bool = False) -> RelaxProgram:
+             inplace_cache: bool = False, cpu_kernels: bool = False) -> RelaxProgram:
     """Translate ``module`` to Relax (see the module docstring); raises ``UnsupportedOpError`` listing every node
     that cannot be translated, before translating anything.
 
     ``inplace_cache``: write KV caches in place (``kernels/cache_write.py``; CPU targets) instead of copying the
-    whole cache on every call; the cache tensors a caller passes are then updated in place."""
+    whole cache on every call; the cache tensors a caller passes are then updated in place.
+    ``cpu_kernels``: use llmpress's CPU-only kernels for ATen ops TVM lowers slowly on CPU (``kernels/softmax.py``)."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     conv = dict(CONVERTERS if converters is None else converters)
@@ -164,6 +165,10 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
 
         users = frozenset(s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT)
         overrides["aten.scatter.src"] = scatter_converter(users)
+    if cpu_kernels:
+        from .kernels.softmax import softmax_converter
+
+        overrides["aten.softmax.int"] = overrides["aten._softmax.default"] = softmax_converter
     custom = custom_convert_map({**overrides, **conv}, importer)
     mod = importer.from_exported_program(ep, True, False, False, custom or None)
     main = mod["main"].without_attr("params")  # the frontend copies every weight into this attribute

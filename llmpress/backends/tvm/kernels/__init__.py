@@ -42,7 +42,7 @@ CONVERTERS = {
 
 
 def _load_all() -> Any:
-    from . import common, kv_quant, w8a8, wq_linear  # noqa: F401 - registers the CPU schedules
+    from . import common, kv_quant, softmax, w8a8, wq_linear  # noqa: F401 - registers the CPU schedules
 
     return common
 
