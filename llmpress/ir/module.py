@@ -25,6 +25,7 @@ from torch.export.graph_signature import (
 
 from ..errors import LlmpressError
 from .meta import LMInfo, node_id, set_node_id, source_path
+from .printing import arg_str, op_name, type_str
 
 __all__ = ["Module", "VerifyError"]
 
@@ -312,23 +313,23 @@ class Module:
 
     def op_histogram(self) -> Counter:
         """How many times each op occurs (``aten.linear.default``: 57, ...)."""
-        return Counter(_op_name(n.target) for n in self.graph.nodes if n.op == "call_function")
+        return Counter(op_name(n.target) for n in self.graph.nodes if n.op == "call_function")
 
     def print(self) -> str:
         """A short canonical text form: one line per node, weights with shape and dtype."""
         lines = []
         for node in self.graph.nodes:
             v = node.meta.get("val")
-            ty = _type_str(v)
+            ty = type_str(v)
             if node.op == "placeholder":
                 w = self.weight_name(node)
                 lines.append(f"%{node.name}: {ty} = {'weight ' + repr(w) if w else 'input'}")
             elif node.op == "call_function":
-                args = ", ".join(_arg_str(a) for a in node.args)
-                kw = ", ".join(f"{k}={_arg_str(v)}" for k, v in node.kwargs.items())
-                lines.append(f"%{node.name}: {ty} = {_op_name(node.target)}({args}{', ' + kw if kw else ''})")
+                args = ", ".join(arg_str(a) for a in node.args)
+                kw = ", ".join(f"{k}={arg_str(v)}" for k, v in node.kwargs.items())
+                lines.append(f"%{node.name}: {ty} = {op_name(node.target)}({args}{', ' + kw if kw else ''})")
             elif node.op == "output":
-                lines.append(f"return {_arg_str(node.args[0])}")
+                lines.append(f"return {arg_str(node.args[0])}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -389,26 +390,3 @@ def _synced_signature(graph: fx.Graph, sig: ExportGraphSignature) -> ExportGraph
         arg = TensorArgument(name=a.name) if isinstance(a, fx.Node) and isinstance(s.arg, TensorArgument) else s.arg
         new_out.append(OutputSpec(kind=s.kind, arg=arg, target=s.target))
     return ExportGraphSignature(input_specs=new_in, output_specs=new_out)
-
-
-def _op_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}.{target._overloadname}"
-    return getattr(target, "__name__", str(target))
-
-
-def _type_str(v: Any) -> str:
-    if isinstance(v, torch.Tensor):
-        dims = ",".join(str(d) for d in v.shape)
-        return f"{str(v.dtype).replace('torch.', '')}[{dims}]"
-    if isinstance(v, (list, tuple)):
-        return "(" + ", ".join(_type_str(x) for x in v) + ")"
-    return type(v).__name__ if v is not None else "?"
-
-
-def _arg_str(a: Any) -> str:
-    if isinstance(a, fx.Node):
-        return f"%{a.name}"
-    if isinstance(a, (list, tuple)):
-        return "[" + ", ".join(_arg_str(x) for x in a) + "]"
-    return repr(a)
