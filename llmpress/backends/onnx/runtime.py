@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...errors import ArtifactError
+from ...eval.generate import empty_cache
 from ...ir.meta import LMInfo
 
 __all__ = ["OrtProgram"]
@@ -70,7 +71,7 @@ class OrtProgram:
         """Zero-filled caches for ``batch`` sequences, from the cache specs stored in the file."""
         if self.lm is None:
             raise ArtifactError(f"{self.path}: not a language model (no llmpress.lm metadata), so it has no cache")
-        return [torch.zeros((batch, *c["shape"]), dtype=getattr(torch, c["dtype"])) for c in self.lm.cache_specs()]
+        return empty_cache(self.lm, batch)
 
     def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):
