@@ -4,6 +4,7 @@ Passes read ``source_path(node)`` and ``node_id(node)`` rather than poking at ``
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,13 +94,7 @@ class LMInfo:
         """Bytes the KV cache takes for ``batch`` sequences."""
         import torch
 
-        total = 0
-        for c in self.cache_specs():
-            n = batch
-            for d in c["shape"]:
-                n *= int(d)
-            total += n * torch.empty((), dtype=getattr(torch, c["dtype"])).element_size()
-        return total
+        return sum(batch * math.prod(c["shape"]) * getattr(torch, c["dtype"]).itemsize for c in self.cache_specs())
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -84,8 +85,8 @@ class KVQuant(Pass):
         for n in writes:
             cache = n.args[0]
             shape = tuple(int(d) for d in cache.meta["val"].shape)  # [B, H, cache_len, head_dim]
-            f32 = _numel(shape) * cache.meta["val"].element_size()
-            int8 = _numel(shape) + 4 * (_numel(shape) // shape[-1])  # codes + one float32 scale per vector
+            f32 = math.prod(shape) * cache.meta["val"].element_size()
+            int8 = math.prod(shape) + 4 * math.prod(shape[:-1])  # codes + one float32 scale per vector
             name = cache.name
             if specs is not None:
                 i = users.index(cache) - 2
@@ -112,13 +113,6 @@ class KVQuant(Pass):
         stats = {"quantized": len(writes), "skipped": skipped, "storage": o.storage, "caches": caches,
                  "cache_bytes_before": before, "cache_bytes_after": after, "cache_bytes_saved": before - after}
         return PassResult(module, bool(writes), stats)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _cache_writes(module: Module) -> tuple[list[fx.Node], list[tuple[str, str]]]:
