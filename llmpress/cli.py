@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--pipeline", help="pipeline text or preset name, e.g. 'fuse_qkv,quantize(bits=4,group=128)'")
     g.add_argument("--recipe", help="recipe file (TOML or YAML) with the pipeline and calibration settings")
-    c.add_argument("--target", default="reference", help="reference | cpu | arm64 | cuda | onnx (= onnx:qdq) | onnx:integer | TVM target JSON")
+    c.add_argument("--target", default="reference",
+                   help="reference | cpu | arm64 | cuda | onnx (= onnx:qdq) | onnx:integer | TVM target JSON")
     c.add_argument("--calib", help="calibration text file (for gptq, awq, smoothquant)")
     c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
     c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")

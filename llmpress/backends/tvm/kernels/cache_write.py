@@ -18,7 +18,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
