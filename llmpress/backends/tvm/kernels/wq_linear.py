@@ -76,24 +76,29 @@ def _code(qweight: te.Tensor, o, k, bits: int) -> tirx.PrimExpr:
     raise UnsupportedOpError(f"wq_linear: bits={bits} has no TVM kernel (supported 2, 3, 4, 8)", op="wq_linear")
 
 
+def _in_features(packed_columns: Any, bits: int) -> int:
+    """Input features of a weight stored as ``packed_columns`` bytes per row (3-bit packs 8 values in 3 bytes)."""
+    return int(packed_columns) * _VALUES_PER_UNIT[bits] // (3 if bits == 3 else 1)
+
+
+def _weight(code: tirx.PrimExpr, scales: te.Tensor, zeros: te.Tensor | None, o, g, bits: int) -> tirx.PrimExpr:
+    """The dequantized float32 weight of a stored code in row ``o``, group ``g``: ``(code - 2^(bits-1)) * s``
+    (symmetric; 8-bit codes are already signed) or ``(code - z) * s`` (asymmetric)."""
+    if zeros is None:
+        q = code if bits == 8 else code - (1 << (bits - 1))
+        return tirx.Cast("float32", q) * scales[o, g].astype("float32")
+    return (tirx.Cast("float32", code) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
+
+
 def wq_linear_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None = None, *,
                  bits: int, group_size: int) -> te.Tensor:
     """TE of ``x @ dequant(qweight, scales, zeros)^T`` (bias is added outside the kernel).
 
     ``x`` is float32 ``[..., in]`` (any number of leading dims, symbolic allowed)."""
     out_f = qweight.shape[0]
-    in_f = int(qweight.shape[1]) * _VALUES_PER_UNIT[bits] // (3 if bits == 3 else 1)
-    sym = zeros is None
-
-    def dequant(o, k):
-        g = k // group_size
-        c = _code(qweight, o, k, bits)
-        if sym:
-            q = c if bits == 8 else c - (1 << (bits - 1))
-            return tirx.Cast("float32", q) * scales[o, g].astype("float32")
-        return (tirx.Cast("float32", c) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
-
-    w = te.compute((out_f, in_f), dequant, name="dequant")
+    in_f = _in_features(qweight.shape[1], bits)
+    w = te.compute((out_f, in_f), lambda o, k: _weight(_code(qweight, o, k, bits), scales, zeros, o, k // group_size,
+                                                       bits), name="dequant")
     k = te.reduce_axis((0, in_f), name="k")
     lead = list(x.shape[:-1])
 
@@ -115,7 +120,7 @@ def emit_wq_linear(bb: relax.BlockBuilder, x: relax.Expr, qweight: relax.Expr, s
     if x_dtype != "float32":
         x = bb.emit(relax.op.astype(x, "float32"))
     sym = zeros is None
-    in_f = int(qweight.ty.shape[1]) * _VALUES_PER_UNIT[bits] // (3 if bits == 3 else 1)
+    in_f = _in_features(qweight.ty.shape[1], bits)
     name = f"llmpress_wq_linear_b{bits}_g{group_size}_{'sym' if sym else 'asym'}"
     # op_pattern 8 (kOpaque): FuseOps must not merge the kernel into a new, unscheduled function.
     # llmpress.token_dims: the leading dims of x count tokens (decode call sites get a GEMV-scheduled copy).
@@ -177,16 +182,8 @@ def wq_linear_cpu_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros:
     so a vector over j loads consecutive activations and consecutive packed bytes, and the scale/zero of the group
     are scalars. Every weight is still dequantized exactly as the reference does it; only the order of the fp32 sum
     changes. Needs P | group_size."""
-    per = _VALUES_PER_UNIT[bits]
-    out_f = qweight.shape[0]
-    in_f = int(qweight.shape[1]) * per // (3 if bits == 3 else 1)
-    units, ug = in_f // per, group_size // per
-    sym = zeros is None
-    lead = list(x.shape[:-1])
-    if per == 1:  # 8-bit: nothing to deinterleave
-        xs = te.compute((*lead, 1, units), lambda *i: x[(*i[:-2], i[-1])], name="x_deinterleave")
-    else:
-        xs = te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])], name="x_deinterleave")
+    per, units, xs = _deinterleaved(x, qweight, bits)
+    in_f, ug = units * per, group_size // per
     g = te.reduce_axis((0, in_f // group_size), name="g")
     n = te.reduce_axis((0, per), name="n")
     j = te.reduce_axis((0, ug), name="j")
@@ -194,14 +191,10 @@ def wq_linear_cpu_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros:
     def body(*idx):
         o = idx[-1]
         u = g * ug + j
-        c = _unit_code(qweight, o, u, n, bits)
-        if sym:
-            w = tirx.Cast("float32", c if bits == 8 else c - (1 << (bits - 1))) * scales[o, g].astype("float32")
-        else:
-            w = (tirx.Cast("float32", c) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
+        w = _weight(_unit_code(qweight, o, u, n, bits), scales, zeros, o, g, bits)
         return te.sum(xs[(*idx[:-1], n, u)] * w, axis=[g, n, j])
 
-    return te.compute((*lead, out_f), body, name="matmul")
+    return te.compute((*x.shape[:-1], qweight.shape[0]), body, name="matmul")
 
 
 def wq_linear_cpu_gemm_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None = None, *,
@@ -214,29 +207,26 @@ def wq_linear_cpu_gemm_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, z
         parallel for o0:  tile[P, units, OT] = dequant(outputs o0*OT ...)          # in L1/L2, never the whole W
                           for m0 (4 tokens at a time), k: acc[4, 0:OT] += xs[m, k] (broadcast) * tile[k, 0:OT]
     """
-    per = _VALUES_PER_UNIT[bits]
-    out_f = qweight.shape[0]
-    in_f = int(qweight.shape[1]) * per // (3 if bits == 3 else 1)
-    units, ug = in_f // per, group_size // per
-    sym = zeros is None
-    lead = list(x.shape[:-1])
-    if per == 1:
-        xs = te.compute((*lead, 1, units), lambda *i: x[(*i[:-2], i[-1])], name="x_deinterleave")
-    else:
-        xs = te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])], name="x_deinterleave")
-
-    def dequant(n, u, o):
-        g = u // ug
-        c = _unit_code(qweight, o, u, n, bits)
-        if sym:
-            return tirx.Cast("float32", c if bits == 8 else c - (1 << (bits - 1))) * scales[o, g].astype("float32")
-        return (tirx.Cast("float32", c) - zeros[o, g].astype("float32")) * scales[o, g].astype("float32")
-
-    wd = te.compute((per, units, out_f), dequant, name="dequant")
+    per, units, xs = _deinterleaved(x, qweight, bits)
+    out_f, ug = qweight.shape[0], group_size // per
+    wd = te.compute((per, units, out_f), lambda n, u, o: _weight(_unit_code(qweight, o, u, n, bits), scales, zeros, o,
+                                                                 u // ug, bits), name="dequant")
     n = te.reduce_axis((0, per), name="n")
     u = te.reduce_axis((0, units), name="u")
-    return te.compute((*lead, out_f), lambda *i: te.sum(xs[(*i[:-1], n, u)] * wd[n, u, i[-1]], axis=[n, u]),
+    return te.compute((*x.shape[:-1], out_f), lambda *i: te.sum(xs[(*i[:-1], n, u)] * wd[n, u, i[-1]], axis=[n, u]),
                       name="matmul")
+
+
+def _deinterleaved(x: te.Tensor, qweight: te.Tensor, bits: int) -> tuple[int, int, te.Tensor]:
+    """``(P, units, xs)`` of the CPU forms: P values per packing unit, the unit count, and the activations
+    deinterleaved by position in the unit, ``xs[m, n, u] = x[m, u*P + n]`` (8-bit: a plain ``[m, 1, K]`` view)."""
+    per = _VALUES_PER_UNIT[bits]
+    units = _in_features(qweight.shape[1], bits) // per
+    lead = list(x.shape[:-1])
+    if per == 1:  # 8-bit: nothing to deinterleave
+        return per, units, te.compute((*lead, 1, units), lambda *i: x[(*i[:-2], i[-1])], name="x_deinterleave")
+    return per, units, te.compute((*lead, per, units), lambda *i: x[(*i[:-2], i[-1] * per + i[-2])],
+                                  name="x_deinterleave")
 
 
 def _schedule_gemm(sch: tvm.s_tir.Schedule, n_lead: int, out_tile: int, token_tile: int = 4) -> None:
