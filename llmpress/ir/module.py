@@ -120,6 +120,14 @@ class Module:
         vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
         return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
 
+    def fresh_weight_name(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ... : the first that names no stored weight."""
+        names, name, i = self.weights(), base, 0
+        while name in names:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
     def add_weight(self, name: str, tensor: torch.Tensor, *, kind: str = "auto") -> fx.Node:
         """Add a weight (a new placeholder + signature entry + stored tensor) and return its placeholder.
 

@@ -186,8 +186,4 @@ class FoldConstants(Pass):
     def _fresh_name(module: Module, root: fx.Node) -> str:
         path = source_path(root)
         base = f"{path}.folded_{root.name}" if path else f"folded_{root.name}"
-        existing = module.weights()
-        name, i = base, 1
-        while name in existing:
-            name, i = f"{base}_{i}", i + 1
-        return name
+        return module.fresh_weight_name(base)

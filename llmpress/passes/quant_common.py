@@ -46,6 +46,7 @@ __all__ = [
     "relative_error",
     "sqnr_db",
     "linear_weight",
+    "weight_stem",
 ]
 
 
@@ -194,14 +195,9 @@ def linear_weight(module: Module, node: fx.Node) -> tuple[str, torch.Tensor]:
     return module.weight_name(wnode), module.weight(wnode)
 
 
-def _fresh_name(module: Module, base: str) -> str:
-    names = module.weights()
-    if base not in names:
-        return base
-    i = 1
-    while f"{base}_{i}" in names:
-        i += 1
-    return f"{base}_{i}"
+def weight_stem(name: str) -> str:
+    """``model.layers.0.mlp.up_proj`` for ``model.layers.0.mlp.up_proj.weight``: the prefix new weights share."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
 def replace_with_wq_linear(module: Module, node: fx.Node, qw: QuantizedWeight, *, spec: dict[str, Any]
@@ -217,16 +213,16 @@ def replace_with_wq_linear(module: Module, node: fx.Node, qw: QuantizedWeight, *
     wnode = node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     wname, w = linear_weight(module, node)
-    base = wname[: -len(".weight")] if wname.endswith(".weight") else wname
+    base = weight_stem(wname)
     sym = qw.zeros is None
     packed = pack_weight(qw.q, qw.bits, sym=sym)
-    qnode = module.add_weight(_fresh_name(module, base + ".qweight"), packed)
-    snode = module.add_weight(_fresh_name(module, base + ".scales"), qw.scales.to(torch.float32).contiguous())
+    qnode = module.add_weight(module.fresh_weight_name(base + ".qweight"), packed)
+    snode = module.add_weight(module.fresh_weight_name(base + ".scales"), qw.scales.to(torch.float32).contiguous())
     znode = None
     zeros = None
     if not sym:
         zeros = qw.zeros.round().to(torch.uint8).contiguous()
-        znode = module.add_weight(_fresh_name(module, base + ".zeros"), zeros)
+        znode = module.add_weight(module.fresh_weight_name(base + ".zeros"), zeros)
     new = module.call(torch.ops.llmpress.wq_linear.default, (x, qnode, snode, znode, bias, qw.bits, qw.group_size),
                       like=node)
     node.replace_all_uses_with(new)

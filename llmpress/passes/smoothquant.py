@@ -38,6 +38,7 @@ from ..ir.module import Module
 from ..ir.ops import w8a8 as _w8a8_ops
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .scale_folding import WeightEdits, collect_input_stats, find_sites, linear_bias, require_calibration
+from .quant_common import weight_stem
 from .select import select_linears
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
@@ -119,8 +120,9 @@ class SmoothQuant(Pass):
                 path = source_path(n) or n.name
                 w = edits.weight_of(n).to(torch.float32)
                 qw, ws = _w8a8_ops.quantize_weight(w)
-                wq = module.add_weight(_fresh(module, _base(module, n) + ".qweight"), qw)
-                sq = module.add_weight(_fresh(module, _base(module, n) + ".wscale"), ws)
+                stem = weight_stem(module.weight_name(n.args[1]))
+                wq = module.add_weight(module.fresh_weight_name(stem + ".qweight"), qw)
+                sq = module.add_weight(module.fresh_weight_name(stem + ".wscale"), ws)
                 new = module.call(_W8A8, (n.args[0], wq, sq, linear_bias(n)), like=n)
                 dead.append(n.args[1])
                 st = stats_by_input[n.args[0]]
@@ -153,20 +155,6 @@ class SmoothQuant(Pass):
                  "bytes_before": before, "bytes_after": after, "sites": smoothed, "layers": layers,
                  "calibration_tokens": max((s.tokens for s in stats_by_input.values()), default=0)}
         return PassResult(module, bool(smoothed) or bool(layers), stats)
-
-
-def _base(module: Module, linear: fx.Node) -> str:
-    name = module.weight_name(linear.args[1])
-    return name[: -len(".weight")] if name.endswith(".weight") else name
-
-
-def _fresh(module: Module, name: str) -> str:
-    names = module.weights()
-    out, i = name, 0
-    while out in names:
-        i += 1
-        out = f"{name}_{i}"
-    return out
 
 
 def _sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
