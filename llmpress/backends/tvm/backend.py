@@ -22,14 +22,18 @@ class TVMBackend(Backend):
     TVM target dict.
 
     ``inplace_cache`` (default True): on CPU targets, KV caches passed in are updated in place
-    (``kernels/cache_write.py``); False keeps the functional form (a new cache per call, inputs untouched)."""
+    (``kernels/cache_write.py``); False keeps the functional form (a new cache per call, inputs untouched).
+    ``cpu_kernels`` (default True): on CPU targets, llmpress's kernels replace TVM's lowering of ops it runs slowly
+    (``kernels/softmax.py``); False keeps TVM's own (for comparison)."""
 
     name = "tvm"
 
-    def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True) -> None:
+    def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True,
+                 cpu_kernels: bool = True) -> None:
         # None: the shared ``converters.CONVERTERS`` (read at lowering time, so entries added later count)
         self.converters = converters
         self.inplace_cache = inplace_cache
+        self.cpu_kernels = cpu_kernels
 
     def supports(self, target: Any) -> bool:
         if target in (None, "reference"):
@@ -63,7 +67,7 @@ class TVMBackend(Backend):
         t0 = time.perf_counter()
         bar.set_postfix_str(steps[0])
         prog = to_relax(module, converters=self.converters, inplace_cache=self.inplace_cache and spec.device == "cpu",
-                        cpu_kernels=spec.device == "cpu")
+                        cpu_kernels=self.cpu_kernels and spec.device == "cpu")
         bar.update(1)
         bar.set_postfix_str(steps[1])
         t1 = time.perf_counter()
