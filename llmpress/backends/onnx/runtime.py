@@ -10,13 +10,13 @@ model takes (ONNX Runtime would not convert it).
 W8A8 in the QDQ form (``llmpress.w8a8 = "qdq"``) on ORT's CPU provider: no CPU kernel fuses a MatMul whose
 activation scale is per token (QDQ fusion wants a per-tensor activation scale), and ORT's constant folding keeps
 ``DequantizeLinear`` nodes so that QDQ fusions can see them, so by default every int8 weight is dequantized again at
-each call (int8 weights resident). Measured in one run on tinystories-llama after ``smoothquant`` (ORT 1.32, 1 thread,
-2-core x86 machine): decode 66 tokens/s (prefill of 128 tokens 45 ms), against 130 tokens/s (70 ms) for the
-``integer`` form and 394 (30 ms) for the fp32 model. ``fold_qdq_weights=True`` sets ORT's
-``session.disable_quant_qdq``, under which constant folding dequantizes the weights once at load (the profile then
-shows DequantizeLinear on activations only): decode 285 tokens/s, prefill 32 ms, at the cost of float32 weights in
-memory (4x the int8 bytes). Activations are still quantized per token either way; the outputs differ only by float32
-summation order (which can move an activation across a rounding boundary, see ``llmpress_ops``).
+each call (int8 weights resident). ``fold_qdq_weights=True`` sets ORT's ``session.disable_quant_qdq``, under which
+constant folding dequantizes the weights once at load (the profile then shows DequantizeLinear on activations only),
+at the cost of float32 weights in memory (4x the int8 bytes). ``benchmarks/onnx_w8a8.py`` measures the forms side by
+side (tinystories-llama after ``smoothquant``, one thread; ``benchmarks/results/onnx_w8a8.md``): decode at 0.21x of
+fp32 for QDQ, 0.82x for QDQ with folded weights, 0.42x for the ``integer`` form. Activations are still quantized
+per token either way; the outputs differ only by float32 summation order (which can move an activation across a
+rounding boundary, see ``llmpress_ops``).
 """
 from __future__ import annotations
 
