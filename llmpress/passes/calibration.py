@@ -84,14 +84,15 @@ class _Collector(fx.Interpreter):
         return super().run_node(n)
 
     def _wq_linear(self, n: fx.Node) -> torch.Tensor:
-        from ..ir.ops.wq_linear import dequantize
+        from ..ir.ops.wq_linear import dequantize, linear_dequantized
 
-        (x, qweight, scales, zeros, bias, bits, group_size), _ = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x, qweight, scales, zeros, bias, bits, group_size, *act = args
         w = self.dequantized.get(n)
         if w is None:
             w = self.dequantized[n] = dequantize(qweight, scales, zeros, bits, group_size)
         # The same math as the op's reference kernel (dequantize, then linear), without re-unpacking.
-        return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+        return linear_dequantized(x, w, bias, group_size, *act, **kwargs)
 
 
 class Calibration:

@@ -20,6 +20,8 @@ PRESETS: dict[str, str] = {
     "w8a16": "quantize(bits=8,group=0,exclude=lm_head)",
     # Weight-only int4 group 128, round to nearest (no calibration).
     "w4a16": "quantize(bits=4,group=128,exclude=lm_head)",
+    # int4 g128 weights (RTN) and dynamic int8 activations per weight group: integer dot products on CPU.
+    "w4a8": "quantize(bits=4,group=128,exclude=lm_head),act_quant(bits=8)",
     # GPTQ weight-only int4 / int3, group 128 (needs calibration data).
     "w4a16-gptq": "gptq(bits=4,group=128,exclude=lm_head)",
     "w3a16-gptq": "gptq(bits=3,group=128,exclude=lm_head)",

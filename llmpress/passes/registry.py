@@ -9,6 +9,7 @@ __all__ = ["PASSES", "get_pass", "pass_names"]
 
 def _all() -> list[type[Pass]]:
     # One import per pass file. Keep the list sorted by module name.
+    from .act_quant import ActQuant
     from .awq import AWQ
     from .dce import DeadCodeElimination
     from .fold_constants import FoldConstants
@@ -19,6 +20,7 @@ def _all() -> list[type[Pass]]:
     from .smoothquant import SmoothQuant
 
     return [
+        ActQuant,
         AWQ,
         DeadCodeElimination,
         FoldConstants,

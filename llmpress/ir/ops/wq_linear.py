@@ -2,11 +2,21 @@
 
 Semantics (the reference kernel below is the oracle every backend is tested against)::
 
-    wq_linear(x, qweight, scales, zeros, bias, bits, group_size) = x @ W^T + bias
+    wq_linear(x, qweight, scales, zeros, bias, bits, group_size, act_bits, act_group) = xa @ W^T + bias
     W[o, i] = (q[o, i] - z[o, g]) * s[o, g],        g = i // group_size
+    xa = x                                           act_bits = 0 (float activations: "w4a16")
+    xa[t, i] = qa[t, i] * sa[t, b]                   act_bits = 8 ("w4a8"), b = i // act_group, per token t:
+        sa[t, b] = max_{i in b} |x[t, i]| / 127   (1 where the block is all zero)
+        qa[t, i] = clamp(round(x[t, i] / sa[t, b]), -127, 127)      round half to even, as torch.round
 
 ``x`` is float ``[..., in]``; the output is ``[..., out]`` in the dtype of ``x``. ``group_size == in`` means one
 group per output channel ("per channel").
+
+Activation quantization is part of the op (set by the ``act_quant`` pass), so every backend computes the same
+function: the reference kernel below quantizes and dequantizes ``x`` block by block, the CPU kernels of the TVM
+backend quantize the activation row once per call and multiply int8 activations with the integer weight codes
+(integer dot products, scales applied once per block); the two differ only in float summation order.
+``act_group`` must divide ``in`` (0 is accepted for "the weight group": ``act_group = group_size``).
 
 Two flavours, told apart by ``zeros``:
 
@@ -38,7 +48,12 @@ import torch
 
 __all__ = [
     "SUPPORTED_BITS",
+    "ACT_QMAX",
     "wq_linear",
+    "quantize_activation_blocks",
+    "WQ_ARGS",
+    "wq_args",
+    "linear_dequantized",
     "pack_weight",
     "unpack_weight",
     "dequantize",
@@ -48,9 +63,23 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+#: Largest activation code with ``act_bits=8``: symmetric, -128 never produced (so negation never overflows).
+ACT_QMAX = 127
 
 # (values, bytes) of one packing unit: in_features must be a multiple of `values`.
 _UNIT = {8: (1, 1), 4: (2, 1), 3: (8, 3), 2: (4, 1)}
+
+
+#: The arguments of ``llmpress::wq_linear``, in schema order.
+WQ_ARGS = ("x", "qweight", "scales", "zeros", "bias", "bits", "group_size", "act_bits", "act_group")
+
+
+def wq_args(args: tuple, kwargs: dict | None = None) -> dict:
+    """A call's arguments by name (an FX node's ``args``/``kwargs``), defaults filled in."""
+    out = {"act_bits": 0, "act_group": 0}
+    out.update(zip(WQ_ARGS, args))
+    out.update(kwargs or {})
+    return out
 
 
 def _check_bits(bits: int) -> None:
@@ -135,19 +164,52 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     return q * s
 
 
+def quantize_activation_blocks(x: torch.Tensor, act_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-block symmetric int8 of ``x [..., in]``: ``(qa, sa)`` with ``qa`` the integer codes as float32
+    ``[..., in]`` and ``sa`` float32 ``[..., in / act_group]`` (see the module docstring)."""
+    in_f = x.shape[-1]
+    if act_group <= 0 or in_f % act_group:
+        raise ValueError(f"wq_linear: act_group {act_group} does not divide in_features {in_f}")
+    xb = x.to(torch.float32).reshape(*x.shape[:-1], in_f // act_group, act_group)
+    sa = xb.abs().amax(dim=-1) / ACT_QMAX
+    sa = torch.where(sa > 0, sa, torch.ones_like(sa))
+    qa = torch.round(xb / sa.unsqueeze(-1)).clamp(-ACT_QMAX, ACT_QMAX)
+    return qa.reshape(x.shape), sa
+
+
+def _act_group(act_group: int, group_size: int) -> int:
+    return group_size if act_group == 0 else act_group
+
+
 @torch.library.custom_op(
     "llmpress::wq_linear",
     mutates_args=(),
-    schema="(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, int group_size)"
-           " -> Tensor",
+    schema="(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, int group_size,"
+           " int act_bits=0, int act_group=0) -> Tensor",
 )
 def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
-    """Reference kernel: dequantize to float32, then an ordinary linear layer."""
-    w = dequantize(qweight, scales, zeros, bits, group_size).to(x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+              bias: torch.Tensor | None, bits: int, group_size: int, act_bits: int = 0,
+              act_group: int = 0) -> torch.Tensor:
+    """Reference kernel: (with ``act_bits=8``, quantize and dequantize ``x`` block by block,) dequantize the
+    weight to float32, then an ordinary linear layer."""
+    w = dequantize(qweight, scales, zeros, bits, group_size)
+    return linear_dequantized(x, w, bias, group_size, act_bits, act_group)
+
+
+def linear_dequantized(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                       act_bits: int = 0, act_group: int = 0) -> torch.Tensor:
+    """The rest of the reference kernel once the weight ``w`` is dequantized (float32 ``[out, in]``): callers
+    that keep dequantized weights across calls (calibration) compute the op's exact function with it."""
+    if act_bits not in (0, 8):
+        raise ValueError(f"wq_linear: act_bits must be 0 (float activations) or 8, got {act_bits}")
+    if act_bits:
+        ag = _act_group(act_group, group_size)
+        qa, sa = quantize_activation_blocks(x, ag)
+        xa = (qa.reshape(*x.shape[:-1], -1, ag) * sa.unsqueeze(-1)).reshape(x.shape)
+        return torch.nn.functional.linear(xa, w, None if bias is None else bias.to(torch.float32)).to(x.dtype)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
 
 
 @wq_linear.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size):
+def _(x, qweight, scales, zeros, bias, bits, group_size, act_bits=0, act_group=0):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
