@@ -3,7 +3,8 @@
 Pipelines (phases as in TVM's ``relax/backend/<target>/pipeline.py``: dispatch, legalize, schedule, lower,
 finalize):
 
-Both first lift weight-only work (the transposes of linear weights) into ``transform_params``, run once at load.
+Weight-only work (the transposes of linear weights, the repacks of quantized ones) is lifted out and computed at
+compile time before this (``params.prepare``): the library takes the transformed weights.
 
 - ``llvm`` (x86-64 / aarch64 CPUs): legalize every Relax op into TIR, fuse, then our CPU schedule rules
   (``schedules.cpu_rules``: parallel + vectorised matmul / GEMV / reductions; a function no rule claims keeps TVM's
@@ -30,7 +31,8 @@ from typing import Any
 from ...errors import LlmpressError
 from .targets import TargetSpec
 
-__all__ = ["build", "export_library", "cuda_sources", "compile_ptx", "compile_fatbin", "source_key", "BuildError", "TRANSFORM_PARAMS"]
+__all__ = ["build", "cpu_pipeline", "export_library", "cuda_sources", "compile_ptx", "compile_fatbin", "source_key",
+           "BuildError", "TRANSFORM_PARAMS"]
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +41,15 @@ class BuildError(LlmpressError):
     """TVM or the C/CUDA toolchain failed to build the program; the message names the step."""
 
 
-#: The function ``LiftTransformParams`` creates: weights -> the layouts the kernels read (run once at load).
+#: The function ``LiftTransformParams`` creates: weights -> the layouts the kernels read. Libraries built now never
+#: contain it (``params.prepare`` runs it at compile time); the runtimes still call it when an older one does.
 TRANSFORM_PARAMS = "transform_params"
 
 
-def _pipeline(spec: TargetSpec, target: Any):
+def cpu_pipeline(target: Any):
+    """The Relax pipeline for an LLVM CPU target: legalize every op into TIR, fuse, schedule with our CPU rules
+    (``schedules.cpu_rules``; a function no rule claims keeps TVM's default loop nest), lower."""
     import tvm
-    from tvm import relax
-
-    # Work that depends only on weights (the frontend transposes every linear weight, W[out,in] -> W^T[in,out],
-    # on each call) moves into one `transform_params` function that the runtime runs once at load; the kernels
-    # then read W^T, whose output dimension is contiguous (what a vectorised matmul/GEMV wants).
-    lift = relax.transform.LiftTransformParams(shared_transform=True)
-    if spec.device == "cuda":
-        return tvm.transform.Sequential([lift, relax.get_default_pipeline(target)])
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .schedules import cpu_rules
@@ -60,7 +57,7 @@ def _pipeline(spec: TargetSpec, target: Any):
     @tvm.transform.module_pass(opt_level=0, name="llmpress_cpu_pipeline")
     def _cpu(mod, _ctx):
         with target:
-            passes = [lift] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
             rules = cpu_rules(target)
             if rules:
                 from tvm.s_tir import dlight as dl
@@ -70,6 +67,15 @@ def _pipeline(spec: TargetSpec, target: Any):
             return tvm.transform.Sequential(passes)(mod)
 
     return _cpu
+
+
+def _pipeline(spec: TargetSpec, target: Any):
+    # Weight-only work (transposes, repacks) was lifted out and computed at compile time (params.prepare).
+    if spec.device == "cuda":
+        from tvm import relax
+
+        return relax.get_default_pipeline(target)
+    return cpu_pipeline(target)
 
 
 def build(mod: Any, spec: TargetSpec) -> Any:

@@ -48,7 +48,7 @@ from ....errors import UnsupportedOpError
 from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule, register_cpu_schedule
 
 __all__ = ["wq_linear_te", "wq_linear_cpu_te", "wq_linear_cpu_gemm_te", "emit_wq_linear", "convert_wq_linear",
-           "schedule_cpu"]
+           "schedule_cpu", "act_fake_quant_te"]
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +108,55 @@ def wq_linear_te(x: te.Tensor, qweight: te.Tensor, scales: te.Tensor, zeros: te.
     return te.compute((*lead, out_f), mm, name="matmul")
 
 
+def act_fake_quant_te(x: te.Tensor, *, act_group: int) -> te.Tensor:
+    """``xa = qa * sa``: per-block dynamic int8 quantization of ``x [..., in]`` and back (the op's ``act_bits=8``
+    semantics, the reference's float operations). The generic path (GPU targets, CPU layers the quantized kernels
+    do not cover) runs it before the float kernel; on CPU the dispatch pass (``dispatch.py``) replaces the pair by
+    the integer kernels and this stage disappears."""
+    lead, in_f = list(x.shape[:-1]), x.shape[-1]
+    j = te.reduce_axis((0, act_group), name="j")
+    amax = te.compute((*lead, in_f // act_group),
+                      lambda *i: te.max(tirx.abs(x[(*i[:-1], i[-1] * act_group + j)]), axis=j), name="amax")
+    qmax = tirx.const(127.0, "float32")
+    sa = te.compute(amax.shape, lambda *i: tirx.Select(amax[i] > tirx.const(0.0, "float32"), amax[i] / qmax,
+                                                       tirx.const(1.0, "float32")), name="sa")
+
+    def fq(*i):
+        s = sa[(*i[:-1], i[-1] // act_group)]
+        return tirx.max(tirx.min(tirx.nearbyint(x[i] / s), qmax), -qmax) * s
+
+    return te.compute(x.shape, fq, name="xa")
+
+
 def emit_wq_linear(bb: relax.BlockBuilder, x: relax.Expr, qweight: relax.Expr, scales: relax.Expr,
-                   zeros: relax.Expr | None, bias: relax.Expr | None, bits: int, group_size: int) -> relax.Expr:
-    """Emit the fused kernel as one ``call_tir`` (+ a Relax ``add`` for the bias); returns the output var."""
+                   zeros: relax.Expr | None, bias: relax.Expr | None, bits: int, group_size: int,
+                   act_bits: int = 0, act_group: int = 0) -> relax.Expr:
+    """Emit the fused kernel as one ``call_tir`` (+ a Relax ``add`` for the bias); returns the output var. With
+    ``act_bits=8`` the activations first pass through ``act_fake_quant_te`` (its own tagged ``call_tir``)."""
     if bits not in _VALUES_PER_UNIT:
         raise UnsupportedOpError(f"wq_linear: bits={bits} has no TVM kernel (supported 2, 3, 4, 8)", op="wq_linear")
     if group_size % _VALUES_PER_UNIT[bits]:
         raise UnsupportedOpError(f"wq_linear: the TVM kernels need group_size ({group_size}) to be a multiple of the "
                                  f"{_VALUES_PER_UNIT[bits]} values one {bits}-bit packing unit holds", op="wq_linear")
+    if act_bits not in (0, 8):
+        raise UnsupportedOpError(f"wq_linear: act_bits={act_bits} has no TVM kernel (0 or 8)", op="wq_linear")
     x_dtype = x.ty.dtype
     if x_dtype != "float32":
         x = bb.emit(relax.op.astype(x, "float32"))
     sym = zeros is None
     in_f = _in_features(qweight.ty.shape[1], bits)
+    act_group = (act_group or group_size) if act_bits else 0
+    if act_bits:
+        x = bb.emit_te(lambda t: act_fake_quant_te(t, act_group=act_group), x,
+                       primfunc_name_hint=f"llmpress_act_fake_quant_g{act_group}",
+                       primfunc_attrs={KERNEL_ATTR: "act_fake_quant", "op_pattern": 8, "llmpress.token_dims": 1,
+                                       "llmpress.act_group": act_group})
     name = f"llmpress_wq_linear_b{bits}_g{group_size}_{'sym' if sym else 'asym'}"
     # op_pattern 8 (kOpaque): FuseOps must not merge the kernel into a new, unscheduled function.
     # llmpress.token_dims: the leading dims of x count tokens (decode call sites get a GEMV-scheduled copy).
-    attrs = {KERNEL_ATTR: "wq_linear", "op_pattern": 8, "llmpress.token_dims": 1, "llmpress.bits": bits, "llmpress.group_size": group_size,
-             "llmpress.in_features": in_f}
+    attrs = {KERNEL_ATTR: "wq_linear", "op_pattern": 8, "llmpress.token_dims": 1, "llmpress.bits": bits,
+             "llmpress.group_size": group_size, "llmpress.in_features": in_f, "llmpress.act_bits": act_bits,
+             "llmpress.act_group": act_group}
     args = [x, qweight, scales] + ([] if sym else [zeros])
     y = bb.emit_te(lambda *a: wq_linear_te(*a, bits=bits, group_size=group_size), *args,
                    primfunc_name_hint=name, primfunc_attrs=attrs)
@@ -139,17 +170,31 @@ def emit_wq_linear(bb: relax.BlockBuilder, x: relax.Expr, qweight: relax.Expr, s
 
 def convert_wq_linear(node, importer) -> relax.Expr:
     """``custom_convert_map`` entry for ``llmpress.wq_linear.default`` (signature ``(fx.Node, importer)``)."""
-    args = list(node.args) + [None] * (7 - len(node.args))
-    x, qweight, scales, zeros, bias, bits, group_size = args
-    bits = node.kwargs.get("bits", bits)
-    group_size = node.kwargs.get("group_size", group_size)
+    from ....ir.ops.wq_linear import wq_args
+
+    a = wq_args(node.args, node.kwargs)
     env = importer.env
 
-    def get(a):
-        return None if a is None else env[a]
+    def get(name):
+        v = a.get(name)
+        return None if v is None else env[v]
 
-    return emit_wq_linear(importer.block_builder, get(x), get(qweight), get(scales), get(zeros), get(bias),
-                          int(bits), int(group_size))
+    return emit_wq_linear(importer.block_builder, get("x"), get("qweight"), get("scales"), get("zeros"),
+                          get("bias"), int(a["bits"]), int(a["group_size"]), int(a["act_bits"]),
+                          int(a["act_group"]))
+
+
+@register_cpu_schedule("act_fake_quant")
+def schedule_act_fake_quant(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
+    """Rows in parallel, each row's block maxima and its quantized values computed together."""
+    sch = new_schedule(func, func)
+    xa = sch.get_sblock("xa")
+    loops = sch.get_loops(xa)
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.compute_at(sch.get_sblock("sa"), row)
+    sch.compute_at(sch.get_sblock("amax"), row)
+    sch.parallel(row)
+    return sch
 
 
 def _pick_tile(n: int, candidates: tuple[int, ...]) -> int:

@@ -1,0 +1,173 @@
+"""CPU dispatch of the quantized linears: each generic ``wq_linear`` kernel call becomes the fast CPU form.
+
+``wq_linear.py``'s converter emits a target-independent ``call_tir`` (dequantize + matmul in TE, what dlight's GPU
+rules schedule), preceded by ``act_fake_quant`` when ``act_bits=8``. On an LLVM CPU target this Relax pass (run
+first in the CPU pipeline, ``build.py``) rewrites every such call whose layer fits the tiled layout
+(``qlayout.why_not``)::
+
+    w, sz = call_tir(repack, [qweight, scales(, zeros)])         weights only: lifted into transform_params and
+                                                                 evaluated at compile time (params.py)
+    x2d   = reshape(x, [M, K])                                   M = the token count (1 in decode)
+    act_bits = 8:  qa, sa, asum = call_tir(act_quant, [x2d])     qact.py (shared by q/k/v after CSE)
+                   y2d = call_tir(gemv_int | gemm_int, [qa, sa, asum, w, sz])
+    act_bits = 0:  y2d = call_tir(gemv_float | gemm_float, [x2d, w, sz])
+    y     = reshape(y2d, [..., N])
+
+GEMV when the token count is statically 1 (the ``decode`` function), GEMM otherwise. Layers the layout does not
+cover keep the generic call (and its CPU schedule, ``wq_linear.schedule_cpu``); the pass logs each with the reason.
+Identical kernels (same shapes and options) are one PrimFunc, so Relax's common-subexpression elimination can
+merge equal calls (one ``act_quant`` for ``q``/``k``/``v``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+from tvm import relax, tirx
+from tvm.sym.analyzer import Analyzer
+
+from ..isa import CpuIsa
+from .common import KERNEL_ATTR
+from .qlayout import QLayout, why_not
+
+__all__ = ["dispatch_quant_kernels", "DISPATCHED_ATTR"]
+
+log = logging.getLogger(__name__)
+
+#: Attribute of every PrimFunc this pass creates (``"repack"``, ``"act_quant"``, ``"gemv_int"``, ...).
+DISPATCHED_ATTR = "llmpress.quant_kernel"
+
+
+def _static(e: Any) -> int | None:
+    return int(e) if isinstance(e, tirx.IntImm) else None
+
+
+def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
+    """The Relax module pass described in the module docstring, for CPU instruction set ``isa``."""
+
+    @relax.expr_functor.mutator
+    class _Dispatch(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule) -> None:
+            super().__init__(mod)
+            self.mod_ = mod
+            self.funcs: dict[tuple, relax.GlobalVar] = {}
+            self.kept: dict[str, str] = {}  # generic kernels left in place -> why
+
+        def _func(self, key: tuple, make) -> relax.GlobalVar:
+            gv = self.funcs.get(key)
+            if gv is None:
+                name = "llmpress_" + "_".join(str(k).replace("-", "") for k in key)
+                func = make().with_attr(DISPATCHED_ATTR, key[0])
+                if key[0] != "repack":
+                    # hand-written loop nests (no blocks): opaque to fusion, nothing left to schedule
+                    func = func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
+                gv = self.funcs[key] = self.builder_.add_func(func, name)
+            return gv
+
+        def visit_call_(self, call):  # noqa: D102 - mutator protocol
+            call = self.visit_expr_post_order(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+                return call
+            gv = call.args[0]
+            func = self.mod_[gv] if gv in self.mod_.get_global_vars() else None
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs or {}).get(KERNEL_ATTR) != "wq_linear":
+                return call
+            return self._rewrite(call, func)
+
+        def _rewrite(self, call, func):
+            attrs = func.attrs
+            bits, group = int(attrs["llmpress.bits"]), int(attrs["llmpress.group_size"])
+            act_bits = int(attrs.get("llmpress.act_bits", 0))
+            act_group = int(attrs.get("llmpress.act_group", 0))
+            args = list(call.args[1].fields)
+            x, qweight, scales = args[:3]
+            zeros = args[3] if len(args) > 3 else None
+            in_f = int(attrs["llmpress.in_features"])
+            out_f = int(qweight.ty.shape[0])
+            why = why_not(bits, out_f, in_f, group)
+            if why is None and act_bits and (act_group % 32 or group % act_group):
+                why = f"activation group {act_group} is not a multiple of 32 dividing the group {group}"
+            if why is not None:
+                self.kept[gv_name(call)] = why
+                return call
+            if act_bits:  # look through the generic activation fake-quant: the integer kernels quantize x
+                bound = self.lookup_binding(x)
+                x = bound.args[1].fields[0]
+            layout = QLayout(bits, zeros is None, out_f, in_f, group)
+            bb = self.builder_
+            from .qlayout import repack_te
+
+            from tvm import te
+
+            def make_repack():
+                ph = [te.placeholder([int(d) for d in a.ty.shape], a.ty.dtype, name=n)
+                      for a, n in zip([qweight, scales] + ([zeros] if zeros is not None else []),
+                                      ("qweight", "scales", "zeros"))]
+                return te.create_prim_func(ph + repack_te(layout, *ph)).without_attr("global_symbol")
+
+            key = ("repack", f"b{bits}", "sym" if layout.sym else "asym", out_f, in_f, f"g{group}",
+                   str(qweight.ty.dtype), str(scales.ty.dtype), str(zeros.ty.dtype) if zeros is not None else "")
+            rep = bb.emit(relax.call_tir(self._func(key, make_repack),
+                                         [qweight, scales] + ([zeros] if zeros is not None else []),
+                                         [relax.TensorType(layout.w_shape, layout.dtype),
+                                          relax.TensorType(layout.sz_shape, "float32")]))
+            w, sz = bb.emit(relax.TupleGetItem(rep, 0)), bb.emit(relax.TupleGetItem(rep, 1))
+            lead = list(x.ty.shape.values)[:-1]
+            m = lead[0]
+            for d in lead[1:]:
+                m = m * d
+            m_static = _static(Analyzer().simplify(m))
+            x2d = bb.emit(relax.op.reshape(x, relax.ShapeExpr([m, in_f])))
+            y_ty = relax.TensorType([m, out_f], "float32")
+            tag = ("sym" if layout.sym else "asym", out_f, in_f, f"g{group}")
+            if act_bits:
+                from .qact import act_quant_func
+
+                tokens = 1 if m_static == 1 else None
+                aq = bb.emit(relax.call_tir(
+                    self._func(("act_quant", in_f, f"a{act_group}", f"g{group}", f"t{tokens}"),
+                               lambda: act_quant_func(in_f, act_group, group, tokens=tokens)),
+                    [x2d], [relax.TensorType([m, in_f], "int8"), relax.TensorType([m, in_f // act_group], "float32"),
+                            relax.TensorType([m, layout.groups], "float32")]))
+                qa, sa, asum = (bb.emit(relax.TupleGetItem(aq, i)) for i in range(3))
+                if m_static == 1:
+                    from .qgemv import gemv_int_func
+
+                    gv = self._func(("gemv_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
+                                    lambda: gemv_int_func(layout, isa, act_group))
+                else:
+                    from .qgemm import gemm_int_func
+
+                    gv = self._func(("gemm_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
+                                    lambda: gemm_int_func(layout, isa, act_group))
+                y = bb.emit(relax.call_tir(gv, [qa, sa, asum, w, sz], y_ty))
+            else:
+                if m_static == 1:
+                    from .qgemv import gemv_float_func
+
+                    gv = self._func(("gemv_float", f"b{bits}", *tag), lambda: gemv_float_func(layout))
+                else:
+                    from .qgemm import gemm_float_func
+
+                    gv = self._func(("gemm_float", f"b{bits}", *tag), lambda: gemm_float_func(layout))
+                y = bb.emit(relax.call_tir(gv, [x2d, w, sz], y_ty))
+            return relax.op.reshape(y, relax.ShapeExpr([*lead, out_f]))
+
+    def gv_name(call) -> str:
+        return call.args[0].name_hint
+
+    @tvm.transform.module_pass(opt_level=0, name="llmpress.DispatchQuantKernels")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = _Dispatch(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        out = m.builder_.get()
+        for name, why in sorted(m.kept.items()):
+            log.info("%s keeps the generic CPU kernel: %s", name, why)
+        # the generic kernels (and activation fake-quant stages) no longer called are dropped
+        out = relax.transform.DeadCodeElimination()(relax.transform.EliminateCommonSubexpr()(out))
+        return out
+
+    return _pass
