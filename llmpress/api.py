@@ -159,6 +159,7 @@ def _signature(module: Module) -> dict:
             "outputs": [desc(n) for n in outs if hasattr(n, "meta")]}
 
 
-def load(path: str | Path) -> Artifact:
-    """Load an artifact folder or ``.tar``: verifies hashes and target first (``ArtifactError`` if damaged)."""
-    return _load_artifact(path)
+def load(path: str | Path, *, threads: int | None = None) -> Artifact:
+    """Load an artifact folder or ``.tar``: verifies hashes and target first (``ArtifactError`` if damaged).
+    ``threads``: CPU threads to run on (default: every core in the process's affinity mask)."""
+    return _load_artifact(path, threads=threads)

@@ -205,8 +205,9 @@ def _extract_tar(path: Path) -> Path:
     return out
 
 
-def load(path: str | os.PathLike) -> Artifact:
-    """Load an artifact folder or ``.tar``: verify hashes and target, then build its runner."""
+def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
+    """Load an artifact folder or ``.tar``: verify hashes and target, then build its runner (on ``threads`` CPU
+    threads; default: every core this process may run on)."""
     from .backends import get_backend
 
     src = Path(path)
@@ -217,6 +218,8 @@ def load(path: str | os.PathLike) -> Artifact:
     verify(folder, manifest)
     backend = get_backend(manifest.get("backend", "reference"))
     compiled = backend.load(folder, manifest)
+    if threads is not None:
+        compiled.set_threads(threads)
     tok = None
     if manifest.get("tokenizer"):
         from .tokenizer import load_tokenizer

@@ -34,17 +34,20 @@ def _is_artifact(path: str) -> bool:
 
 
 def _open(model: str, *, pipeline: str | None = None, tokenizer: str | None = None, calib: str | None = None,
-          progress: bool = True):
-    """A model path or an artifact -> (Artifact, module or None)."""
+          progress: bool = True, threads: int | None = None):
+    """A model path or an artifact -> Artifact (run on ``threads`` CPU threads; None: every core)."""
     import llmpress
 
+    if threads is not None and threads < 1:
+        raise LlmpressError(f"--threads must be at least 1, got {threads}")
     if _is_artifact(model):
         if pipeline:
             raise LlmpressError(f"{model} is an artifact, already compiled; --pipeline applies to model paths")
-        art = llmpress.load(model)
-        return art
-    return llmpress.compile(model, pipeline=pipeline or "", target="reference", tokenizer=tokenizer,
-                            calibration=calib, progress=progress)
+        return llmpress.load(model, threads=threads)
+    art = llmpress.compile(model, pipeline=pipeline or "", target="reference", tokenizer=tokenizer,
+                           calibration=calib, progress=progress)
+    art.compiled.set_threads(threads)
+    return art
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -83,7 +86,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         text = run_emulated(a.model, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
         print(text)
         return 0
-    art = _open(a.model, tokenizer=a.tokenizer, progress=False)
+    art = _open(a.model, tokenizer=a.tokenizer, progress=False, threads=a.threads)
     print(art.generate(a.prompt, a.max_new_tokens))
     return 0
 
@@ -91,7 +94,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.perplexity import perplexity, token_stream
 
-    art = _open(a.model, pipeline=a.pipeline, tokenizer=a.tokenizer, calib=a.calib, progress=not a.quiet)
+    art = _open(a.model, pipeline=a.pipeline, tokenizer=a.tokenizer, calib=a.calib, progress=not a.quiet,
+                threads=a.threads)
     if art.tokenizer is None:
         raise LlmpressError(f"{a.model} has no tokenizer; perplexity needs one (--tokenizer FILE)")
     stream = token_stream(a.data, art.tokenizer, max_tokens=a.max_tokens)
@@ -201,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", default="", help="prompt text (default: start from BOS)")
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--tokenizer")
+    r.add_argument("--threads", type=int, help="CPU threads (default: every core this process may run on)")
     r.add_argument("--emulate", action="store_true",
                    help="run an arm64 artifact through the C++ runner under qemu-aarch64")
     r.set_defaults(func=cmd_run)
@@ -214,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer")
     e.add_argument("--max-tokens", type=int, help="score only the first N tokens of the data")
     e.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded for the tokens/s figure")
+    e.add_argument("--threads", type=int, help="CPU threads (default: every core this process may run on)")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)

@@ -56,6 +56,10 @@ class Compiled:
         """Extra tokenizer files a non-Python runner needs, written into ``folder``; returns manifest entries."""
         return {}
 
+    def set_threads(self, threads: int | None) -> None:
+        """Run on ``threads`` CPU threads (None: the backend's default, every core the process may use for TVM).
+        Backends without a thread setting of their own ignore it."""
+
     @property
     def runnable_here(self) -> bool:
         return True

@@ -77,23 +77,31 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        n_kv, d = self.n_kv_heads, self.head_dim
+        rep = self.n_heads // n_kv
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [t, 1, d]: one row per token, the same for every head
+        q = self.q_proj(x).view(b, t, self.n_heads, d)
+        k = self.k_proj(x).view(b, t, n_kv, d)
+        v = self.v_proj(x).view(b, t, n_kv, d)
         q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)  # [b, n_kv, t, d]: the cache layout
+        v = v.transpose(1, 2)
         # Write the new keys/values at their positions (functional scatter: the cache is an input and an output).
-        idx = positions.view(1, 1, t, 1).expand(b, self.n_kv_heads, t, self.head_dim)
+        idx = positions.view(1, 1, t, 1).expand(b, n_kv, t, d)
         k_cache = torch.scatter(k_cache, 2, idx, k)
         v_cache = torch.scatter(v_cache, 2, idx, v)
-        rep = self.n_heads // self.n_kv_heads
+        # Grouped-query attention without copying the cache: the rep = n_heads / n_kv query heads sharing KV head
+        # g (heads g*rep .. g*rep + rep - 1) are stacked as t*rep rows (token, then head) against that head's keys
+        # and values, [b*n_kv, t*rep, d] x [b*n_kv, d, s]: the dot products of expanding the cache to n_heads,
+        # without materializing the expanded copy (rep times the cache, rewritten on every call). The static rep
+        # is the inner factor of every reshape, so torch.export needs no guard on the token count.
         s = k_cache.shape[2]
-        keys = k_cache[:, :, None].expand(b, self.n_kv_heads, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
-        vals = v_cache[:, :, None].expand(b, self.n_kv_heads, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim))
-        scores = scores.masked_fill(mask, float("-inf"))
+        qg = q.view(b, t, n_kv, rep, d).permute(0, 2, 1, 3, 4).reshape(b * n_kv, t * rep, d)
+        scores = torch.bmm(qg, k_cache.reshape(b * n_kv, s, d).transpose(1, 2)) * (1.0 / math.sqrt(d))
+        scores = scores.masked_fill(mask[:, None, :].expand(t, rep, s).reshape(t * rep, s), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, vals).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        out = torch.bmm(probs, v_cache.reshape(b * n_kv, s, d))
+        out = out.view(b, n_kv, t, rep, d).permute(0, 2, 1, 3, 4).reshape(b, t, self.n_heads * d)
         return self.o_proj(out), k_cache, v_cache
 
 

@@ -1,7 +1,7 @@
 // llmpress-runner: run an llmpress TVM artifact with nothing but the TVM runtime (no Python).
 //
 //   llmpress-runner ARTIFACT_DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] [--print-ids]
-//                   [--no-verify]
+//                   [--no-verify] [--threads N]
 //   llmpress-runner --tokenizer TOK.bin (--encode TEXT [--normalize] | --decode 1,2,3)
 //
 // The second form only tokenizes (a llama2.c-format file): --encode prints the ids of TEXT (no BOS), --decode
@@ -27,7 +27,7 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: llmpress-runner ARTIFACT_DIR [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N] "
-    "[--print-ids] [--no-verify]\n"
+    "[--print-ids] [--no-verify] [--threads N]\n"
     "       llmpress-runner --tokenizer TOK.bin (--encode TEXT [--normalize] | --decode 1,2,3)\n";
 
 std::string DecodeText(const llmpress::Tokenizer& tok, const std::vector<int64_t>& ids, int64_t bos, int64_t eos) {
@@ -68,6 +68,7 @@ int Run(int argc, char** argv) {
   std::vector<int64_t> decode_ids;
   std::vector<int64_t> prompt_ids;
   int64_t max_new = 256;
+  int threads = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](const char* flag) -> std::string {
@@ -85,6 +86,12 @@ int Run(int argc, char** argv) {
       char* end = nullptr;
       max_new = std::strtoll(v.c_str(), &end, 10);
       if (*end != '\0' || max_new < 0) throw llmpress::RunnerError("--max-new-tokens: '" + v + "' is not a count");
+    } else if (a == "--threads") {
+      std::string v = value("--threads");
+      char* end = nullptr;
+      long n = std::strtol(v.c_str(), &end, 10);
+      if (*end != '\0' || n < 1) throw llmpress::RunnerError("--threads: '" + v + "' is not a positive count");
+      threads = static_cast<int>(n);
     } else if (a == "--print-ids") {
       print_ids = true;
     } else if (a == "--tokenizer") {
@@ -127,6 +134,7 @@ int Run(int argc, char** argv) {
   if (dir.empty()) throw llmpress::RunnerError(std::string("no artifact folder given\n") + kUsage);
   if (have_prompt && have_ids) throw llmpress::RunnerError("give --prompt or --prompt-ids, not both");
 
+  int used_threads = llmpress::ConfigureThreads(threads);
   auto t0 = std::chrono::steady_clock::now();
   llmpress::EdgeModel model(dir, verify);
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -160,8 +168,9 @@ int Run(int argc, char** argv) {
   std::cout.flush();
   int64_t decoded = st.new_tokens > 0 ? st.new_tokens - 1 : 0;
   std::fprintf(stderr,
-               "llmpress-runner: %s: load %.3f s, prefill %lld tokens %.3f s, decode %lld tokens %.3f s (%.1f tok/s)\n",
-               llmpress::HostArch(), load_s, static_cast<long long>(st.prompt_tokens), st.prefill_s,
+               "llmpress-runner: %s, %d threads: load %.3f s, prefill %lld tokens %.3f s, decode %lld tokens %.3f s "
+               "(%.1f tok/s)\n",
+               llmpress::HostArch(), used_threads, load_s, static_cast<long long>(st.prompt_tokens), st.prefill_s,
                static_cast<long long>(decoded), st.decode_s, st.decode_s > 0 ? decoded / st.decode_s : 0.0);
   return 0;
 }

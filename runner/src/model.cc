@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <map>
+#include <sched.h>
 #include <sys/stat.h>
 
 #include "common.h"
@@ -11,6 +13,30 @@
 #include "sha256.h"
 
 namespace llmpress {
+
+int ConfigureThreads(int threads) {
+  std::vector<std::string> cpus;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    for (int i = 0; i < CPU_SETSIZE; ++i) {
+      if (CPU_ISSET(i, &set)) cpus.push_back(std::to_string(i));
+    }
+  }
+  if (cpus.empty()) cpus.push_back("0");
+  int n = threads;
+  if (n <= 0) {
+    const char* env = std::getenv("TVM_NUM_THREADS");
+    n = env != nullptr && std::atoi(env) > 0 ? std::atoi(env) : static_cast<int>(cpus.size());
+  }
+  // kSpecifyThreadShareAllCore (-3): every worker may run on every listed CPU; the list bounds the pool size.
+  std::vector<ffi::String> listed;
+  for (size_t i = 0; i < std::max(cpus.size(), static_cast<size_t>(n)); ++i) listed.push_back(cpus[i % cpus.size()]);
+  auto config = ffi::Function::GetGlobal("runtime.config_threadpool");
+  if (!config.has_value()) throw RunnerError("the TVM runtime has no runtime.config_threadpool");
+  (*config)(-3, n, ffi::Array<ffi::String>(listed.begin(), listed.end()));
+  return n;
+}
 
 namespace ffi = tvm::ffi;
 

@@ -44,6 +44,10 @@ struct LMInfo {
 // The machine this runner was built for, spelled as the manifest spells it ("x86_64", "aarch64").
 const char* HostArch();
 
+// Size TVM's CPU thread pool before the first parallel job: `threads` > 0, else TVM_NUM_THREADS, else every CPU in
+// this process's affinity mask (TVM's own default is half of the hardware threads on x86). Returns the count set.
+int ConfigureThreads(int threads);
+
 class EdgeModel {
  public:
   // Load and check the artifact in `dir` (manifest, file sizes and sha256, architecture, weights).

@@ -53,6 +53,11 @@ class OnnxCompiled(Compiled):
         out = self.program.forward(*inputs)
         return out if len(out) > 1 else out[0]
 
+    def set_threads(self, threads: int | None) -> None:
+        from .runtime import OrtProgram
+
+        self.program = OrtProgram(self.path, threads=threads)  # ORT fixes its intra-op threads per session
+
     def target_json(self) -> dict:
         return {"name": "onnx", "spec": {"opset": 18, "runtime": "onnxruntime", "w8a8": self.w8a8}, "arch": "any",
                 "device": "cpu", "host": platform.machine()}

@@ -91,7 +91,9 @@ def _run_on_host(mod: Any, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     from tvm.target.codegen import llvm_get_system_cpu
 
     from .build import cpu_pipeline
+    from .threads import configure
 
+    configure()  # every core, before the first parallel job sizes TVM's pool
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(llvm_get_system_cpu())})
     ex = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu(0))

@@ -62,6 +62,7 @@ class TVMCompiled(Compiled):
         self._vm = None
         self._dev = None
         self._param_tensors: list | None = None
+        self.threads: int | None = None  # None: every core this process may run on (threads.configure)
 
     # -- where it can run ------------------------------------------------------------------------
     def why_not_runnable(self) -> str | None:
@@ -81,6 +82,9 @@ class TVMCompiled(Compiled):
         import tvm
         from tvm import relax
 
+        from .threads import configure
+
+        configure(self.threads)  # before the VM's first parallel job: TVM sizes its pool then
         self._dev = tvm.cuda(0) if self.spec.device == "cuda" else tvm.cpu(0)
         self._vm = relax.VirtualMachine(self.executable, self._dev)
         params = [self._to_tvm(self.weights[name]) for name in self.params]
@@ -88,6 +92,17 @@ class TVMCompiled(Compiled):
             # weights -> the layouts the kernels read (e.g. transposed linear weights), once per load
             params = list(self._vm[TRANSFORM_PARAMS](params))
         self._param_tensors = params
+
+    def set_threads(self, threads: int | None) -> None:
+        """CPU threads for this program's kernels (None: ``TVM_NUM_THREADS``, else every core in the affinity
+        mask). A later call may lower the count of a running program, not raise it above the first."""
+        if threads is not None and int(threads) < 1:
+            raise LlmpressError(f"threads must be >= 1, got {threads}")
+        self.threads = None if threads is None else int(threads)
+        if self._vm is not None:
+            from .threads import configure
+
+            configure(self.threads)
 
     # -- conversions -----------------------------------------------------------------------------
     def _to_tvm(self, t: Any):
