@@ -13,7 +13,8 @@ int8 codes + float32 scales; ``LMInfo.cache_specs()`` always lists the current l
 ``start_pos + t`` and are written into the cache there. Prefill is ``start_pos = 0`` with T tokens, decode is
 T = 1, so one graph (and one set of compression rewrites) serves both. Attention spans the whole cache with a
 causal mask ``key_pos <= query_pos``; masked scores are exactly zero after the softmax, so the result equals
-attention over the valid prefix.
+attention over the valid prefix. It is one ``scaled_dot_product_attention`` call with ``enable_gqa`` (the query
+heads of a group share their KV head; no backend has to copy the cache per query head).
 
 RoPE uses the rotate-half layout of Hugging Face; cos/sin tables are precomputed buffers
 (``cos[p, i] = cos(p * theta^(-2(i mod d/2)/d))``), which is what HF computes at run time.
@@ -90,18 +91,11 @@ class Attention(nn.Module):
         idx = positions.view(1, 1, t, 1).expand(b, n_kv, t, d)
         k_cache = torch.scatter(k_cache, 2, idx, k)
         v_cache = torch.scatter(v_cache, 2, idx, v)
-        # Grouped-query attention without copying the cache: the rep = n_heads / n_kv query heads sharing KV head
-        # g (heads g*rep .. g*rep + rep - 1) are stacked as t*rep rows (token, then head) against that head's keys
-        # and values, [b*n_kv, t*rep, d] x [b*n_kv, d, s]: the dot products of expanding the cache to n_heads,
-        # without materializing the expanded copy (rep times the cache, rewritten on every call). The static rep
-        # is the inner factor of every reshape, so torch.export needs no guard on the token count.
-        s = k_cache.shape[2]
-        qg = q.view(b, t, n_kv, rep, d).permute(0, 2, 1, 3, 4).reshape(b * n_kv, t * rep, d)
-        scores = torch.bmm(qg, k_cache.reshape(b * n_kv, s, d).transpose(1, 2)) * (1.0 / math.sqrt(d))
-        scores = scores.masked_fill(mask[:, None, :].expand(t, rep, s).reshape(t * rep, s), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs, v_cache.reshape(b * n_kv, s, d))
-        out = out.view(b, n_kv, t, rep, d).permute(0, 2, 1, 3, 4).reshape(b, t, self.n_heads * d)
+        # Grouped-query attention over the whole static cache; masked (future / empty) positions get probability
+        # 0. One standard op, so each backend lowers it its own way without copying the cache per query head.
+        out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, attn_mask=mask,
+                                                         scale=1.0 / math.sqrt(d), enable_gqa=rep > 1)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * d)
         return self.o_proj(out), k_cache, v_cache
 
 
@@ -173,7 +167,7 @@ class Llama(nn.Module):
         cos = self.rope_cos[positions]
         sin = self.rope_sin[positions]
         key_pos = torch.arange(self.cache_len, dtype=torch.int64)
-        mask = key_pos[None, :] > positions[:, None]  # True where attention is not allowed
+        mask = key_pos[None, :] <= positions[:, None]  # True where attention is allowed (SDPA's boolean mask)
         x = self.model.embed_tokens(input_ids)
         new_caches = []
         for i, layer in enumerate(self.model.layers):

@@ -282,7 +282,7 @@ def test_unreadable_onnx_file(tmp_path) -> None:
         load_model(tmp_path / "junk.onnx")
 
 
-def test_llama_exported_by_torch_onnx_imports_with_its_kv_cache(tmp_path) -> None:
+def test_llama_exported_by_torch_onnx_imports_with_its_kv_cache(tmp_path, monkeypatch) -> None:
     """The real stories260K Llama (KV-cache calling convention, cache of 32 positions) exported by torch.onnx
     (TorchScript exporter) and imported back: ScatterElements cache writes, RoPE slicing, GQA expand, causal mask
     from Range/Greater/Where. Compared with ONNX Runtime and with the eager model at several lengths/positions.
@@ -296,6 +296,18 @@ def test_llama_exported_by_torch_onnx_imports_with_its_kv_cache(tmp_path) -> Non
     example = llama.example_inputs(seq_len=4)
     names = ["input_ids", "start_pos"] + [f"cache_{i}" for i in range(len(example) - 2)]
     path = str(tmp_path / "s260k.onnx")
+
+    def explicit_gqa_attention(q, k, v, attn_mask=None, scale=None, enable_gqa=False, **_):
+        # The TorchScript exporter has no scaled_dot_product_attention with enable_gqa: export the model with the
+        # KV heads expanded explicitly (the expand/reshape "GQA" pattern older exports carry).
+        rep = q.shape[1] // k.shape[1]
+        k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(q.shape[0], q.shape[1], k.shape[2], k.shape[3])
+        v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_gqa_attention)
     try:
         torch.onnx.export(llama, example, path, dynamo=False, opset_version=17, input_names=names,
                           dynamic_axes={"input_ids": {1: "seq"}})
@@ -310,6 +322,7 @@ def test_llama_exported_by_torch_onnx_imports_with_its_kv_cache(tmp_path) -> Non
         inputs = [rng.integers(0, 512, (1, seq)).astype(np.int64), np.array([start], dtype=np.int64), *caches]
         want = _ort(path, dict(zip(names, inputs)))
         got = module.run(*[torch.from_numpy(x) for x in inputs])
+        monkeypatch.undo()  # the eager model with its own attention (SDPA): the same function
         eager = llama(*[torch.from_numpy(x) for x in inputs])
         for g, w, e in zip(got, want, eager):
             torch.testing.assert_close(g, torch.from_numpy(w), rtol=1e-5, atol=1e-4)

@@ -262,3 +262,45 @@ def _addmm(ex: Any, node: fx.Node) -> str:
 @_register(aten.embedding.default)
 def _embedding(ex: Any, node: fx.Node) -> str:
     return ex.b.op("Gather", [ex.b.value(node.args[0]), ex.b.value(node.args[1])], axis=0)
+
+
+@_register(aten.scaled_dot_product_attention.default)
+def _sdpa(ex: Any, node: fx.Node) -> str:
+    """``softmax(scale * q k^T + mask) v`` with standard ops; grouped-query attention (``enable_gqa``) reshapes
+    ``q [B, H, T, D]`` to ``[B, KVH, rep, T, D]`` against keys/values unsqueezed to ``[B, KVH, 1, S, D]``
+    (``MatMul`` broadcasts): the KV cache is never repeated."""
+    b = ex.b
+
+    def arg(i: int, name: str, default: Any) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    q, k, v = node.args[:3]
+    mask, dropout, causal = arg(3, "attn_mask", None), arg(4, "dropout_p", 0.0), arg(5, "is_causal", False)
+    scale, gqa = arg(6, "scale", None), arg(7, "enable_gqa", False)
+    if dropout or causal:
+        raise unsupported(node, "scaled_dot_product_attention with dropout or is_causal (pass an explicit mask)")
+    qs, ks = list(val(q).shape), list(val(k).shape)
+    if len(qs) != 4 or not all(isinstance(d, int) for d in (qs[0], qs[1], qs[3], ks[1])):
+        raise unsupported(node, "scaled_dot_product_attention needs 4-D inputs with static batch, heads, head_dim")
+    bsz, heads, dim, kv_heads = qs[0], qs[1], qs[3], ks[1]
+    if heads != kv_heads and (not gqa or heads % kv_heads):
+        raise unsupported(node, f"{heads} query heads on {kv_heads} KV heads without enable_gqa")
+    rep = heads // kv_heads
+    qv, kv, vv = b.value(q), b.value(k), b.value(v)
+    if rep > 1:
+        qv = b.op("Reshape", [qv, b.const([bsz, kv_heads, rep, -1, dim], np.int64)])
+        kv = b.op("Unsqueeze", [kv, b.const([2], np.int64)])
+        vv = b.op("Unsqueeze", [vv, b.const([2], np.int64)])
+    r = 5 if rep > 1 else 4
+    kt = b.op("Transpose", [kv], perm=list(range(r - 2)) + [r - 1, r - 2])
+    scores = b.op("Mul", [b.op("MatMul", [qv, kt]), b.const(scale if scale is not None else 1.0 / math.sqrt(dim),
+                                                            np.float32)])
+    if mask is not None:
+        if val(mask).dtype == torch.bool:
+            scores = b.op("Where", [b.value(mask), scores, b.const(float("-inf"), np.float32)])
+        else:
+            scores = b.op("Add", [scores, b.value(mask)])
+    out = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), vv])
+    if rep > 1:
+        out = b.op("Reshape", [out, b.const([bsz, heads, -1, dim], np.int64)])
+    return out

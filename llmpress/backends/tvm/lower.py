@@ -148,7 +148,8 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
 
     ``inplace_cache``: write KV caches in place (``kernels/cache_write.py``; CPU targets) instead of copying the
     whole cache on every call; the cache tensors a caller passes are then updated in place.
-    ``cpu_kernels``: use llmpress's CPU-only kernels for ATen ops TVM lowers slowly on CPU (``kernels/softmax.py``)."""
+    ``cpu_kernels``: use llmpress's CPU-only kernels for ATen ops TVM lowers slowly on CPU (``kernels/softmax.py``,
+    ``kernels/attention.py``)."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     conv = dict(CONVERTERS if converters is None else converters)
@@ -165,6 +166,9 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
 
         users = frozenset(s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT)
         overrides["aten.scatter.src"] = scatter_converter(users)
+    from .kernels.attention import sdpa_converter  # TVM's own has no grouped-query attention, no boolean mask
+
+    overrides["aten.scaled_dot_product_attention.default"] = sdpa_converter(cpu_kernel=cpu_kernels)
     if cpu_kernels:
         from .kernels.softmax import softmax_converter
 
