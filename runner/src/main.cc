@@ -168,9 +168,10 @@ int Run(int argc, char** argv) {
   std::cout.flush();
   int64_t decoded = st.new_tokens > 0 ? st.new_tokens - 1 : 0;
   std::fprintf(stderr,
-               "llmpress-runner: %s, %d threads: load %.3f s, prefill %lld tokens %.3f s, decode %lld tokens %.3f s "
-               "(%.1f tok/s)\n",
-               llmpress::HostArch(), used_threads, load_s, static_cast<long long>(st.prompt_tokens), st.prefill_s,
+               "llmpress-runner: %s%s%s, %d threads: load %.3f s, prefill %lld tokens %.3f s, decode %lld tokens "
+               "%.3f s (%.1f tok/s)\n",
+               llmpress::HostArch(), model.variant().empty() ? "" : " ", model.variant().c_str(), used_threads,
+               load_s, static_cast<long long>(st.prompt_tokens), st.prefill_s,
                static_cast<long long>(decoded), st.decode_s, st.decode_s > 0 ? decoded / st.decode_s : 0.0);
   return 0;
 }

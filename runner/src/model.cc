@@ -4,7 +4,10 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
+#include <set>
+#include <sstream>
 #include <sched.h>
 #include <sys/stat.h>
 
@@ -13,6 +16,25 @@
 #include "sha256.h"
 
 namespace llmpress {
+
+std::set<std::string> HostCpuFlags() {
+  // /proc/cpuinfo: "flags : ..." on x86, "Features : ..." on Arm (the spelling the manifest's features use).
+  std::set<std::string> out;
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    size_t colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    std::string key = line.substr(0, colon);
+    key.erase(key.find_last_not_of(" \t") + 1);
+    if (key != "flags" && key != "Features") continue;
+    std::istringstream words(line.substr(colon + 1));
+    std::string w;
+    while (words >> w) out.insert(w);
+    break;
+  }
+  return out;
+}
 
 int ConfigureThreads(int threads) {
   std::vector<std::string> cpus;
@@ -153,8 +175,22 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
     weights_.push_back(it->second);
   }
 
-  // The VM: load the exported library, create the VM from its executable, initialise it for the CPU.
+  // The VM: load the exported library, create the VM from its executable, initialise it for the CPU. An artifact
+  // may carry more capable builds of the same program (payload.variants, e.g. AVX-512 VNNI): run the last one
+  // whose CPU features this machine has.
   std::string lpath = dir + "/" + payload.Str("lib");
+  if (payload.Has("variants") && !payload.IsNull("variants")) {
+    std::set<std::string> flags = HostCpuFlags();
+    for (const JsonObject& v : payload.ObjList("variants")) {
+      std::vector<std::string> need = v.Obj("target").StrList("features");
+      bool ok = !flags.empty();
+      for (const std::string& f : need) ok = ok && flags.count(f) > 0;
+      if (ok) {
+        lpath = dir + "/" + v.Str("lib");
+        variant_ = v.Str("name");
+      }
+    }
+  }
   if (!IsFile(lpath)) throw RunnerError(lpath + ": missing from the artifact");
   lib_ = ffi::Module::LoadFromFile(lpath);
   auto load_exec = (*lib_)->GetFunction("vm_load_executable", true);

@@ -19,6 +19,7 @@
 
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -48,12 +49,17 @@ const char* HostArch();
 // this process's affinity mask (TVM's own default is half of the hardware threads on x86). Returns the count set.
 int ConfigureThreads(int threads);
 
+// The CPU feature flags of this machine (/proc/cpuinfo "flags" on x86, "Features" on Arm); empty if unreadable.
+std::set<std::string> HostCpuFlags();
+
 class EdgeModel {
  public:
   // Load and check the artifact in `dir` (manifest, file sizes and sha256, architecture, weights).
   explicit EdgeModel(const std::string& dir, bool verify_hashes = true);
 
   const LMInfo& lm() const { return lm_; }
+  // The build that runs: "" for the base library, else the variant's name (e.g. "cpu+avx512vnni").
+  const std::string& variant() const { return variant_; }
   const Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
   bool normalize_prompt() const { return normalize_prompt_; }
 
@@ -68,6 +74,7 @@ class EdgeModel {
   LMInfo lm_;
   std::optional<Tokenizer> tokenizer_;
   bool normalize_prompt_ = false;
+  std::string variant_;
   std::optional<tvm::ffi::Module> lib_, vm_;  // not default-constructible: set in the constructor
   tvm::ffi::Function prefill_, decode_;
   std::vector<tvm::ffi::Tensor> caches_, weights_;

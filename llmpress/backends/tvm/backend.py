@@ -55,15 +55,16 @@ class TVMBackend(Backend):
 
         from .build import build, compile_fatbin, compile_ptx, cuda_sources, source_key
         from .lower import to_relax
-        from .params import prepare
+        from .params import prepare, prepare_variant
         from .runtime import TVMCompiled
 
         spec = resolve_target(target)
         why = spec.cross_compiler_missing()
         if why:  # fail before the (long) build rather than at export
             raise ConfigError(why)
-        steps = ["translate to Relax", "transform weights", f"build for {spec.name}"] + (["compile CUDA device code"]
-                                                                    if spec.device == "cuda" else [])
+        steps = ["translate to Relax", "transform weights", f"build for {spec.name}"]
+        steps += [f"build for {v.name}" for v in spec.variants]
+        steps += ["compile CUDA device code"] if spec.device == "cuda" else []
         bar = tqdm(total=len(steps), desc="tvm", disable=not progress, leave=False)
         t0 = time.perf_counter()
         bar.set_postfix_str(steps[0])
@@ -71,16 +72,23 @@ class TVMBackend(Backend):
                         cpu_kernels=self.cpu_kernels and spec.device == "cpu")
         bar.update(1)
         bar.set_postfix_str(steps[1])
-        prog = prepare(prog, spec)
+        prepared = prepare(prog, spec)
         bar.update(1)
         bar.set_postfix_str(steps[2])
         t1 = time.perf_counter()
-        ex = build(prog.mod, spec)
+        ex = build(prepared.mod, spec)
         bar.update(1)
+        variants = []
+        for v in spec.variants:  # more capable builds reading the same weights (e.g. AVX-512 VNNI)
+            bar.set_postfix_str(f"build for {v.name}")
+            mod = prepare_variant(prog, prepared, v)
+            if mod is not None:
+                variants.append((v, build(mod, v), None))
+            bar.update(1)
         t2 = time.perf_counter()
         device_code = None
         if spec.device == "cuda":
-            bar.set_postfix_str(steps[3])
+            bar.set_postfix_str(steps[-1])
             srcs = cuda_sources(ex)
             if len(srcs) == 1:
                 device_code = {"ptx": compile_ptx(srcs[0], spec.cuda_arch),
@@ -90,12 +98,11 @@ class TVMBackend(Backend):
                 log.warning("expected one CUDA module, found %d: device code is compiled at load", len(srcs))
             bar.update(1)
         bar.close()
-        log.info("tvm %s: translate and transform weights %.1fs, build %.1fs, device code %.1fs", spec.name, t1 - t0,
-                 t2 - t1,
-                 time.perf_counter() - t2)
-        return TVMCompiled(spec=spec, executable=ex, params=prog.params, weights=prog.weights,
-                           functions=prog.functions, num_inputs=prog.num_inputs, lm=module.lm,
-                           device_code=device_code)
+        log.info("tvm %s: translate and transform weights %.1fs, build %.1fs (%d libraries), device code %.1fs",
+                 spec.name, t1 - t0, t2 - t1, 1 + len(variants), time.perf_counter() - t2)
+        return TVMCompiled(spec=spec, executable=ex, params=prepared.params, weights=prepared.weights,
+                           functions=prepared.functions, num_inputs=prepared.num_inputs, lm=module.lm,
+                           device_code=device_code, variants=variants)
 
     def load(self, folder: Path, manifest: dict):
         from .runtime import load_compiled

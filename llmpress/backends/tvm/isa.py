@@ -12,7 +12,8 @@ isa                ``dot_u8s8(acc, w, a)``: w in [0, 127], a in [-127, 127]     
 =================  =========================================================  ==================================
 ``avx2``           ``vpmaddwd(vpmaddubsw(w, a), 1)`` + acc (no saturation:      avx2
                    two products <= 2 * 127 * 127 < 2^15)
-``avxvnni``        ``vpdpbusd(acc, w, a)`` (VEX or EVEX-256)                    avxvnni, or avx512vnni + avx512vl
+``avxvnni``        ``vpdpbusd(acc, w, a)`` (VEX-256)                           avxvnni
+``avx512vnni``     ``vpdpbusd`` (EVEX-256 here; ``qwide.py`` uses 512 bits)    avx512vnni + avx512vl + avx512bw
 ``neon-dotprod``   ``sdot`` on each 16-byte half (w is non-negative, so it is   neon + dotprod
                    a valid signed byte)
 ``neon`` / other   widening multiply, pairwise adds (LLVM: ``smull``/``saddl``   neon, or anything else LLVM targets
@@ -22,8 +23,8 @@ isa                ``dot_u8s8(acc, w, a)``: w in [0, 127], a in [-127, 127]     
 ``dot_s8s8`` (8-bit weights, any sign): ``vpmaddubsw(|w|, sign(a, w))`` on AVX2/VNNI (|w| <= 128 as an unsigned
 byte, ``sign(a, w)`` in [-127, 127], so again no saturation), ``sdot`` directly on NEON, widening elsewhere.
 
-The 256-bit forms are used on AVX-512 machines too: a batch-1 GEMV is memory-bound long before 512-bit vectors
-would help, and 256-bit code does not lower the clock on the CPUs that throttle for 512-bit work.
+On AVX-512 VNNI machines the single-plane integer kernels use 512-bit registers (``kernels/qwide.py``: two rows
+per register); the other kernels keep these 256-bit forms.
 """
 from __future__ import annotations
 
@@ -37,19 +38,38 @@ __all__ = ["CpuIsa", "cpu_isa"]
 class CpuIsa:
     """One CPU instruction-set choice for the quantized kernels (see the module docstring)."""
 
-    name: str  # "avx2" | "avxvnni" | "neon-dotprod" | "neon" | "generic"
+    name: str  # "avx2" | "avxvnni" | "avx512vnni" | "neon-dotprod" | "neon" | "generic"
     arch: str  # "x86_64" | "aarch64" | other
+
+    def i16_run(self, max_code: int) -> int:
+        """How many ``vpmaddubsw`` results (weight codes <= ``max_code``, activations in [-127, 127]) may be summed in
+        int16 lanes before widening to int32 (each is at most ``2 * max_code * 127``): 8 for 4-bit codes, 0 where
+        the instruction set accumulates in int32 directly (VNNI, NEON) or codes are 8-bit."""
+        if self.name != "avx2" or max_code > 127:
+            return 0
+        return 32767 // (2 * max_code * 127)
+
+    def madd_u8s8_i16(self, acc16: Any, w: Any, a: Any) -> Any:
+        """``acc16 (int16x16) + vpmaddubsw(w, a)``: pairs of products in int16 (AVX2; see ``i16_run``)."""
+        from tvm import tirx
+
+        return acc16 + tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", w, a)
+
+    @staticmethod
+    def widen_i16(acc16: Any) -> Any:
+        """int16x16 partial sums -> int32x8 (``vpmaddwd`` by 1)."""
+        return _pmaddwd1(acc16)
 
     @property
     def has_int8_dot(self) -> bool:
         """Whether int8 dot products are native (not emulated by widening): what makes ``act_bits=8`` fast."""
-        return self.name in ("avx2", "avxvnni", "neon-dotprod")
+        return self.name in ("avx2", "avxvnni", "avx512vnni", "neon-dotprod")
 
     def dot_u8s8(self, acc: Any, w: Any, a: Any) -> Any:
         """``acc (int32x8) + partial sums of w (uint8x32, values <= 127) * a (int8x32)``."""
         from tvm import tirx
 
-        if self.name == "avxvnni":
+        if self.name in ("avxvnni", "avx512vnni"):
             return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, w, a)
         if self.name == "avx2":
             return acc + _pmaddwd1(tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", w, a))
@@ -61,7 +81,7 @@ class CpuIsa:
         """``acc (int32x8) + partial sums of w (int8x32, any value) * a (int8x32, in [-127, 127])``."""
         from tvm import tirx
 
-        if self.name in ("avx2", "avxvnni"):
+        if self.name in ("avx2", "avxvnni", "avx512vnni"):
             absw = tirx.reinterpret("uint8x32", tirx.call_llvm_pure_intrin("int8x32", "llvm.abs", w,
                                                                            tirx.const(0, "bool")))
             signed_a = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", a, w)
@@ -79,16 +99,16 @@ def _pmaddwd1(p16: Any) -> Any:
 
 
 def _sdot(acc: Any, w: Any, a: Any) -> Any:
+    """``acc (int32x8) + sdot`` of ``w``, ``a`` (``int8x32``): one ``sdot`` per 16-byte half; lane ``i`` of the
+    result adds bytes ``4i .. 4i + 3`` (the lanes ``vpmaddubsw`` + ``vpmaddwd`` fill on AVX2)."""
     from tvm import tirx
 
-    def half(part, n, x):
-        return part(f"{x.dtype.split('x')[0]}x{n}", x)
+    # The halves' types are spelled out: TVM 0.27 buffer loads (``TensorLoad``) have no ``.dtype`` to read.
+    def sdot(part):
+        return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot", part("int32x4", acc),
+                                          part("int8x16", w), part("int8x16", a))
 
-    lo = tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot", half(tirx.vectorlow, 4, acc),
-                                    half(tirx.vectorlow, 16, w), half(tirx.vectorlow, 16, a))
-    hi = tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot", half(tirx.vectorhigh, 4, acc),
-                                    half(tirx.vectorhigh, 16, w), half(tirx.vectorhigh, 16, a))
-    return tirx.vectorcombine("int32x8", lo, hi)
+    return tirx.vectorcombine("int32x8", sdot(tirx.vectorlow), sdot(tirx.vectorhigh))
 
 
 def _widening_dot(acc: Any, w: Any, a: Any) -> Any:
@@ -110,7 +130,9 @@ def cpu_isa(target: Any) -> CpuIsa:
     triple = str(t.attrs.get("mtriple", "") or "")
     if "neon" in feats or triple.startswith("aarch64"):
         return CpuIsa("neon-dotprod" if "dotprod" in feats else "neon", "aarch64")
-    if "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats:
+    if {"avx512vnni", "avx512vl", "avx512bw"} <= feats:
+        return CpuIsa("avx512vnni", "x86_64")
+    if "avxvnni" in feats:
         return CpuIsa("avxvnni", "x86_64")
     if "avx2" in feats:
         return CpuIsa("avx2", "x86_64")

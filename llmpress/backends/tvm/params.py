@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["prepare", "TRANSFORM"]
+__all__ = ["prepare", "prepare_variant", "TRANSFORM"]
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,9 @@ TRANSFORM = "transform_params"
 
 def prepare(prog: Any, spec: Any) -> Any:
     """``RelaxProgram`` -> ``RelaxProgram`` whose weights are in the kernels' layouts (see the module docstring)."""
-    import tvm
-    from tvm import relax
-
     from .lower import RelaxProgram
 
-    mod = prog.mod
-    if spec.device == "cpu":
-        from .isa import cpu_isa
-        from .kernels.dispatch import dispatch_quant_kernels
-
-        mod = dispatch_quant_kernels(cpu_isa(spec.tvm))(mod)
-    mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
+    mod = _lift(prog.mod, spec)
     if TRANSFORM not in [gv.name_hint for gv in mod.get_global_vars()]:
         return RelaxProgram(mod, prog.functions, prog.params, prog.num_inputs, prog.weights)
     transform = mod[TRANSFORM]
@@ -59,10 +50,42 @@ def prepare(prog: Any, spec: Any) -> Any:
     return RelaxProgram(main, prog.functions, names, prog.num_inputs, dict(zip(names, outputs)))
 
 
+def prepare_variant(prog: Any, prepared: Any, spec: Any) -> Any | None:
+    """The Relax module of ``prog`` for variant target ``spec``, taking ``prepared``'s transformed weights; None
+    (with a warning) when this target's kernels would want other weights (the variant is then left out)."""
+    mod = _lift(prog.mod, spec)
+    names = (_output_names(mod[TRANSFORM], prog.params)
+             if TRANSFORM in [gv.name_hint for gv in mod.get_global_vars()] else list(prog.params))
+    main = _without(mod, TRANSFORM)
+    ours = [(n, _shape(p)) for f in prepared.functions for n, p in zip(names, main[f].params[prog.num_inputs:])]
+    theirs = [(n, _shape(p)) for f in prepared.functions
+              for n, p in zip(prepared.params, prepared.mod[f].params[prepared.num_inputs:])]
+    if names != prepared.params or ours != theirs:
+        log.warning("target %s wants its weights in another layout than the base target: left out", spec.name)
+        return None
+    return main
+
+
 def _computes(transform: Any) -> bool:
     from tvm import relax
 
     return any(isinstance(b.value, relax.Call) for block in transform.body.blocks for b in block.bindings)
+
+
+def _shape(var: Any) -> tuple:
+    return (tuple(str(d) for d in var.ty.shape.values), str(var.ty.dtype))
+
+
+def _lift(mod: Any, spec: Any) -> Any:
+    """Dispatch the quantized kernels (CPU targets), then lift every weight-only computation into one function."""
+    from tvm import relax
+
+    if spec.device == "cpu":
+        from .isa import cpu_isa
+        from .kernels.dispatch import dispatch_quant_kernels
+
+        mod = dispatch_quant_kernels(cpu_isa(spec.tvm))(mod)
+    return relax.transform.LiftTransformParams(shared_transform=True)(mod)
 
 
 def _only(mod: Any, name: str) -> Any:

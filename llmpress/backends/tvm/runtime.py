@@ -43,13 +43,18 @@ _PRECOMPILED: dict[str, bytes] = {}
 
 
 class TVMCompiled(Compiled):
-    """A program built by the TVM backend (fresh from ``lower`` or loaded from an artifact)."""
+    """A program built by the TVM backend (fresh from ``lower`` or loaded from an artifact).
+
+    ``spec``/``executable``/``lib_path`` are the base build; ``variants`` are ``(spec, executable or None,
+    lib_path or None)`` of more capable builds of the same program (``TargetSpec.variants``: same functions, same
+    weights). The last build this machine supports is the one that runs (``running``)."""
 
     backend = "tvm"
 
     def __init__(self, *, spec: TargetSpec, executable: Any, params: Sequence[str], weights: dict[str, torch.Tensor],
                  functions: Sequence[str], num_inputs: int, lm: LMInfo | None,
-                 device_code: dict[str, bytes] | None = None, lib_path: Path | None = None) -> None:
+                 device_code: dict[str, bytes] | None = None, lib_path: Path | None = None,
+                 variants: Sequence[tuple[TargetSpec, Any, Path | None]] = ()) -> None:
         self.spec = spec
         self.executable = executable
         self.params = list(params)
@@ -59,6 +64,7 @@ class TVMCompiled(Compiled):
         self.lm = lm
         self.device_code = dict(device_code or {})
         self.lib_path = lib_path
+        self.variants = list(variants)
         self._vm = None
         self._dev = None
         self._param_tensors: list | None = None
@@ -73,6 +79,17 @@ class TVMCompiled(Compiled):
     def runnable_here(self) -> bool:
         return self.why_not_runnable() is None
 
+    @property
+    def running(self) -> TargetSpec:
+        """The build that runs here: the last variant this machine supports, else the base."""
+        return self._pick()[0]
+
+    def _pick(self) -> tuple[TargetSpec, Any, Path | None]:
+        for spec, ex, lib in reversed(self.variants):
+            if ex is not None and _why_not_runnable(spec, lib or LIB) is None:
+                return spec, ex, lib
+        return self.spec, self.executable, self.lib_path
+
     def _ensure_vm(self) -> None:
         if self._vm is not None:
             return
@@ -85,11 +102,13 @@ class TVMCompiled(Compiled):
         from .threads import configure
 
         configure(self.threads)  # before the VM's first parallel job: TVM sizes its pool then
+        spec, executable, _ = self._pick()
+        log.debug("running the %s build", spec.name)
         self._dev = tvm.cuda(0) if self.spec.device == "cuda" else tvm.cpu(0)
-        self._vm = relax.VirtualMachine(self.executable, self._dev)
+        self._vm = relax.VirtualMachine(executable, self._dev)
         params = [self._to_tvm(self.weights[name]) for name in self.params]
         if self._vm.module.implements_function(TRANSFORM_PARAMS):
-            # weights -> the layouts the kernels read (e.g. transposed linear weights), once per load
+            # libraries built before params.prepare existed: weights -> kernel layouts at load
             params = list(self._vm[TRANSFORM_PARAMS](params))
         self._param_tensors = params
 
@@ -163,10 +182,14 @@ class TVMCompiled(Compiled):
         from .build import export_library
 
         folder = Path(folder)
-        if self.lib_path is not None:  # loaded from an artifact: the library is already built
-            shutil.copy2(self.lib_path, folder / LIB)
-        else:
-            export_library(self.executable, folder / LIB, self.spec)
+        libs = []
+        for spec, ex, lib in [(self.spec, self.executable, self.lib_path), *self.variants]:
+            name = LIB if spec is self.spec else _variant_lib(spec)
+            if lib is not None:  # loaded from an artifact: the library is already built
+                shutil.copy2(lib, folder / name)
+            else:
+                export_library(ex, folder / name, spec)
+            libs.append(name)
         unique: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name in self.params:
@@ -180,13 +203,20 @@ class TVMCompiled(Compiled):
         save_file(unique, str(folder / WEIGHTS))
         payload = {"lib": LIB, "weights": WEIGHTS, "params": self.params, "functions": list(self.functions),
                    "num_inputs": self.num_inputs, "arch": self.spec.arch, "device": self.spec.device,
-                   "target": self.spec.to_json(), "device_code": None}
+                   "target": self.spec.to_json(), "device_code": None,
+                   "variants": [{"name": spec.name, "lib": lib, "target": spec.to_json()}
+                                for (spec, _, _), lib in zip(self.variants, libs[1:])]}
         if self.device_code:
             (folder / FATBIN).write_bytes(self.device_code["fatbin"])
             (folder / PTX).write_bytes(self.device_code["ptx"])
             payload["device_code"] = {"fatbin": FATBIN, "ptx": PTX, "source_sha256": self.device_code["source_sha256"],
                                       "arch": self.spec.cuda_arch}
         return payload
+
+
+def _variant_lib(spec: TargetSpec) -> str:
+    """``model-<variant>.so`` for a variant named ``<base>+<variant>`` (``cpu+avx512vnni``)."""
+    return f"model-{spec.name.rpartition('+')[2]}.so"
 
 
 def _why_not_runnable(spec: TargetSpec, lib: Any) -> str | None:
@@ -246,10 +276,25 @@ def load_compiled(folder: Path, manifest: dict) -> TVMCompiled:
         _install_cuda_hook()
     import tvm
 
-    try:
-        module = tvm.runtime.load_module(str(lib))
-    except Exception as e:  # noqa: BLE001 - any failure means the library is unusable here
-        raise ArtifactError(f"{lib}: cannot load the compiled library: {e}") from e
+    def load_lib(path: Path):
+        try:
+            return tvm.runtime.load_module(str(path))
+        except Exception as e:  # noqa: BLE001 - any failure means the library is unusable here
+            raise ArtifactError(f"{path}: cannot load the compiled library: {e}") from e
+
+    variants = []
+    for v in payload.get("variants") or []:
+        vspec, vlib = TargetSpec.from_json(v["target"]), folder / v["lib"]
+        variants.append((vspec, None, vlib))
+    # load only the library that will run: the most capable one this machine supports
+    best = next((i for i in range(len(variants) - 1, -1, -1)
+                 if _why_not_runnable(variants[i][0], variants[i][2]) is None), None)
+    module = None
+    if best is not None:
+        vspec, _, vlib = variants[best]
+        variants[best] = (vspec, load_lib(vlib), vlib)
+    else:
+        module = load_lib(lib)
     try:
         weights = load_file(str(folder / payload["weights"]))
     except Exception as e:  # noqa: BLE001
@@ -260,4 +305,4 @@ def load_compiled(folder: Path, manifest: dict) -> TVMCompiled:
     lm = LMInfo.from_json(manifest["lm"]) if manifest.get("lm") else None
     return TVMCompiled(spec=spec, executable=module, params=payload["params"], weights=weights,
                        functions=payload["functions"], num_inputs=int(payload["num_inputs"]), lm=lm,
-                       device_code=device_code, lib_path=lib)
+                       device_code=device_code, lib_path=lib, variants=variants)

@@ -6,6 +6,9 @@ Names (``resolve_target``):
   because every x86 server and desktop CPU since Intel Haswell (2013) and AMD Zen (2017) has it, while plain
   ``x86-64`` (SSE2 only) would leave 2-4x of the matmul speed on the table. An artifact records the CPU features
   it needs and ``load`` refuses one whose features the host lacks (instead of dying on an illegal instruction).
+  It also carries a second library built for ``x86-64-v4`` with AVX-512 VNNI (``variants``: Ice Lake and later
+  Intel server cores, AMD Zen 4 and later), whose integer kernels use 512-bit ``vpdpbusd``; the loaders (Python
+  and the C++ runner) run the most capable library the host supports. Both read the same weights.
 - ``cpu:native``: ``mcpu`` = this machine's CPU (LLVM's host detection), for the host's best code; not portable.
 - ``arm64``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}`` cross-compiled and linked
   with ``aarch64-linux-gnu-g++``; ``arm64:dotprod``, ``arm64:i8mm`` (and ``arm64:dotprod+i8mm``) add those
@@ -43,6 +46,7 @@ _LLVM_TO_CPUINFO = {
                "avxvnni": "avx_vnni", "amx-int8": "amx_int8"},
     "aarch64": {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm", "sve": "sve", "fullfp16": "asimdhp"},
 }
+_X86_V4_VNNI_FLAGS = _X86_V3_FLAGS + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni")
 _ARM_FEATURES = ("dotprod", "i8mm")
 _CUDA_ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
 TARGET_NAMES = ("cpu", "cpu:native", "arm64", "arm64:dotprod", "arm64:i8mm", "cuda", "cuda:sm_80", "cuda:sm_90")
@@ -55,6 +59,8 @@ class TargetSpec:
     ``arch``: machine of the host code (``x86_64``/``aarch64``), compared with ``platform.machine()`` at load.
     ``device``: ``cpu`` or ``cuda``. ``cc``: the C++ compiler ``export_library`` links with (``None``: the host
     default). ``features``: CPU features (cpuinfo spelling) the host code needs. ``cuda_arch``: e.g. ``sm_80``.
+    ``variants``: more capable builds of the same program (same weights), each a ``TargetSpec`` whose features
+    extend this one's; a loader runs the last one the host supports.
     """
 
     name: str
@@ -65,6 +71,7 @@ class TargetSpec:
     features: tuple[str, ...] = ()
     cuda_arch: str | None = None
     extra: dict = field(default_factory=dict)
+    variants: tuple["TargetSpec", ...] = ()
 
     def tvm_target(self):
         """The ``tvm.target.Target`` (imports TVM)."""
@@ -73,13 +80,17 @@ class TargetSpec:
         return tvm.target.Target(self.tvm)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "spec": self.tvm, "arch": self.arch, "device": self.device, "cc": self.cc,
-                "features": list(self.features), "cuda_arch": self.cuda_arch}
+        out = {"name": self.name, "spec": self.tvm, "arch": self.arch, "device": self.device, "cc": self.cc,
+               "features": list(self.features), "cuda_arch": self.cuda_arch}
+        if self.variants:
+            out["variants"] = [v.to_json() for v in self.variants]
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "TargetSpec":
         return cls(name=d["name"], tvm=d["spec"], arch=d["arch"], device=d.get("device", "cpu"), cc=d.get("cc"),
-                   features=tuple(d.get("features") or ()), cuda_arch=d.get("cuda_arch"))
+                   features=tuple(d.get("features") or ()), cuda_arch=d.get("cuda_arch"),
+                   variants=tuple(cls.from_json(v) for v in d.get("variants") or ()))
 
     def cross_compiler_missing(self) -> str | None:
         """Why this target cannot be linked here (its cross compiler is absent), or None."""
@@ -151,7 +162,9 @@ def resolve_target(t: Any) -> TargetSpec:
     base, _, opt = text.partition(":")
     if base == "cpu":
         if opt == "":
-            return TargetSpec("cpu", _x86_llvm(PORTABLE_X86_MCPU), "x86_64", features=_X86_V3_FLAGS)
+            vnni = TargetSpec("cpu+avx512vnni", {**_x86_llvm("x86-64-v4"), "mattr": ["+avx512vnni"]}, "x86_64",
+                              features=_X86_V4_VNNI_FLAGS)
+            return TargetSpec("cpu", _x86_llvm(PORTABLE_X86_MCPU), "x86_64", features=_X86_V3_FLAGS, variants=(vnni,))
         if opt == "native":
             if host_arch() != "x86_64":
                 raise ConfigError(f"cpu:native means this x86-64 machine's CPU, but this machine is {host_arch()}; "

@@ -98,7 +98,9 @@ def register_cpu_schedule(kind: str) -> Callable:
 def new_schedule(new: tirx.PrimFunc, like: tirx.PrimFunc) -> tvm.s_tir.Schedule:
     """A schedule of ``new`` carrying the attributes of ``like`` (``te.create_prim_func`` names every function
     "main"; an emitted kernel is private, and two functions with one global symbol break the Relax module)."""
-    new = new.without_attr("global_symbol")
+    # renew_defs: a deep copy. The schedule rewrites the function's statements in place, and ``new`` may be the very
+    # function a caller's module still holds (a module compiled for two target variants).
+    new = tvm.s_tir.renew_defs(new).without_attr("global_symbol")
     for key, value in (like.attrs or {}).items():
         new = new.with_attr(str(key), value)
     return tvm.s_tir.Schedule(new)

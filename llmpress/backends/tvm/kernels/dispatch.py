@@ -13,7 +13,8 @@ first in the CPU pipeline, ``build.py``) rewrites every such call whose layer fi
     act_bits = 0:  y2d = call_tir(gemv_float | gemm_float, [x2d, w, sz])
     y     = reshape(y2d, [..., N])
 
-GEMV when the token count is statically 1 (the ``decode`` function), GEMM otherwise. Layers the layout does not
+GEMV when the token count is statically 1 (the ``decode`` function), GEMM otherwise; on AVX-512 VNNI the integer
+forms of single-plane layouts use the 512-bit kernels of ``qwide.py``. Layers the layout does not
 cover keep the generic call (and its CPU schedule, ``wq_linear.schedule_cpu``); the pass logs each with the reason.
 Identical kernels (same shapes and options) are one PrimFunc, so Relax's common-subexpression elimination can
 merge equal calls (one ``act_quant`` for ``q``/``k``/``v``).
@@ -131,7 +132,12 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
                     [x2d], [relax.TensorType([m, in_f], "int8"), relax.TensorType([m, in_f // act_group], "float32"),
                             relax.TensorType([m, layout.groups], "float32")]))
                 qa, sa, asum = (bb.emit(relax.TupleGetItem(aq, i)) for i in range(3))
-                if m_static == 1:
+                from .qwide import gemm_wide_func, gemv_wide_func, wide_applies
+
+                if wide_applies(layout, isa):  # AVX-512 VNNI: two rows per 512-bit register
+                    form, make = (("gemv_wide", gemv_wide_func) if m_static == 1 else ("gemm_wide", gemm_wide_func))
+                    gv = self._func((form, f"b{bits}", *tag, f"a{act_group}"), lambda: make(layout, act_group))
+                elif m_static == 1:
                     from .qgemv import gemv_int_func
 
                     gv = self._func(("gemv_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),

@@ -64,11 +64,35 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
     NT, NG, BPG, SUB = layout.tiles, layout.groups, G // GA, GA // 32
-    U = unroll_factor(SUB)
+    run16 = 0 if layout.signed else isa.i16_run((1 << layout.bits) - 1)
+    # U: runs of 32 features unrolled together; on AVX2 their vpmaddubsw results are summed in int16 (at most
+    # run16 of them) and widened once per run, saving a vpmaddwd per 32 weights
+    U = unroll_factor(SUB, min(8, run16) if run16 else 8)
     dot = isa.dot_s8s8 if layout.signed else isa.dot_u8s8
     comp = not (layout.sym and layout.zero == 0)
     par = N * K >= PARALLEL_MIN_MACS
     V = T.ramp(0, 1, 8)
+    V16 = T.ramp(0, 1, 16)
+
+    def k_of(g, b, so, si):
+        return g * G + b * GA + (so * U + si) * 32
+
+    @T.macro
+    def accumulate(iacc, acc16, w, qa, t, g, b, so):
+        if run16 > 0:
+            for r in T.unroll(R):
+                acc16[r, V16] = T.broadcast(T.int16(0), 16)
+            for si in T.unroll(U):
+                for r in T.unroll(R):
+                    acc16[r, V16] = isa.madd_u8s8_i16(acc16[r, V16], codes(layout, w, t, k_of(g, b, so, si), r),
+                                                      qa.vload([0, k_of(g, b, so, si)], "int8x32"))
+            for r in T.unroll(R):
+                iacc[r, V] = iacc[r, V] + isa.widen_i16(acc16[r, V16])
+        else:
+            for si in T.unroll(U):
+                for r in T.unroll(R):
+                    iacc[r, V] = dot(iacc[r, V], codes(layout, w, t, k_of(g, b, so, si), r),
+                                     qa.vload([0, k_of(g, b, so, si)], "int8x32"))
 
     @T.prim_func(private=True)
     def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
@@ -79,6 +103,7 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
             facc = T.alloc_buffer((R, 8), "float32", scope="global")
             gacc = T.alloc_buffer((R, 8), "float32", scope="global")
             iacc = T.alloc_buffer((R, 8), "int32", scope="global")
+            acc16 = T.alloc_buffer((R, 16), "int16", scope="global")
             for r in T.unroll(R):
                 facc[r, V] = T.broadcast(T.float32(0), 8)
             for g in range(NG):
@@ -88,11 +113,7 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
                     for r in T.unroll(R):
                         iacc[r, V] = T.broadcast(T.int32(0), 8)
                     for so in range(SUB // U):
-                        for si in T.unroll(U):
-                            for r in T.unroll(R):
-                                iacc[r, V] = dot(iacc[r, V],
-                                                 codes(layout, w, t, g * G + b * GA + (so * U + si) * 32, r),
-                                                 qa.vload([0, g * G + b * GA + (so * U + si) * 32], "int8x32"))
+                        accumulate(iacc, acc16, w, qa, t, g, b, so)
                     for r in T.unroll(R):
                         gacc[r, V] = gacc[r, V] + T.Cast("float32x8", iacc[r, V]) * T.broadcast(
                             sa[0, g * BPG + b], 8)

@@ -1,0 +1,197 @@
+"""The integer quantized kernels on 512-bit registers (AVX-512 VNNI): GEMV (decode) and GEMM (prefill).
+
+Same layout (``qlayout.py``), same arithmetic as the 256-bit forms of ``qgemv.py``/``qgemm.py``; what changes is
+the width. In the tiled layout rows ``2p`` and ``2p + 1`` of a tile are adjacent for a given chunk (``w[t, c, r,
+:]``, 32 bytes each), so one 64-byte load holds the 32-feature runs of two rows; the activation run is repeated in
+both halves of the register, and one ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.512``) multiplies 64 weight bytes:
+the int32 lanes 0-7 hold row ``2p``'s partial sums, lanes 8-15 row ``2p + 1``'s::
+
+    acc[p, m] (int32x16) += vpdpbusd(codes(rows 2p, 2p+1), qa[m, k:k+32] twice)       per 32 features
+    per group g:  facc[p, m] += float(acc) * (s_rows * sa[m, g]) - s_rows * z_rows * asum[m, g] / 8
+
+8-bit codes (stored signed) are made unsigned by flipping the sign bit (``c + 128``); their zero point becomes
+``z + 128`` (AVX-512 has no ``vpsignb`` for the 256-bit forms' sign trick). Layouts with two planes (3-bit) keep
+the 256-bit kernels: their rows are not adjacent in memory.
+
+GEMM: a tile's 2 row pairs times ``MT_WIDE`` tokens = 16 accumulators of the 32 AVX-512 registers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .qgemv import PARALLEL_MIN_MACS, unroll_factor
+from .qlayout import QLayout
+
+__all__ = ["wide_applies", "gemv_wide_func", "gemm_wide_func", "MT_WIDE"]
+
+#: Tokens per GEMM step on AVX-512: 2 row pairs x 8 tokens = 16 int32x16 accumulators.
+MT_WIDE = 8
+
+
+def wide_applies(layout: QLayout, isa: Any) -> bool:
+    """Whether the 512-bit kernels take this layout on this instruction set."""
+    return isa.name == "avx512vnni" and len(layout.planes) == 1 and layout.rows % 2 == 0
+
+
+def _codes64(layout: QLayout, w: Any, t: Any, k0: Any, p: Any) -> Any:
+    """``uint8x64``: the codes of features ``k0 .. k0 + 31`` of rows ``2p`` and ``2p + 1`` (8-bit: ``c + 128``)."""
+    from tvm import tirx
+
+    CH = layout.chunk
+    c, within = k0 // CH, k0 % CH
+    if layout.signed:
+        v = w.vload([t, c, 2 * p, within], "int8x64")
+        return tirx.reinterpret("uint8x64", v ^ tirx.Broadcast(tirx.const(-128, "int8"), 64))
+    plane = layout.planes[0]
+    v = w.vload([t, c, 2 * p, 32 * (within // plane.run)], "uint8x64")
+    if plane.per_byte > 1:
+        i = (within // 32) % plane.per_byte
+        v = v >> tirx.Broadcast((i * plane.bits).astype("uint8"), 64)
+        v = v & tirx.Broadcast(tirx.const((1 << plane.bits) - 1, "uint8"), 64)
+    return v
+
+
+def _act64(qa: Any, m: Any, k0: Any) -> Any:
+    from tvm import tirx
+
+    a = qa.vload([m, k0], "int8x32")
+    return tirx.vectorcombine("int8x64", a, a)
+
+
+def _vnni(acc: Any, w: Any, a: Any) -> Any:
+    from tvm import tirx
+
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, w, a)
+
+
+def _pair(lo: Any, hi: Any) -> Any:
+    """float32x16 with ``lo`` in lanes 0-7 and ``hi`` in lanes 8-15."""
+    from tvm import tirx
+
+    return tirx.vectorcombine("float32x16", tirx.Broadcast(lo, 8), tirx.Broadcast(hi, 8))
+
+
+def _zero(layout: QLayout, sz: Any, t: Any, g: Any, r: Any) -> Any:
+    from tvm import tirx
+
+    if layout.sym:
+        return tirx.const(float(layout.zero + (128 if layout.signed else 0)), "float32")
+    return sz[t, g, r, 1] + tirx.const(128.0 if layout.signed else 0.0, "float32")
+
+
+def _half_sum(buf: Any, *idx: Any, half: int) -> Any:
+    vals = [buf[(*idx, half * 8 + i)] for i in range(8)]
+    while len(vals) > 1:
+        vals = [vals[i] + vals[i + 1] for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
+def gemv_wide_func(layout: QLayout, act_group: int) -> Any:
+    """``(qa i8 [1, K], sa f32 [1, K/act_group], asum f32 [1, K/group], w, sz) -> y f32 [1, N]``."""
+    from tvm.script import tirx as T
+
+    R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
+    NT, NG, BPG, SUB = layout.tiles, layout.groups, G // GA, GA // 32
+    P = R // 2
+    U = unroll_factor(SUB, 4)
+    par = N * K >= PARALLEL_MIN_MACS
+    V = T.ramp(0, 1, 16)
+
+    def k_of(g, b, so, si):
+        return g * G + b * GA + (so * U + si) * 32
+
+    @T.prim_func(private=True)
+    def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
+             w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
+             y: T.Buffer((1, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(NT) if par else T.serial(NT):
+            facc = T.alloc_buffer((P, 16), "float32", scope="global")
+            gacc = T.alloc_buffer((P, 16), "float32", scope="global")
+            iacc = T.alloc_buffer((P, 16), "int32", scope="global")
+            for p in T.unroll(P):
+                facc[p, V] = T.broadcast(T.float32(0), 16)
+            for g in range(NG):
+                for p in T.unroll(P):
+                    gacc[p, V] = T.broadcast(T.float32(0), 16)
+                for b in range(BPG):
+                    for p in T.unroll(P):
+                        iacc[p, V] = T.broadcast(T.int32(0), 16)
+                    for so in range(SUB // U):
+                        for si in T.unroll(U):
+                            for p in T.unroll(P):
+                                iacc[p, V] = _vnni(iacc[p, V], _codes64(layout, w, t, k_of(g, b, so, si), p),
+                                                   _act64(qa, 0, k_of(g, b, so, si)))
+                    for p in T.unroll(P):
+                        gacc[p, V] = gacc[p, V] + T.Cast("float32x16", iacc[p, V]) * T.broadcast(
+                            sa[0, g * BPG + b], 16)
+                for p in T.unroll(P):
+                    facc[p, V] = facc[p, V] + (gacc[p, V] - _pair(
+                        _zero(layout, sz, t, g, 2 * p), _zero(layout, sz, t, g, 2 * p + 1)) * T.broadcast(
+                        asum[0, g] * T.float32(0.125), 16)) * _pair(sz[t, g, 2 * p, 0], sz[t, g, 2 * p + 1, 0])
+            for p in T.unroll(P):
+                y[0, t * R + 2 * p] = _half_sum(facc, p, half=0)
+                y[0, t * R + 2 * p + 1] = _half_sum(facc, p, half=1)
+
+    return func
+
+
+def gemm_wide_func(layout: QLayout, act_group: int) -> Any:
+    """``(qa i8 [M, K], sa f32 [M, K/act_group], asum f32 [M, K/group], w, sz) -> y f32 [M, N]``, M symbolic."""
+    from tvm.script import tirx as T
+
+    R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
+    NT, NG, BPG, SUB = layout.tiles, layout.groups, G // GA, GA // 32
+    P, MT = R // 2, MT_WIDE
+    U = unroll_factor(SUB, 2)
+    V = T.ramp(0, 1, 16)
+
+    def k_of(g, b, so, si):
+        return g * G + b * GA + (so * U + si) * 32
+
+    @T.prim_func(private=True)
+    def func(var_qa: T.handle, var_sa: T.handle, var_asum: T.handle, w: T.Buffer(layout.w_shape, layout.dtype),
+             sz: T.Buffer(layout.sz_shape, "float32"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int64()
+        qa = T.match_buffer(var_qa, (M, K), "int8")
+        sa = T.match_buffer(var_sa, (M, K // GA), "float32")
+        asum = T.match_buffer(var_asum, (M, NG), "float32")
+        y = T.match_buffer(var_y, (M, N), "float32")
+        for t in T.parallel(NT):
+            facc = T.alloc_buffer((P, MT, 16), "float32", scope="global")
+            gacc = T.alloc_buffer((P, MT, 16), "float32", scope="global")
+            iacc = T.alloc_buffer((P, MT, 16), "int32", scope="global")
+            for m0 in range((M + MT - 1) // MT):
+                for p, mi in T.grid(P, MT):
+                    facc[p, mi, V] = T.broadcast(T.float32(0), 16)
+                for g in range(NG):
+                    for p, mi in T.grid(P, MT):
+                        gacc[p, mi, V] = T.broadcast(T.float32(0), 16)
+                    for b in range(BPG):
+                        for p, mi in T.grid(P, MT):
+                            iacc[p, mi, V] = T.broadcast(T.int32(0), 16)
+                        for so in range(SUB // U):
+                            for si in T.unroll(U):
+                                for mi in T.unroll(MT):
+                                    for p in T.unroll(P):
+                                        iacc[p, mi, V] = _vnni(
+                                            iacc[p, mi, V], _codes64(layout, w, t, k_of(g, b, so, si), p),
+                                            _act64(qa, T.min(m0 * MT + mi, M - 1), k_of(g, b, so, si)))
+                        for mi in T.unroll(MT):
+                            for p in T.unroll(P):
+                                gacc[p, mi, V] = gacc[p, mi, V] + T.Cast("float32x16", iacc[p, mi, V]) * T.broadcast(
+                                    sa[T.min(m0 * MT + mi, M - 1), g * BPG + b], 16)
+                    for mi in T.unroll(MT):
+                        for p in T.unroll(P):
+                            facc[p, mi, V] = facc[p, mi, V] + (gacc[p, mi, V] - _pair(
+                                _zero(layout, sz, t, g, 2 * p), _zero(layout, sz, t, g, 2 * p + 1)) * T.broadcast(
+                                asum[T.min(m0 * MT + mi, M - 1), g] * T.float32(0.125), 16)) * _pair(
+                                sz[t, g, 2 * p, 0], sz[t, g, 2 * p + 1, 0])
+                for mi in T.unroll(MT):
+                    if m0 * MT + mi < M:
+                        for p in T.unroll(P):
+                            y[m0 * MT + mi, t * R + 2 * p] = _half_sum(facc, p, mi, half=0)
+                            y[m0 * MT + mi, t * R + 2 * p + 1] = _half_sum(facc, p, mi, half=1)
+
+    return func
