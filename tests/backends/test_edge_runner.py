@@ -119,7 +119,7 @@ def test_arm64_artifact_under_qemu_matches_x86(aarch64_runner, native_runner, cp
     assert cmd[0] == "qemu-aarch64"
     x86_ids = emulate.generate_ids(cpu_artifact[0], [1], max_new_tokens=256)
     arm_res = emulate.run_artifact(arm, prompt_ids=[1], max_new_tokens=256, print_ids=True)
-    assert arm_res.command[0] == "qemu-aarch64" and "aarch64:" in arm_res.stderr
+    assert arm_res.command[0] == "qemu-aarch64" and "llmpress-runner: aarch64" in arm_res.stderr
     assert len(x86_ids) == 257
     assert arm_res.ids == x86_ids
     # What `llmpress run DIR --emulate` prints: the text, decoded by the aarch64 runner.

@@ -25,6 +25,10 @@ byte, ``sign(a, w)`` in [-127, 127], so again no saturation), ``sdot`` directly 
 
 On AVX-512 VNNI machines the single-plane integer kernels use 512-bit registers (``kernels/qwide.py``: two rows
 per register); the other kernels keep these 256-bit forms.
+
+The NEON forms are checked for correctness under ``qemu-aarch64`` (``tests/backends/test_arm64_kernels.py``: exact
+integer dot products and activation codes, float outputs within their fp32 bound of x86's). Their speed has not
+been measured: emulation says nothing about it; it needs a real Arm CPU.
 """
 from __future__ import annotations
 
