@@ -21,7 +21,7 @@ def test_arm64_variants_add_features():
     assert base.tvm == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     assert (base.arch, base.cc) == ("aarch64", "aarch64-linux-gnu-g++")
     assert resolve_target("arm64:dotprod").tvm["mattr"] == ["+neon", "+dotprod"]
-    assert resolve_target("arm64:i8mm").tvm["mattr"] == ["+neon", "+i8mm"]
+    assert resolve_target("arm64:i8mm").tvm["mattr"] == ["+neon", "+dotprod", "+i8mm"]  # i8mm cores have dotprod
     assert resolve_target("arm64:dotprod+i8mm").tvm["mattr"] == ["+neon", "+dotprod", "+i8mm"]
 
 

@@ -12,7 +12,8 @@ Names (``resolve_target``):
 - ``cpu:native``: ``mcpu`` = this machine's CPU (LLVM's host detection), for the host's best code; not portable.
 - ``arm64``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}`` cross-compiled and linked
   with ``aarch64-linux-gnu-g++``; ``arm64:dotprod``, ``arm64:i8mm`` (and ``arm64:dotprod+i8mm``) add those
-  features (Armv8.2 SDOT/UDOT, Armv8.6 SMMLA for int8 kernels).
+  features (Armv8.2 SDOT/UDOT, Armv8.6 SMMLA for int8 kernels; ``i8mm`` implies ``dotprod``, as every such core
+  has both).
 - ``cuda``: CUDA for ``sm_80`` (Ampere, runs on later GPUs through its PTX); ``cuda:sm_90`` etc. pick another
   arch. The host side is x86-64 LLVM (the same ``x86-64-v3`` level as ``cpu``).
 - a full TVM target as a dict or a JSON string (``{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}``): the escape
@@ -179,6 +180,10 @@ def resolve_target(t: Any) -> TargetSpec:
         bad = [f for f in feats if f not in _ARM_FEATURES]
         if bad:
             raise _unknown(text, f"arm64 options: {', '.join(_ARM_FEATURES)} (join with +)")
+        if "i8mm" in feats and "dotprod" not in feats:
+            # every core with i8mm (Armv8.6) has dotprod (Armv8.2), but LLVM's +i8mm does not imply +dotprod: without
+            # it the integer kernels would fall back to widening multiplies
+            feats.insert(feats.index("i8mm"), "dotprod")
         mattr = ["+neon"] + [f"+{f}" for f in feats]
         d = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr}
         cpuinfo = tuple(["asimd"] + [_LLVM_TO_CPUINFO["aarch64"][f] for f in feats])
