@@ -13,12 +13,14 @@ Model: ``../shared/models/tinystories-llama`` (7.3M parameters). For every row i
 - the compile time (the pass pipeline, including calibration) and the evaluation time of the row.
 
 Rows: fp32; the exact pipeline (fold_constants,fuse_qkv,dce); RTN (``quantize``), GPTQ and AWQ at int8 per channel,
-int4 g128, int3 g128, int2 g64 (every linear but ``lm_head``, symmetric); SmoothQuant W8A8; and the ONNX Runtime
-peers: the fp32 ONNX export run by ORT, ORT's own 4-bit quantizer (``MatMulNBitsQuantizer``, block 128, symmetric,
-``lm_head`` excluded like ours) on that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``. Methods
-whose pass is not registered are absent. Calibration (GPTQ, AWQ, SmoothQuant) comes only from
-``../shared/data/tinystories/calib.txt``. Perplexity of llmpress rows is computed by the reference interpreter
-(the IR run in PyTorch), of ORT rows by an ONNX Runtime session over the same windows.
+int4 g128, int3 g128, int2 g64 (every linear but ``lm_head``, symmetric); SmoothQuant W8A8; weight-only rows with
+dynamic int8 activations added (``act_quant``: per token and block, ``ACT_QUANT_ROWS``), which measure what
+activation quantization costs on top of the same weights; and the ONNX Runtime peers: the fp32 ONNX export run by
+ORT, ORT's own 4-bit quantizer (``MatMulNBitsQuantizer``, block 128, symmetric, ``lm_head`` excluded like ours) on
+that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``. Methods whose pass is not registered are
+absent. Calibration (GPTQ, AWQ, SmoothQuant) comes only from ``../shared/data/tinystories/calib.txt``. Perplexity
+of llmpress rows is computed by the reference interpreter (the IR run in PyTorch), of ORT rows by an ONNX Runtime
+session over the same windows.
 """
 from __future__ import annotations
 
@@ -55,6 +57,17 @@ WEIGHT_CONFIGS = [
     ("int2 g64", "bits=2,group=64"),
 ]
 WEIGHT_METHODS = [("RTN", "quantize"), ("GPTQ", "gptq"), ("AWQ", "awq")]
+
+# (weight method, weight config, act_quant options, activation block label): a weight-only row above plus dynamic
+# int8 activations per token and block. act_quant's group 0 is the layer's weight group (128 for int4 g128, the
+# integer kernels' fastest form); it must divide the weight group, and for int8 per channel the weight group is all
+# of in_features, where group 0 would mean per token, so that row names 128 (the int4 rows' block) instead.
+ACT_QUANT_ROWS = [
+    ("RTN", "int4 g128", "", "128"),
+    ("RTN", "int4 g128", "group=32", "32"),
+    ("GPTQ", "int4 g128", "", "128"),
+    ("RTN", "int8 per-channel", "group=128", "128"),
+]
 
 
 @dataclass
@@ -171,6 +184,19 @@ class Bench:
 
         self.add(Row(method, config, "llmpress (PyTorch reference)", pipeline=pipeline), run)
 
+    def act_quant_rows(self, names: set[str]) -> None:
+        from llmpress.passes.registry import get_pass
+
+        methods, configs = dict(WEIGHT_METHODS), dict(WEIGHT_CONFIGS)
+        for label, config, act_opts, block in ACT_QUANT_ROWS:
+            pass_name = methods[label]
+            if pass_name not in names:
+                continue
+            calib = bool(getattr(get_pass(pass_name), "needs_calibration", False))
+            act = f"act_quant({act_opts})" if act_opts else "act_quant"
+            pipe = f"{pass_name}({configs[config]},exclude=lm_head),{act}"
+            self.llmpress_row(f"{label} + act_quant", f"{config}, int8 act g{block}", pipe, needs_calib=calib)
+
     # -- ONNX Runtime rows ---------------------------------------------------------------------------------------
     def ort_rows(self, int4_module: Any) -> None:
         from llmpress.backends.onnx import OrtProgram, export
@@ -240,6 +266,8 @@ class Bench:
                                   keep=keep if (pass_name, config) == ("quantize", "int4 g128") else None)
         if "smoothquant" in names:
             self.llmpress_row("SmoothQuant", "W8A8", "smoothquant(exclude=lm_head)", needs_calib=True)
+        if "act_quant" in names:
+            self.act_quant_rows(names)
         self.ort_rows(keep.get("module"))
         self.total_s = time.perf_counter() - self.t_start
         self.write(final=True)
@@ -310,8 +338,10 @@ def markdown(rows: list[Row], meta: dict) -> str:
         + f"; WikiText-2 valid: the first {d['wikitext2']['scored_tokens'] + 1:,} tokens "
         f"({d['wikitext2']['scored_tokens']:,} scored). Calibration: {meta['calibration']['samples']} windows of "
         "256 tokens from tinystories/calib.txt (seed 0). Weight-only methods quantize every linear but `lm_head`, "
-        "symmetric. Weight bytes: the module's stored weights (llmpress rows) or the ONNX file's initializers "
-        "(ONNX Runtime rows), embeddings and RoPE tables included.",
+        "symmetric; `+ act_quant` rows also quantize those layers' inputs to int8 at run time, per token and block "
+        "of the stated length (`int8 act g128`), on the same weights as the row without it. Weight bytes: the "
+        "module's stored weights (llmpress rows) or the ONNX file's initializers (ONNX Runtime rows), embeddings and "
+        "RoPE tables included.",
         "",
         "| method | config | runs on | weight MB | size vs fp32 | PPL TinyStories | vs fp32 | PPL WikiText-2 | "
         "vs fp32 | compile s | eval s |",
@@ -362,7 +392,7 @@ def plot(rows: list[Row], path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
     singles = [r for r in ok if r.method not in {m for m, _ in WEIGHT_METHODS} or not r.runtime.startswith("llmpress")]
-    markers = iter("sDv^P*Xh")
+    markers = iter("sDv^P*Xhd<>p")
     for r in singles:
         where = "ORT" if r.runtime == "ONNX Runtime" else "ref"
         ax.scatter(r.weight_bytes / 1e6, r.ppl["tinystories"] / ref, marker=next(markers, "o"), s=50, zorder=3,

@@ -13,6 +13,9 @@ What comes out:
 - opset 18 (+ ``com.microsoft`` 1 when compressed ops are present);
 - W8A8 layers in the form ``w8a8`` names (``"qdq"``, the default: QuantizeLinear/DequantizeLinear + MatMul;
   ``"integer"``: MatMulInteger; see ``llmpress_ops``), recorded in the metadata as ``llmpress.w8a8``;
+- weight-only layers with int8 activations (``act_quant``) in the form ``wq_a8`` names (``"float"``, the default:
+  the activation quantized and dequantized with standard ops, then a float MatMulNBits; ``"integer"``: the same,
+  then MatMulNBits's int8 kernel; see ``matmul_nbits``), recorded in the metadata as ``llmpress.wq_a8``;
 - weights as initializers (linear weights stored transposed, ``[in, out]``, so ``MatMul`` needs no Transpose; ORT's
   own ``MatMulNBitsQuantizer`` recognises those MatMuls); files over 1.5 GiB keep weights as external data;
 - for LMs (``module.lm`` set) the calling convention of ``llmpress.models.llama`` with ONNX names:
@@ -43,7 +46,7 @@ from ...ir.module import Module
 from ..base import Unsupported
 from .graph import MS_DOMAIN, OPSET, GraphBuilder, onnx_dtype, op_name, unsupported
 
-__all__ = ["export", "to_onnx", "check", "io_names", "check_w8a8_form"]
+__all__ = ["export", "to_onnx", "check", "io_names", "check_w8a8_form", "check_wq_a8_form"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,18 @@ def check_w8a8_form(w8a8: Any) -> str:
     return w8a8
 
 
+def check_wq_a8_form(wq_a8: Any) -> str:
+    """``wq_a8`` if it names an export form of weight-only layers with int8 activations, else ``ConfigError``."""
+    from .matmul_nbits import WQ_A8_FORMS
+
+    if wq_a8 not in WQ_A8_FORMS:
+        raise ConfigError(f"ONNX export: unknown wq_a8 form {wq_a8!r}; choose one of "
+                          + ", ".join(f"{f!r}" + (" (default)" if i == 0 else "") for i, f in enumerate(WQ_A8_FORMS))
+                          + ": 'float' is MatMulNBits in float32 on the quantized activations, 'integer' is "
+                          "MatMulNBits's int8 kernel (accuracy_level=4)")
+    return wq_a8
+
+
 def io_names(module: Module) -> tuple[list[str], list[str]]:
     """ONNX input and output names for ``module``: for an LM (``module.lm`` set) ``input_ids``, ``start_pos``,
     ``past_<name>`` per cache tensor of ``lm.cache_specs()`` in call order, and ``logits``, ``present_<name>``;
@@ -112,9 +127,10 @@ def io_names(module: Module) -> tuple[list[str], list[str]]:
 
 
 class _Exporter:
-    def __init__(self, module: Module, *, w8a8: str = "qdq") -> None:
+    def __init__(self, module: Module, *, w8a8: str = "qdq", wq_a8: str = "float") -> None:
         self.module = module
         self.w8a8 = check_w8a8_form(w8a8)
+        self.wq_a8 = check_wq_a8_form(wq_a8)
         self.b = GraphBuilder()
         self.derived: dict[Any, str] = {}  # (kind, weight name) -> initializer of a transformed weight
         self._weights = module.weights()
@@ -192,7 +208,7 @@ class _Exporter:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="llmpress")
         model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
         meta = {"llmpress.inputs": json.dumps(in_names), "llmpress.outputs": json.dumps(out_names),
-                "llmpress.w8a8": self.w8a8}
+                "llmpress.w8a8": self.w8a8, "llmpress.wq_a8": self.wq_a8}
         if mod.lm is not None:
             meta["llmpress.lm"] = json.dumps(mod.lm.to_json())
         helper.set_model_props(model, meta)
@@ -213,22 +229,25 @@ class _LazyWeight:
         return self.ex.derived[key]
 
 
-def to_onnx(module: Module, *, w8a8: str = "qdq", progress: bool = False):
+def to_onnx(module: Module, *, w8a8: str = "qdq", wq_a8: str = "float", progress: bool = False):
     """The ``onnx.ModelProto`` of ``module`` (raises ``UnsupportedOpError`` before any work if an op has no
-    translation, ``ConfigError`` for an unknown ``w8a8`` form: ``"qdq"`` or ``"integer"``)."""
-    return _Exporter(module, w8a8=w8a8).run(progress=progress)
+    translation, ``ConfigError`` for an unknown ``w8a8`` form (``"qdq"`` or ``"integer"``) or ``wq_a8`` form
+    (``"float"`` or ``"integer"``))."""
+    return _Exporter(module, w8a8=w8a8, wq_a8=wq_a8).run(progress=progress)
 
 
-def export(module: Module, path: str | Path, *, w8a8: str = "qdq", check_model: bool = True,
+def export(module: Module, path: str | Path, *, w8a8: str = "qdq", wq_a8: str = "float", check_model: bool = True,
            progress: bool = False) -> Path:
     """Write ``module`` as an ONNX file at ``path`` (see the module docstring for what the file holds;
-    ``w8a8`` picks the form of W8A8 layers: ``"qdq"`` (default) or ``"integer"``)."""
+    ``w8a8`` picks the form of W8A8 layers: ``"qdq"`` (default) or ``"integer"``; ``wq_a8`` the form of
+    weight-only layers with int8 activations: ``"float"`` (default) or ``"integer"``)."""
     import onnx
 
     check_w8a8_form(w8a8)
+    check_wq_a8_form(wq_a8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = to_onnx(module, w8a8=w8a8, progress=progress)
+    model = to_onnx(module, w8a8=w8a8, wq_a8=wq_a8, progress=progress)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     if size > _EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

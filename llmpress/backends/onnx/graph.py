@@ -21,7 +21,7 @@ from ...errors import UnsupportedOpError
 from ...ir.meta import source_line, source_path
 
 __all__ = ["GraphBuilder", "onnx_dtype", "np_dtype", "unsupported", "op_name", "val", "rank", "axis", "operand",
-           "common_dtype", "weight_name", "OPSET", "MS_DOMAIN"]
+           "common_dtype", "weight_name", "stored_weight", "absmax_scale", "symmetric_codes", "OPSET", "MS_DOMAIN"]
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
@@ -236,3 +236,33 @@ def common_dtype(args: list[Any]) -> torch.dtype:
 
 def weight_name(ex: Any, arg: Any) -> str | None:
     return ex.module.weight_name(arg) if isinstance(arg, fx.Node) else None
+
+
+def stored_weight(ex: Any, arg: Any, what: str, node: fx.Node) -> torch.Tensor | None:
+    """The tensor of a weight argument of a compressed op (``None`` stays ``None``); ``UnsupportedOpError`` when the
+    argument is computed in the graph (the translations convert stored weights into the ONNX op's layout)."""
+    if arg is None:
+        return None
+    t = ex.module.weight(arg) if isinstance(arg, fx.Node) else None
+    if t is None:
+        raise unsupported(node, f"its {what} must be a stored weight, not a computed tensor")
+    return t
+
+
+# Symmetric absmax quantization with standard ops. Every llmpress reference kernel of this kind (per-token W8A8,
+# per-block wq_linear activations, per-vector KV cache) computes exactly these float32 operations: one ReduceMax of
+# |x|, one division by qmax, one division x / s, half-to-even rounding (ONNX Round, torch.round), a clamp; so on
+# equal inputs ONNX Runtime reproduces the scales and codes bit for bit.
+def absmax_scale(b: GraphBuilder, x: str, qmax: int) -> str:
+    """``s = max(|x|, last axis, keepdims) / qmax``, and 1 where that is 0 (the reference kernels' guard)."""
+    f32 = np.float32
+    s = b.op("Div", [b.op("ReduceMax", [b.op("Abs", [x]), b.const([-1], np.int64)], keepdims=1),
+                     b.const(float(qmax), f32)])
+    return b.op("Where", [b.op("Greater", [s, b.const(0.0, f32)]), s, b.const(1.0, f32)])
+
+
+def symmetric_codes(b: GraphBuilder, x: str, s: str, qmax: int) -> str:
+    """``clamp(round(x / s), -qmax, qmax)`` as float32 integers (ONNX Round is half to even, like torch.round)."""
+    f32 = np.float32
+    return b.op("Clip", [b.op("Round", [b.op("Div", [x, s])]), b.const(-float(qmax), f32),
+                         b.const(float(qmax), f32)])
