@@ -1,212 +1,246 @@
-"""Kernel micro-benchmark: the fused int4 dequant-GEMV of the TVM backend against fp32 matmuls.
+"""Kernel benchmark: one linear layer, 4096 x 4096, batch 1 (GEMV, decode) and 128 tokens (GEMM, prefill).
 
-Shapes are ``in x out`` (features in, features out) of one linear layer, batch 1:
+Side by side, interleaved round by round, the same threads for every runtime:
 
-- 256 x 768, 768 x 2048 (an MLP up projection of a 110M-class model), 2048 x 768 (its down projection);
-- GEMV = one token (decode); GEMM = 128 tokens (prefill), for context.
-
-Kernels, each given the same input and the same number of threads (``--threads``, default 1):
-
-- ``tvm int4 g128``: ``llmpress::wq_linear`` (symmetric int4, group 128) built by the llmpress TVM backend for
-  ``cpu`` (x86-64-v3): packed weights unpacked, offset and scaled inside the vectorized reduction;
-- ``tvm fp32``: ``aten.linear`` on the fp32 weight, built by the same backend (TVM's default legalized matmul plus
-  whatever CPU schedule rules the backend has; today none claim a plain matmul);
 - ``torch fp32``: ``torch.nn.functional.linear`` (oneDNN/MKL);
-- ``torch int4 ref``: the op's reference kernel (dequantize to fp32, then linear), what ``module.run`` does.
+- ``ORT fp32``: ONNX Runtime, one ``MatMul`` against the weight as an initializer;
+- ``ORT int8/int4 acc0|acc4``: ONNX Runtime's own weight quantizer (``MatMulNBitsQuantizer``, symmetric, block 128
+  or 32) on that model: ``MatMulNBits`` with ``accuracy_level`` 0 (float compute) or 4 (int8 activations);
+- ``llmpress fp32``: ``aten.linear`` through the TVM backend, target ``cpu``;
+- ``llmpress int8/int4 a16|a8``: ``llmpress::wq_linear`` (RTN, symmetric, group 128 or 32) through the TVM
+  backend, target ``cpu``, float activations (``a16``) or ``act_quant`` int8 activations (``a8``). The build that
+  runs is the most capable one this CPU supports (``build`` column: ``cpu`` = x86-64-v3 AVX2, ``cpu+avx512vnni``).
 
-Timing: the TVM VM function is called on device tensors (weights included as arguments; no torch <-> TVM
-conversion), torch directly; after a warm-up, ``--repeat`` rounds of ``--number`` calls, the four kernels interleaved
-round by round so that they share the machine's changing load. Each round records wall time and the calling
-thread's CPU time (``time.thread_time``). With one thread every kernel runs in the calling thread, so its CPU time
-is what the kernel costs, unaffected by the time the OS gives to other jobs on a shared machine: that is the
-headline number for ``--threads 1`` (median round, fastest in parentheses). Wall time is reported too (and is the
-headline for more threads). Weights stay hot in cache between calls (as in a decode loop over a small model);
-a cold-cache, memory-bound GEMV would favour the 8x smaller int4 weights more.
-Output: ``benchmarks/results/kernels.json`` and ``kernels.md``.
+A GEMV reads its weight once per call, so a warm cache would measure the cache, not the memory: each GEMV row cycles
+through copies of its weights totalling at least 256 MiB (more than any L3 here), the state of a decode step. A
+GEMM reuses each weight 128 times: one copy. Per row: median time per call over the rounds, GB/s of weight bytes
+read (GEMV), GMAC/s (GEMM), and the ratio to torch fp32.
 
-Run: ``.venv/bin/python benchmarks/kernels.py [--threads N]`` (about 3 minutes on 2 cores).
+Run alone: ``.venv/bin/python benchmarks/kernels.py [--threads N] [--quick]`` (writes ``results/kernels.*``);
+``speed.py`` runs it as its first section.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-SHAPES = [(256, 768), (768, 2048), (2048, 768)]
+__all__ = ["run_kernels", "kernels_markdown"]
 
 log = logging.getLogger("benchmarks.kernels")
 
-
-class _Int4(torch.nn.Module):
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        from llmpress.ir.ops.wq_linear import pack_weight
-
-        out_f, in_f = w.shape
-        g = w.view(out_f, in_f // 128, 128)
-        s = g.abs().amax(-1) / 7
-        q = torch.round(g / s[..., None]).clamp(-8, 7).view(out_f, in_f).to(torch.int32)
-        self.register_buffer("q", pack_weight(q, 4, sym=True))
-        self.register_buffer("s", s.contiguous())
-
-    def forward(self, x):
-        return torch.ops.llmpress.wq_linear(x, self.q, self.s, None, None, 4, 128)
+DIM = 4096
+GEMM_TOKENS = 128
+COLD_BYTES = 256 << 20
 
 
-class _Fp32(torch.nn.Module):
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        self.lin.weight.data.copy_(w)
-
-    def forward(self, x):
-        return self.lin(x)
+def _weight(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(DIM, DIM, generator=g) * DIM ** -0.5
 
 
-def _round_timer(fn, number: int):
-    """One round = ``number`` calls of ``fn``; returns (wall seconds, thread CPU seconds) per call."""
-    def one_round() -> tuple[float, float]:
-        w0, c0 = time.perf_counter(), time.thread_time()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - w0) / number, (time.thread_time() - c0) / number
-
-    return one_round
-
-
-def _tvm_timer(model: torch.nn.Module, x: torch.Tensor, number: int):
-    """(round timer, output) for the TVM build of ``model`` on ``x``: the VM function itself is called on device
-    tensors (weights included as arguments), not the torch <-> TVM conversions around it."""
+def _llmpress(w: torch.Tensor, tokens: int, bits: int | None, group: int, act: bool):
+    """(call(i), weight bytes, build name) for the TVM build of one linear on ``x [1, tokens, DIM]``."""
+    import llmpress.ir.ops  # noqa: F401
     from llmpress.backends.tvm import TVMBackend
     from llmpress.ir.capture import capture
+    from llmpress.passes.act_quant import ActQuant, ActQuantOptions
+    from llmpress.passes.base import PassContext
+    from llmpress.passes.quantize import Quantize, QuantizeOptions
 
-    compiled = TVMBackend().lower(capture(model, (x,), dynamic=False), "cpu", progress=False)
-    out = torch.as_tensor(compiled(x))
+    lin = torch.nn.Linear(DIM, DIM, bias=False)
+    lin.weight.data.copy_(w)
+    x = torch.randn(1, tokens, DIM)
+    module = capture(lin.eval(), (x,), dynamic=False)
+    ctx = PassContext(progress=False)
+    if bits:
+        module = Quantize(QuantizeOptions(bits=bits, group=group)).run(module, ctx).module
+        if act:
+            module = ActQuant(ActQuantOptions(bits=8)).run(module, ctx).module
+    compiled = TVMBackend().lower(module, "cpu", progress=False)
     compiled._ensure_vm()
     fn = compiled._vm["main"]
-    vm_args = [compiled._to_tvm(x), *compiled._param_tensors]
-    return _round_timer(lambda: fn(*vm_args), number), out
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="threads for every runtime (default 1: on a shared, oversubscribed machine a parallel region "
-                         "waits for its slowest thread's time slice; results of other counts go to kernels-tN.*)")
-    ap.add_argument("--number", type=int, default=50)
-    ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--gemm-tokens", type=int, default=128)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    torch.set_num_threads(args.threads)
-    import llmpress.ir.ops  # noqa: F401 - registers the ops
-
-    load_start = os.getloadavg()[0]
-    rows = []
-    for in_f, out_f in SHAPES:
-        torch.manual_seed(0)
-        w = torch.randn(out_f, in_f) * in_f ** -0.5
-        int4, fp32 = _Int4(w).eval(), _Fp32(w).eval()
-        for kind, tokens in (("GEMV", 1), ("GEMM", args.gemm_tokens)):
-            x = torch.randn(1, tokens, in_f)
-            number = args.number if tokens == 1 else max(2, args.number // 10)
-            timers = {}
-            timers["tvm_int4_g128"], y_int4 = _tvm_timer(int4, x, number)
-            timers["tvm_fp32"], y_fp32 = _tvm_timer(fp32, x, number)
-            with torch.no_grad():
-                ref_int4 = int4(x)
-                timers["torch_fp32"] = _round_timer(lambda: torch.nn.functional.linear(x, w), number)
-                timers["torch_int4_ref"] = _round_timer(lambda: int4(x), max(1, number // 10))
-                # rounds interleave the kernels so that they share the machine's (changing) load
-                times = {k: [] for k in timers}
-                for k, t in timers.items():
-                    t()  # warm-up
-                for _ in range(args.repeat):
-                    for k, t in timers.items():
-                        times[k].append(t())
-            err4 = float((y_int4 - ref_int4).abs().max() / ref_int4.abs().max())
-            err32 = float((y_fp32 - x @ w.t()).abs().max() / (x @ w.t()).abs().max())
-            row = {"shape": f"{in_f}x{out_f}", "in": in_f, "out": out_f, "kind": kind, "tokens": tokens,
-                   "weight_bytes_int4": int(int4.q.numel() + int4.s.numel() * 4), "weight_bytes_fp32": w.numel() * 4,
-                   "max_rel_err_tvm_int4_vs_ref": err4, "max_rel_err_tvm_fp32_vs_torch": err32}
-            for name, t in times.items():
-                wall, cpu = [r[0] for r in t], [r[1] for r in t]
-                row[name + "_us"] = statistics.median(wall) * 1e6
-                row[name + "_min_us"] = min(wall) * 1e6
-                row[name + "_cpu_us"] = statistics.median(cpu) * 1e6
-                row[name + "_cpu_min_us"] = min(cpu) * 1e6
-            rows.append(row)
-            key = "_cpu_us" if args.threads == 1 else "_us"
-            log.info("%s %-9s tvm int4 %8.1f us | tvm fp32 %9.1f us | torch fp32 %8.1f us | torch int4 ref %8.1f us",
-                     kind, row["shape"], row["tvm_int4_g128" + key], row["tvm_fp32" + key], row["torch_fp32" + key],
-                     row["torch_int4_ref" + key])
-    meta = {"threads": args.threads, "number": args.number, "repeat": args.repeat, "cpu": _cpu_name(),
-            "machine": platform.machine(), "torch": torch.__version__, "target": "cpu (llvm, mcpu=x86-64-v3)",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_1m_at_start": load_start,
-            "loadavg_1m_at_end": os.getloadavg()[0]}
-    try:
+    params = compiled._param_tensors
+    nbytes = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in params)
+    copies = [params]
+    if tokens == 1:  # cold weights: enough copies to overflow the caches
         import tvm
 
-        meta["tvm"] = tvm.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "kernels" if args.threads == 1 else f"kernels-t{args.threads}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(_markdown(meta, rows))
-    log.info("wrote %s and %s", args.out / f"{stem}.json", args.out / f"{stem}.md")
+        copies += [[tvm.runtime.tensor(p.numpy()) for p in params] for _ in range(COLD_BYTES // nbytes)]
+    xt = compiled._to_tvm(x)
+    return (lambda i: fn(xt, *copies[i % len(copies)])), nbytes, compiled.running.name
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+def _onnx_matmul(w: torch.Tensor, path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", DIM])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", DIM])
+    wt = numpy_helper.from_array(w.t().contiguous().numpy(), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "linear", [x], [y], [wt])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
 
 
-def _markdown(meta: dict, rows: list[dict]) -> str:
-    key = "_cpu" if meta["threads"] == 1 else ""
-    what = "thread CPU time" if key else "wall time"
-    lines = [
-        "# Kernel micro-benchmark: fused int4 dequant-matmul (TVM) vs fp32",
-        "",
-        f"{meta['cpu']}, {meta['threads']} thread(s), TVM {meta.get('tvm', '?')} target {meta['target']}, "
-        f"torch {meta['torch']}; {meta['date']}. Microseconds per call of {what}: median of {meta['repeat']} "
-        "interleaved rounds (fastest round in parentheses). Shapes are in x out; GEMV = 1 token, GEMM = "
-        f"{next((r['tokens'] for r in rows if r['kind'] == 'GEMM'), '?')} tokens. Generated by "
-        "`benchmarks/kernels.py` (its docstring has the protocol). The machine is shared with other jobs: 1-minute "
-        f"load average {meta['loadavg_1m_at_start']:.1f} at start, {meta['loadavg_1m_at_end']:.1f} at end "
-        "(2 cores).",
-        "",
-        "| kind | in x out | tvm int4 g128 | tvm fp32 | torch fp32 | torch int4 ref | int4 speed-up vs tvm fp32 / torch fp32 | weight bytes int4 / fp32 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+def _ort(w: torch.Tensor, tokens: int, bits: int | None, block: int, acc: int, threads: int, tmp: Path):
+    """(call(i), weight bytes, "") for ONNX Runtime on the fp32 MatMul model, or its MatMulNBits quantization."""
+    import onnx
+    import onnxruntime as ort
+
+    x = torch.randn(1, tokens, DIM).numpy()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sessions, nbytes = [], 0
+    n = 1 if tokens > 1 else max(1, COLD_BYTES // (DIM * DIM * (bits or 32) // 8))
+    for i in range(n):
+        path = _onnx_matmul(_weight(i), tmp / f"mm{i}.onnx")
+        if bits:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            q = MatMulNBitsQuantizer(onnx.load(str(path)), bits=bits, block_size=block, is_symmetric=True,
+                                     accuracy_level=acc or None)
+            logging.getLogger(q.__module__).setLevel(logging.WARNING)
+            q.process()
+            model = q.model.model
+            nbytes = sum(len(t.raw_data) for t in model.graph.initializer)
+            path = tmp / f"q{i}.onnx"
+            onnx.save(model, str(path))
+        else:
+            nbytes = DIM * DIM * 4
+        sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+    return (lambda i: sessions[i % len(sessions)].run(None, {"x": x})), nbytes, ""
+
+
+def _torch(w: torch.Tensor, tokens: int):
+    x = torch.randn(1, tokens, DIM)
+    ws = [w] if tokens > 1 else [_weight(i) for i in range(COLD_BYTES // (DIM * DIM * 4))]
+    return (lambda i: torch.nn.functional.linear(x, ws[i % len(ws)])), DIM * DIM * 4, ""
+
+
+# (row label, format, builder key): what each kernel row runs
+ROWS = [
+    ("torch fp32", "fp32", ("torch",)),
+    ("ORT fp32", "fp32", ("ort", None, 0, 0)),
+    ("llmpress fp32", "fp32", ("llmpress", None, 0, False)),
+    ("ORT int8 acc0", "int8 g128", ("ort", 8, 128, 0)),
+    ("ORT int8 acc4", "int8 g128", ("ort", 8, 128, 4)),
+    ("llmpress int8 a16", "int8 g128", ("llmpress", 8, 128, False)),
+    ("llmpress int8 a8", "int8 g128", ("llmpress", 8, 128, True)),
+    ("ORT int4 acc0", "int4 g128", ("ort", 4, 128, 0)),
+    ("ORT int4 acc4", "int4 g128", ("ort", 4, 128, 4)),
+    ("llmpress int4 a16", "int4 g128", ("llmpress", 4, 128, False)),
+    ("llmpress int4 a8", "int4 g128", ("llmpress", 4, 128, True)),
+    ("ORT int4 g32 acc4", "int4 g32", ("ort", 4, 32, 4)),
+    ("llmpress int4 g32 a16", "int4 g32", ("llmpress", 4, 32, False)),
+    ("llmpress int4 g32 a8", "int4 g32", ("llmpress", 4, 32, True)),
+]
+
+
+def run_kernels(threads: int, *, rounds: int = 7, quick: bool = False) -> list[dict]:
+    """Every row of ``ROWS`` at GEMV and GEMM; returns one dict per (kind, row)."""
+    torch.set_num_threads(threads)
+    out = []
+    w = _weight()
+    with tempfile.TemporaryDirectory(prefix="llmpress-kernels-") as tmp:
+        for kind, tokens in (("GEMV", 1), ("GEMM", GEMM_TOKENS)):
+            calls: list[tuple[dict, Callable[[int], Any]]] = []
+            for label, fmt, key in ROWS:
+                if quick and "g32" in fmt:
+                    continue
+                row = {"kind": kind, "tokens": tokens, "runtime": label, "format": fmt}
+                try:
+                    if key[0] == "torch":
+                        fn, nbytes, build = _torch(w, tokens)
+                    elif key[0] == "ort":
+                        fn, nbytes, build = _ort(w, tokens, key[1], key[2], key[3], threads, Path(tmp))
+                    else:
+                        fn, nbytes, build = _llmpress(w, tokens, key[1], key[2], key[3])
+                except Exception as e:  # noqa: BLE001 - a peer that cannot run this format: say why in the row
+                    log.warning("%s %s: %s", kind, label, e)
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    out.append(row)
+                    continue
+                row.update(weight_bytes=nbytes, build=build)
+                calls.append((row, fn))
+                out.append(row)
+            number = 20 if tokens == 1 else 2
+            samples = {id(r): [] for r, _ in calls}
+            from machine import settle
+
+            for r in range(rounds + 1):
+                for row, fn in calls:
+                    settle()
+                    t0 = time.perf_counter()
+                    for i in range(number):
+                        fn(i)
+                    if r:  # round 0 warms up (and touches every cold copy once)
+                        samples[id(row)].append((time.perf_counter() - t0) / number)
+            for row, _ in calls:
+                t = statistics.median(samples[id(row)])
+                row["us"] = t * 1e6
+                row["gbs"] = row["weight_bytes"] / t / 1e9
+                row["gmacs"] = tokens * DIM * DIM / t / 1e9
+            base = next((r["us"] for r in out if r["kind"] == kind and r["runtime"] == "torch fp32" and "us" in r),
+                        None)
+            for row in out:
+                if row["kind"] == kind and "us" in row and base:
+                    row["speedup_vs_torch_fp32"] = base / row["us"]
+            log.info("%s done", kind)
+    return out
+
+
+def kernels_markdown(rows: list[dict], env: dict) -> str:
+    lines = [f"One linear layer {DIM} x {DIM}: GEMV = 1 token (weights cold: cycled through 256 MiB of copies), "
+             f"GEMM = {GEMM_TOKENS} tokens. {env['threads']} threads per runtime, median of {env['kernel_rounds']} "
+             "interleaved rounds.", "",
+             "| kind | runtime | format | build | us / call | weight GB/s | GMAC/s | vs torch fp32 |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        cell = lambda k: f"{r[k + key + '_us']:.1f} ({r[k + key + '_min_us']:.1f})"  # noqa: E731
-        lines.append(
-            f"| {r['kind']} | {r['shape']} | {cell('tvm_int4_g128')} | {cell('tvm_fp32')} | {cell('torch_fp32')} "
-            f"| {cell('torch_int4_ref')} | {r['tvm_fp32' + key + '_us'] / r['tvm_int4_g128' + key + '_us']:.2f}x / "
-            f"{r['torch_fp32' + key + '_us'] / r['tvm_int4_g128' + key + '_us']:.2f}x "
-            f"| {r['weight_bytes_int4']} / {r['weight_bytes_fp32']} |")
-    lines += ["", "Speed-ups compare medians; > 1 means the fused int4 kernel is faster. Max relative error of the TVM "
-              "int4 output vs the op's reference kernel: "
-              f"{max(r['max_rel_err_tvm_int4_vs_ref'] for r in rows):.2e}.", ""]
-    return "\n".join(lines)
+        if "error" in r:
+            lines.append(f"| {r['kind']} | {r['runtime']} | {r['format']} | | n/a | | | {r['error']} |")
+            continue
+        lines.append(f"| {r['kind']} | {r['runtime']} | {r['format']} | {r.get('build', '')} | {r['us']:.1f} | "
+                     f"{r['gbs']:.1f} | {r['gmacs']:.1f} | {r.get('speedup_vs_torch_fp32', float('nan')):.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="fewer rows (no group 32)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import loadavg, machine_env
+
+    from llmpress.backends.tvm.threads import configure
+
+    configure(a.threads)
+    env = machine_env(threads=a.threads, kernel_rounds=a.rounds)
+    rows = run_kernels(a.threads, rounds=a.rounds, quick=a.quick)
+    env["load_after"] = loadavg()
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "kernels.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    text = "# Kernel benchmark\n\n" + f"{env['cpu']}, load {env['load_before']} -> {env['load_after']}, " \
+        f"{env['date']}.\n\n" + kernels_markdown(rows, env)
+    (a.out / "kernels.md").write_text(text)
+    sys.stdout.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
-__all__ = ["machine_env", "loadavg", "interleaved_timings"]
+__all__ = ["machine_env", "loadavg", "interleaved_timings", "settle", "others_running"]
 
 
 def loadavg() -> str:
@@ -35,6 +36,7 @@ def interleaved_timings(built: list, prefills: dict[str, int], *, decode: int, r
         samples: list[tuple[list, list]] = [([], []) for _ in built]
         for r in range(repeats + 1):
             for (row, forward, lm), (times, rates) in zip(built, samples):
+                settle()
                 m = measure(forward, lm, prefill_tokens=prefill, decode_tokens=decode, repeats=1)
                 if r:
                     times.append(m["prefill_ms"] / 1000)
@@ -42,3 +44,35 @@ def interleaved_timings(built: list, prefills: dict[str, int], *, decode: int, r
         for (row, _, _), (times, rates) in zip(built, samples):
             row[name] = summarize(prefill, times, rates)
             row[name]["decode_samples"] = [round(x, 1) for x in rates]
+
+
+def others_running() -> bool:
+    """Whether a thread of this process other than the caller is running (state R in /proc; False off Linux)."""
+    me = str(threading.get_native_id())
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for t in tasks:
+        if t == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{t}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                    return True
+        except (OSError, IndexError):  # the thread exited meanwhile
+            continue
+    return False
+
+
+def settle(cap_s: float = 0.5) -> float:
+    """Wait until no other thread of this process is running (at most ``cap_s``); returns the seconds waited.
+
+    Every runtime measured here keeps its worker threads spinning for a while after a call returns (libgomp for
+    torch and llama.cpp: GOMP_SPINCOUNT; ONNX Runtime's intra-op pool; TVM's pool: 300,000 yields), which slows
+    whatever runs next in the process on a 2-core machine. Between two runtimes' timings the spin is waited out;
+    each runtime keeps its own defaults while it is timed."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < cap_s and others_running():
+        time.sleep(0.001)
+    return time.perf_counter() - t0

@@ -1,221 +1,278 @@
-"""Speed, side by side in one process: prefill latency (128 tokens) and batch-1 decode tokens/s.
+"""Speed, side by side in one run on this machine: memory bandwidth, kernels, end to end, where decode time goes.
 
-Models: (a) tinystories-llama (/work/shared/models/tinystories-llama, ~7M parameters, trained) and (b) a Llama with
-the shape of a 110M model (hidden 768, 12 layers, 12 heads, 12 KV heads, intermediate 2048, vocab 32000) and
-random weights. Runtimes, all fp32 on the CPU:
+    .venv/bin/python benchmarks/speed.py                  # everything (~40 minutes on 2 cores), writes results/
+    .venv/bin/python benchmarks/speed.py --quick           # 110m shape only, fewer rounds (a smoke run)
 
-- PyTorch eager, our ``llmpress.models.Llama`` with its static KV cache (the baseline every ratio refers to);
-- PyTorch eager, the Hugging Face ``transformers`` model with its own dynamic cache (model (a) only);
-- llmpress TVM ``cpu`` (x86-64-v3 LLVM code, weights as VM parameters);
-- ONNX Runtime on the graph exported by ``llmpress.backends.onnx`` (the same captured graph; CPU provider,
-  graph optimizations on).
+Peers (optional, not installed by CI): llama.cpp through llama-cpp-python built from source
+(``bash benchmarks/setup_peers.sh``, ~5-15 minutes once, cached). Without it the llama.cpp rows say so.
 
-Protocol (``llmpress.eval.latency.measure``): random prompt of 128 tokens from a fixed seed, fresh cache; prefill
-time is one call; decode is N greedy steps right after it; one warm-up round, then ``--repeats`` rounds, median;
-within a round every runtime is measured once, interleaved, so a burst of load hits all alike (HF transformers,
-with its own cache, is measured on its own before them).
-Every runtime gets the same number of threads (``--threads``, default 1: on this shared 2-core machine, with other
-jobs running, 2 OpenMP threads made PyTorch eager 15x slower than 1 thread -- spinning workers waiting for a core
--- so 1 thread per runtime is the comparison that measures the code rather than the scheduler). Output: ``benchmarks/results/speed.json``
-and ``speed.md``.
+Sections, all with the same thread count per runtime (``--threads``, default: every CPU of the affinity mask):
 
-Run: ``.venv/bin/python benchmarks/speed.py`` (about 10 minutes on 2 cores).
+1. bandwidth: STREAM-style copy and read (``bandwidth.py``); the decode bound of a runtime is
+   ``copy bandwidth / bytes of weights it reads per token`` (every weight but the token-embedding table);
+2. kernels: one 4096 x 4096 linear, GEMV and 128-token GEMM, fp32 / int8 / int4 g128 / int4 g32, llmpress vs
+   PyTorch vs ONNX Runtime (``kernels.py``);
+3. end to end on Llama shapes with random weights (``shapes.py``: 110M = stories110M, 1.1B = TinyLlama), batch 1,
+   a ``--prefill``-token prompt (128), ``--decode`` greedy tokens (32): PyTorch eager fp32 (transformers), ONNX
+   Runtime fp32 and int4 (its own quantizer), llama.cpp f32 / Q8_0 / Q4_0, llmpress fp32 / w8a8 / w4a16 / w4a8
+   (``runtimes.py``). Runtimes are timed interleaved, round by round (a burst of load hits all alike), in two groups
+   that fit in memory together (fp32; quantized), medians over ``--rounds`` rounds after one warm-up round; the
+   spinning worker threads of the previous runtime are waited out before each (``machine.settle``);
+4. profile: one decode step of llmpress w4a8 on the largest shape, by kind of operation (``profile_decode.py``).
+
+Output: ``results/speed.json`` (everything, with per-round samples), ``speed.md``, ``speed.png``, and the
+README's speed section (between ``<!-- speed:begin -->`` and ``<!-- speed:end -->``) regenerated from them.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-from machine import interleaved_timings, loadavg, machine_env
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = (REPO / ".." / "shared").resolve()
-RESULTS = REPO / "benchmarks" / "results"
+from machine import loadavg, machine_env, settle  # noqa: E402
 
+REPO = HERE.parent
+RESULTS = HERE / "results"
 log = logging.getLogger("benchmarks.speed")
 
-
-def _hf_measure(model, *, vocab: int, prefill_tokens: int, decode_tokens: int, repeats: int) -> dict:
-    """``latency.measure`` for a Hugging Face causal LM driven through its own KV cache."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (1, prefill_tokens), generator=g)
-    times, rates = [], []
-    with torch.no_grad():
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
-            t1 = time.perf_counter()
-            past = out.past_key_values
-            tok = out.logits[:, -1:].argmax(-1)
-            t2 = time.perf_counter()
-            for _ in range(decode_tokens):
-                out = model(input_ids=tok, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                tok = out.logits[:, -1:].argmax(-1)
-            t3 = time.perf_counter()
-            if r:
-                times.append(t1 - t0)
-                rates.append(decode_tokens / (t3 - t2))
-    from llmpress.eval.latency import summarize
-
-    return summarize(prefill_tokens, times, rates)
+#: llmpress pipelines of the end-to-end rows (every linear quantized, lm_head included, as llama.cpp does)
+LLMPRESS = [
+    ("fp32", "", "fp32"),
+    ("w8a8", "fuse,quantize(bits=8,group=128),act_quant(bits=8)", "quantized"),
+    ("w4a16", "fuse,quantize(bits=4,group=128)", "quantized"),
+    ("w4a8", "fuse,quantize(bits=4,group=128),act_quant(bits=8)", "quantized"),
+]
+REFERENCE = {"fp32": "PyTorch eager fp32", "quantized": "llama.cpp Q4_0"}
 
 
-def _eager(model):
-    def forward(*inputs):
-        with torch.no_grad():
-            return model(*inputs)
-
-    return forward
-
-
-def bench_model(name: str, model, *, hf=None, threads: int, prefill: int, decode: int, repeats: int,
-                skip: set[str]) -> list[dict]:
-    import llmpress
-
-    module = llmpress.capture(model)
-    lm = module.lm
-    entries: list[tuple[dict, object, object]] = []  # (row, forward, lm), timed together below
-
-    def add(runtime: str, forward, extra: dict | None = None) -> None:
-        entries.append(({"model": name, "runtime": runtime, **(extra or {})}, forward, lm))
-
-    hf_row = None
-    if hf is not None:
-        log.info("%s / HF transformers: measuring", name)
-        r = _hf_measure(hf, vocab=lm.vocab_size, prefill_tokens=prefill, decode_tokens=decode, repeats=repeats)
-        hf_row = {"model": name, "runtime": "PyTorch eager (HF transformers)", **r}
-    with tempfile.TemporaryDirectory() as tmp:
-        add("PyTorch eager (llmpress Llama)", _eager(model))
-        if "tvm" not in skip:
-            from llmpress.backends.tvm import TVMBackend
-
-            t0 = time.perf_counter()
-            compiled = TVMBackend().lower(module, "cpu", progress=False)
-            add("llmpress TVM cpu", compiled, {"compile_seconds": round(time.perf_counter() - t0, 1)})
-            # the same build with the functional cache (a copy of the whole KV cache per call): what in-place
-            # cache writes save
-            add("llmpress TVM cpu, cache copied per call",
-                TVMBackend(inplace_cache=False).lower(module, "cpu", progress=False))
-        if "onnx" not in skip:
-            try:
-                from llmpress.backends.onnx import OrtProgram, export
-            except ImportError as e:  # the exporter is part of llmpress; report instead of faking a number
-                entries.append(({"model": name, "runtime": "ONNX Runtime fp32",
-                                 "error": f"exporter unavailable: {e}"}, None, lm))
-            else:
-                t0 = time.perf_counter()
-                path = export(module, Path(tmp) / "model.onnx")
-                ort = OrtProgram(path, threads=threads)
-                add("ONNX Runtime fp32", ort, {"compile_seconds": round(time.perf_counter() - t0, 1)})
-        timed = [e for e in entries if e[1] is not None]
-        log.info("%s: timing %d runtimes interleaved", name, len(timed))
-        interleaved_timings(timed, {"t": prefill}, decode=decode, repeats=repeats)
-    rows = []
-    for row, _, _ in entries:
-        row.update(row.pop("t", {}))
-        rows.append(row)
-    if hf_row is not None:
-        rows.insert(1, hf_row)
-    base = rows[0]
-    for r in rows:
-        if "prefill_ms" in r:
-            r["prefill_speedup_vs_eager"] = base["prefill_ms"] / r["prefill_ms"]
-            r["decode_ratio_vs_eager"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-    return rows
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
 
 
-def to_markdown(rows: list[dict], env: dict) -> str:
-    lines = [
-        "# Speed: prefill and decode, fp32 CPU, batch 1",
-        "",
-        f"Machine: {env['cpu']} ({env['cores']} cores visible, {env['threads']} threads per runtime), load average "
-        f"{env['load_before']} before / {env['load_after']} after the run (other jobs share this machine: numbers "
-        "are noisy). Produced by `benchmarks/speed.py` on " + env["date"] + ".",
-        "",
-        f"Prefill: one call on {env['prefill']} random tokens (fresh cache). Decode: {env['decode']} greedy steps "
-        f"right after it. Median of {env['repeats']} round(s) after one warm-up round, runtimes interleaved within "
-        "each round. Ratios are against PyTorch eager running our Llama (higher is better for both). All runtimes run the same graph except HF "
-        "transformers (its own model and dynamic cache); ONNX Runtime runs the file written by "
-        "`llmpress.backends.onnx.export` from the captured graph (CPU provider, graph optimizations on). TVM: "
-        "target `cpu` (x86-64-v3), untuned, llmpress's own CPU schedules.",
-        "",
-        "| model | runtime | prefill ms | prefill speedup | decode tok/s | decode ratio | compile s |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+def build_group(shape: str, folder: Path, group: str, threads: int, out: Path, skip: set[str]) -> tuple[list, list]:
+    """The runtimes of one group (built now), and rows for those that could not be built (with the reason)."""
+    from runtimes import llamacpp_runtimes, llmpress_runtime, ort_runtimes, torch_eager
+
+    built, failed = [], []
+
+    def attempt(name: str, fn) -> None:
+        if any(s in name.lower() for s in skip):
+            return
+        try:
+            r = fn()
+            built.extend(r if isinstance(r, list) else [r])
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run here: a row saying why
+            log.warning("%s %s: %s", shape, name, e)
+            failed.append({"model": shape, "runtime": name, "group": group,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+
+    if group == "fp32":
+        attempt("PyTorch eager fp32", lambda: torch_eager(folder, threads))
+    attempt("ONNX Runtime", lambda: ort_runtimes(folder, shape, threads, group))
+    attempt("llama.cpp", lambda: llamacpp_runtimes(folder, shape, threads, group))
+    for label, pipeline, g in LLMPRESS:
+        if g == group:
+            attempt(f"llmpress {label}", lambda label=label, pipeline=pipeline, g=g: llmpress_runtime(
+                folder, label, pipeline, g, threads, out / f"{shape}-{label}"))
+    return built, failed
+
+
+def time_group(runtimes: list, rounds: int, prefill: int, decode: int) -> dict[str, dict]:
+    samples = {r.name: ([], []) for r in runtimes}
+    for rnd in range(rounds + 1):
+        for r in runtimes:
+            settle()
+            m = r.measure(prefill, decode)
+            if rnd:  # round 0 warms up
+                samples[r.name][0].append(m["prefill_ms"])
+                samples[r.name][1].append(m["decode_tokens_per_s"])
+        log.info("round %d/%d: %s", rnd, rounds, ", ".join(f"{k} {v[1][-1]:.1f}" for k, v in samples.items() if v[1]))
+    return {k: {"prefill_ms": statistics.median(p), "decode_tokens_per_s": statistics.median(d),
+                "prefill_samples": [round(x, 1) for x in p], "decode_samples": [round(x, 2) for x in d]}
+            for k, (p, d) in samples.items()}
+
+
+def end_to_end(shapes: list[str], threads: int, rounds: int, prefill: int, decode: int, bw: dict,
+               skip: set[str], art_dir: Path) -> tuple[list[dict], dict | None]:
+    from shapes import llama_folder
+
+    rows, profile = [], None
+    for shape in shapes:
+        folder = llama_folder(shape)
+        for group in ("quantized", "fp32"):
+            runtimes, failed = build_group(shape, folder, group, threads, art_dir, skip)
+            log.info("%s %s: timing %s", shape, group, ", ".join(r.name for r in runtimes))
+            timed = time_group(runtimes, rounds, prefill, decode) if runtimes else {}
+            for r in runtimes:
+                t = timed[r.name]
+                bound = bw["copy_gbs"] * 1e9 / r.weight_bytes
+                rows.append({"model": shape, "runtime": r.name, "group": group, **t, "weight_bytes": r.weight_bytes,
+                             "bound_tokens_per_s": bound, "fraction_of_bound": t["decode_tokens_per_s"] / bound,
+                             "compile_s": r.compile_s, **r.info})
+            rows += failed
+            if group == "quantized" and shape == shapes[-1] and "llmpress w4a8" in timed:
+                from profile_decode import profile as prof
+
+                import llmpress
+
+                profile = prof(llmpress.load(art_dir / f"{shape}-w4a8", threads=threads), prefill=prefill)
+                profile["model"] = shape
+            for r in runtimes:
+                r.close()
+            del runtimes
+            gc.collect()
+        ref = {g: next((x for x in rows if x["model"] == shape and x["runtime"] == n and "error" not in x), None)
+               for g, n in REFERENCE.items()}
+        for x in rows:
+            base = ref.get(x["group"])
+            if x["model"] == shape and "error" not in x and base is not None:
+                x["decode_vs_ref"] = x["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                x["prefill_vs_ref"] = base["prefill_ms"] / x["prefill_ms"]
+                x["ref"] = base["runtime"]
+    return rows, profile
+
+
+def e2e_markdown(rows: list[dict], env: dict) -> str:
+    lines = [f"Batch 1, {env['prefill']}-token prompt (prefill: one call), {env['decode']} greedy decode steps, "
+             f"{env['threads']} threads per runtime, median of {env['rounds']} interleaved rounds. Ratios: against "
+             "llama.cpp Q4_0 for the quantized rows, PyTorch eager for fp32 (> 1: faster). Bound: copy bandwidth / "
+             "weight bytes read per token.", "",
+             "| model | runtime | weights MB/token | prefill ms | prefill ratio | decode tok/s | decode ratio | "
+             "% of bound | compile s | build |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['runtime']} | n/a | n/a | n/a | n/a | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['runtime']} | | | | | | | | {r['error']} |")
             continue
-        comp = r.get("compile_seconds", "")
-        lines.append(f"| {r['model']} | {r['runtime']} | {r['prefill_ms']:.1f} | {r['prefill_speedup_vs_eager']:.2f}x"
-                     f" | {r['decode_tokens_per_s']:.1f} | {r['decode_ratio_vs_eager']:.2f}x | {comp} |")
+        comp = f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else ""
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['weight_bytes'] / 1e6:.0f} | {r['prefill_ms']:.1f} | "
+                     f"{r.get('prefill_vs_ref', float('nan')):.2f}x | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r.get('decode_vs_ref', float('nan')):.2f}x | {100 * r['fraction_of_bound']:.0f}% | {comp} | "
+                     f"{r.get('build', '')} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    shapes = sorted({r["model"] for r in ok}, key=lambda s: [r["model"] for r in ok].index(s))
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(13, 3.2 * len(shapes) + 0.6), squeeze=False)
+    for i, shape in enumerate(shapes):
+        rs = [r for r in ok if r["model"] == shape]
+        names = [r["runtime"] for r in rs]
+        colors = ["tab:blue" if n.startswith("llmpress") else "tab:gray" for n in names]
+        ax = axes[i][0]
+        ax.barh(names, [r["decode_tokens_per_s"] for r in rs], color=colors)
+        for y, r in enumerate(rs):
+            ax.plot([r["bound_tokens_per_s"]] * 2, [y - 0.4, y + 0.4], color="tab:red", lw=1)
+        ax.set_title(f"{shape}: decode tokens/s (red: bandwidth bound)")
+        ax.invert_yaxis()
+        ax = axes[i][1]
+        ax.barh(names, [r["prefill_ms"] for r in rs], color=colors)
+        ax.set_title(f"{shape}: prefill ms (lower is better)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def update_readme(text: str) -> None:
+    readme = REPO / "README.md"
+    s = readme.read_text()
+    begin, end = "<!-- speed:begin -->", "<!-- speed:end -->"
+    if begin not in s or end not in s:
+        log.warning("README.md has no %s ... %s block: not updated", begin, end)
+        return
+    head, rest = s.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + begin + "\n" + text + end + tail)
+
+
+def readme_block(rows: list[dict], env: dict, bw: dict) -> str:
+    keep = ("llmpress w4a8", "llmpress w4a16", "llmpress w8a8", "llmpress fp32", "llama.cpp Q4_0", "llama.cpp Q8_0",
+            "ONNX Runtime int4 acc4", "ONNX Runtime fp32", "PyTorch eager fp32")
+    sel = [r for r in rows if r["runtime"] in keep]
+    return ("Generated by `benchmarks/speed.py` ([speed.md](benchmarks/results/speed.md), [plot]"
+            f"(benchmarks/results/speed.png)) on {env['cpu']} ({env['cores']} cores: {', '.join(env['flags'])}), "
+            f"{env['date']}, load {env['load_before']} before / {env['load_after']} after; copy bandwidth "
+            f"{bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s.\n\n" + e2e_markdown(sel, env))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--models", default="110m,1.1b")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--models", default="tinystories,110m")
-    ap.add_argument("--skip", default="", help="comma list of runtimes to skip: tvm, onnx")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    ap.add_argument("--skip", default="", help="comma list of runtimes to leave out (substrings: llama.cpp, onnx, ...)")
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="110m only, 2 rounds, fewer kernel rows")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's speed section")
+    a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # TVM's thread pool reads it at first use
-    torch.set_num_threads(args.threads)
-    import llmpress
-    from llmpress.models import Llama, LlamaConfig
+    if a.quick:
+        a.models, a.rounds = "110m", min(a.rounds, 2)
+    import torch
 
-    env = machine_env(threads=args.threads, prefill=args.prefill, decode=args.decode, repeats=args.repeats,
-                      versions={"torch": torch.__version__, "python": sys.version.split()[0]})
-    for mod in ("tvm", "onnxruntime", "transformers"):
-        try:
-            from importlib.metadata import version
+    from bandwidth import stream_bandwidth
+    from kernels import kernels_markdown, run_kernels
 
-            env["versions"][mod] = version({"tvm": "apache-tvm"}.get(mod, mod))
-        except Exception:  # noqa: BLE001
-            env["versions"][mod] = None
-    skip = {s for s in args.skip.split(",") if s}
-    rows: list[dict] = []
+    from llmpress.backends.tvm.threads import configure
+
+    configure(a.threads)
+    torch.set_num_threads(a.threads)
+    env = machine_env(threads=a.threads, rounds=a.rounds, prefill=a.prefill, decode=a.decode, flags=cpu_flags(),
+                      kernel_rounds=7)
     t0 = time.perf_counter()
-    for which in args.models.split(","):
-        if which == "tinystories":
-            folder = SHARED / "models" / "tinystories-llama"
-            loaded = llmpress.load_model(folder)
-            from transformers import AutoModelForCausalLM
+    bw = stream_bandwidth(a.threads)
+    log.info("bandwidth: copy %.1f GB/s, read %.1f GB/s", bw["copy_gbs"], bw["read_gbs"])
+    kernels = [] if a.no_kernels else run_kernels(a.threads, quick=a.quick)
+    art_dir = HERE / ".cache" / "artifacts"
+    art_dir.mkdir(parents=True, exist_ok=True)
+    skip = {s.strip().lower() for s in a.skip.split(",") if s.strip()}
+    rows, profile = end_to_end(a.models.split(","), a.threads, a.rounds, a.prefill, a.decode, bw, skip, art_dir)
+    env["load_after"], env["seconds"] = loadavg(), round(time.perf_counter() - t0)
+    from profile_decode import profile_markdown
 
-            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            rows += bench_model("tinystories-llama (7M)", loaded.model.eval(), hf=hf, threads=args.threads,
-                                prefill=args.prefill, decode=args.decode, repeats=args.repeats, skip=skip)
-        elif which == "110m":
-            torch.manual_seed(0)
-            cfg = LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048,
-                              max_seq_len=256)
-            model = Llama(cfg).eval()
-            with torch.no_grad():  # keep activations O(1) like a trained model: small random weights
-                for p in model.parameters():
-                    p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-            rows += bench_model("llama-110M shape (random)", model, threads=args.threads, prefill=args.prefill,
-                                decode=args.decode, repeats=args.repeats, skip=skip)
-        else:
-            ap.error(f"unknown model {which!r} (tinystories, 110m)")
-    env["load_after"] = loadavg()
-    env["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-    (out / "speed.md").write_text(to_markdown(rows, env))
-    sys.stdout.write(to_markdown(rows, env))
+    md = ["# Speed: llmpress and its peers, side by side", "",
+          f"{env['cpu']}, {env['cores']} cores ({', '.join(env['flags'])}), {env['threads']} threads per runtime; "
+          f"{env['date']}; load average {env['load_before']} before, {env['load_after']} after; "
+          f"{env['seconds']} s. Generated by `benchmarks/speed.py`.", "",
+          f"## Memory bandwidth\n\nSTREAM-style, 512 MiB: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} "
+          "GB/s (`bandwidth.py`).", ""]
+    if kernels:
+        md += ["## Kernels", "", kernels_markdown(kernels, env)]
+    md += ["## End to end", "", e2e_markdown(rows, env)]
+    if profile:
+        md += ["## One decode step, by kind of operation", "",
+               profile_markdown(profile, f"llmpress w4a8, {profile['model']}")]
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "speed.json").write_text(json.dumps({"env": env, "bandwidth": bw, "kernels": kernels, "rows": rows,
+                                                  "profile": profile}, indent=2) + "\n")
+    (a.out / "speed.md").write_text("\n".join(md))
+    if rows:
+        plot(rows, a.out / "speed.png")
+    if not a.no_readme and not a.quick:
+        update_readme(readme_block(rows, env, bw))
+    sys.stdout.write("\n".join(md))
     return 0
 
 
