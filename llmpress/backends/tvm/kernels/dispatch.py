@@ -14,7 +14,10 @@ first in the CPU pipeline, ``build.py``) rewrites every such call whose layer fi
     y     = reshape(y2d, [..., N])
 
 GEMV when the token count is statically 1 (the ``decode`` function), GEMM otherwise; on AVX-512 VNNI the integer
-forms of single-plane layouts use the 512-bit kernels of ``qwide.py``. Layers the layout does not
+forms of single-plane layouts use the 512-bit kernels of ``qwide.py``.
+
+Float32 linears (``matmul(x, permute_dims(W))`` as TVM's frontend writes ``aten.linear``, ``W`` a weight parameter)
+become ``fgemm.py``'s GEMV/GEMM over ``W`` repacked into 4-row tiles (also lifted and computed at compile time). Layers the layout does not
 cover keep the generic call (and its CPU schedule, ``wq_linear.schedule_cpu``); the pass logs each with the reason.
 Identical kernels (same shapes and options) are one PrimFunc, so Relax's common-subexpression elimination can
 merge equal calls (one ``act_quant`` for ``q``/``k``/``v``).
@@ -54,13 +57,14 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
             self.mod_ = mod
             self.funcs: dict[tuple, relax.GlobalVar] = {}
             self.kept: dict[str, str] = {}  # generic kernels left in place -> why
+            self.weights: set[str] = set()  # names of the weight parameters of the function being visited
 
         def _func(self, key: tuple, make) -> relax.GlobalVar:
             gv = self.funcs.get(key)
             if gv is None:
                 name = "llmpress_" + "_".join(str(k).replace("-", "") for k in key)
                 func = make().with_attr(DISPATCHED_ATTR, key[0])
-                if key[0] != "repack":
+                if key[0] not in ("repack", "frepack"):
                     # hand-written loop nests (no blocks): opaque to fusion, nothing left to schedule
                     func = func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
                 gv = self.funcs[key] = self.builder_.add_func(func, name)
@@ -68,6 +72,8 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
 
         def visit_call_(self, call):  # noqa: D102 - mutator protocol
             call = self.visit_expr_post_order(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul":
+                return self._float_linear(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
                 return call
             gv = call.args[0]
@@ -75,6 +81,47 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
             if not isinstance(func, tirx.PrimFunc) or (func.attrs or {}).get(KERNEL_ATTR) != "wq_linear":
                 return call
             return self._rewrite(call, func)
+
+        def _float_linear(self, call):
+            """``matmul(x, permute_dims(W))`` with ``W`` a float32 weight parameter -> ``fgemm`` kernels."""
+            from . import fgemm
+
+            x, wt = call.args
+            bound = self.lookup_binding(wt) if isinstance(wt, relax.Var) else None
+            if not (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
+                    and bound.op.name == "relax.permute_dims"):
+                return call
+            w = bound.args[0]
+            axes = bound.attrs.axes
+            if not (isinstance(w, relax.Var) and w.name in self.weights) or (axes is not None and
+                                                                               [int(a) for a in axes] != [1, 0]):
+                return call
+            if str(w.ty.dtype) != "float32" or str(x.ty.dtype) != "float32" or len(w.ty.shape.values) != 2:
+                return call
+            n, k = (_static(d) for d in w.ty.shape.values)
+            if n is None or k is None or not fgemm.fits(n, k) or len(x.ty.shape.values) < 2:
+                return call
+            bb = self.builder_
+            from tvm import te
+
+            def make_repack():
+                ph = te.placeholder((n, k), "float32", name="w")
+                return te.create_prim_func([ph, fgemm.repack_te(ph)]).without_attr("global_symbol")
+
+            wr = bb.emit(relax.call_tir(self._func(("frepack", n, k), make_repack), [w],
+                                        relax.TensorType((n // fgemm.ROWS, k // fgemm.CHUNK, fgemm.ROWS, fgemm.CHUNK),
+                                                         "float32")))
+            lead = list(x.ty.shape.values)[:-1]
+            m = lead[0]
+            for d in lead[1:]:
+                m = m * d
+            x2d = bb.emit(relax.op.reshape(x, relax.ShapeExpr([m, k])))
+            if _static(Analyzer().simplify(m)) == 1:
+                gv = self._func(("fgemv", isa.name, n, k), lambda: fgemm.gemv_func(n, k, isa))
+            else:
+                gv = self._func(("fgemm", isa.name, n, k), lambda: fgemm.gemm_func(n, k, isa))
+            y = bb.emit(relax.call_tir(gv, [x2d, wr], relax.TensorType([m, n], "float32")))
+            return relax.op.reshape(y, relax.ShapeExpr([*lead, n]))
 
         def _rewrite(self, call, func):
             attrs = func.attrs
@@ -168,6 +215,8 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
         m = _Dispatch(mod)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
+                n_in = int((func.attrs or {}).get("num_input", len(func.params)))
+                m.weights = {p.name for p in func.params[n_in:]}
                 m.builder_.update_func(gv, m.visit_expr(func))
         out = m.builder_.get()
         for name, why in sorted(m.kept.items()):
