@@ -68,6 +68,8 @@ class TVMCompiled(Compiled):
         self._vm = None
         self._dev = None
         self._param_tensors: list | None = None
+        self._fns: dict[str, Any] = {}  # VM functions by name
+        self._last: dict[int, tuple] = {}  # id -> (torch tensor, TVM tensor) of the last call's outputs (CPU)
         self.threads: int | None = None  # None: every core this process may run on (threads.configure)
 
     # -- where it can run ------------------------------------------------------------------------
@@ -147,11 +149,22 @@ class TVMCompiled(Compiled):
             raise LlmpressError(f"this program has functions {self.functions}, not {function!r}")
         if len(inputs) != self.num_inputs:
             raise LlmpressError(f"{function} takes {self.num_inputs} inputs, got {len(inputs)}")
-        args = [self._to_tvm(x) for x in inputs]
-        out = self._vm[function](*args, *self._param_tensors)
-        if hasattr(out, "shape") and not isinstance(out, (list, tuple)) and type(out).__name__ != "Array":
-            return (self._to_torch(out),)
-        return tuple(self._to_torch(o) for o in out)
+        fn = self._fns.get(function)
+        if fn is None:
+            fn = self._fns[function] = self._vm[function]
+        # A tensor this program returned last call (the KV caches, updated in place and passed straight back) goes
+        # back as the TVM tensor it came from, and an output that is an input buffer (a cache written in place)
+        # comes back as the caller's tensor: no conversion of the caches per decode step.
+        last = self._last
+        args = [last[id(x)][1] if id(x) in last and last[id(x)][0] is x else self._to_tvm(x) for x in inputs]
+        out = fn(*args, *self._param_tensors)
+        outs = (out,) if hasattr(out, "shape") and type(out).__name__ != "Array" else tuple(out)
+        if self.spec.device != "cpu":
+            return tuple(self._to_torch(o) for o in outs)
+        given = {a.data_ptr(): x for a, x in zip(args, inputs) if isinstance(x, torch.Tensor)}
+        result = tuple(given[p] if (p := o.data_ptr()) in given else self._to_torch(o) for o in outs)
+        self._last = {id(t): (t, o) for t, o in zip(result, outs)}
+        return result
 
     def prefill(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *caches: torch.Tensor):
         return self.run("prefill", input_ids, start_pos, *caches)
