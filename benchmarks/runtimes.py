@@ -15,7 +15,10 @@ seed, an empty KV cache, one prefill call, then ``decode`` greedy one-token step
 - ``llama.cpp f32 / Q8_0 / Q4_0``: llama.cpp's ``convert_hf_to_gguf.py`` + ``llama_model_quantize`` defaults
   (``peers/llamacpp.py``), when llama-cpp-python is installed (``benchmarks/setup_peers.sh``).
 
-Conversions are cached under ``benchmarks/.cache`` (GGUF, ONNX) and timed only when they ran in this process.
+Files are made first (``*_prepare``, ``llmpress_compile``: the compiles and conversions, in child processes where
+they hold a model in memory), then loaded (``*_runtimes``): a 1.1B run never holds a converter's memory beside
+four loaded runtimes. Conversions are cached under ``benchmarks/.cache`` (GGUF, ONNX) and timed only when they
+ran in this process.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Runtime", "torch_eager", "llmpress_runtime", "ort_runtimes", "llamacpp_runtimes", "CACHE"]
+__all__ = ["Runtime", "torch_eager", "llmpress_compile", "llmpress_runtime", "ort_prepare", "ort_runtimes",
+           "llamacpp_prepare", "llamacpp_runtimes", "CACHE"]
 
 log = logging.getLogger("benchmarks.runtimes")
 
@@ -96,20 +100,23 @@ def torch_eager(folder: Path, threads: int) -> Runtime:
     return Runtime("PyTorch eager fp32", "fp32", nbytes, measure, info={"threads": threads}, close=close)
 
 
-def llmpress_runtime(folder: Path, label: str, pipeline: str, group: str, threads: int, out: Path) -> Runtime:
+def llmpress_compile(folder: Path, pipeline: str, out: Path) -> float:
+    """``llmpress compile`` as a command (the compile time a user waits); returns its wall seconds."""
+    exe = str(Path(PYTHON).with_name("llmpress"))
+    args = [exe, "compile", str(folder), "--target", "cpu", "-o", str(out), "-q", "--pipeline", pipeline or "dce"]
+    return _cmd(args, f"llmpress compile {pipeline!r}")
+
+
+def llmpress_runtime(label: str, pipeline: str, group: str, threads: int, out: Path,
+                     compile_s: float | None) -> Runtime:
+    """The artifact ``out`` (compiled by ``llmpress_compile``) loaded with ``llmpress.load``."""
     import llmpress
     from llmpress.eval.latency import measure as lm_measure
-
-    exe = str(Path(PYTHON).with_name("llmpress"))
-    args = [exe, "compile", str(folder), "--target", "cpu", "-o", str(out), "-q"]
-    args += ["--pipeline", pipeline] if pipeline else ["--pipeline", "dce"]
-    compile_s = _cmd(args, f"llmpress compile {label}")
-    art = llmpress.load(out, threads=threads)
     from safetensors import safe_open
 
-    payload = art.manifest["payload"]
+    art = llmpress.load(out, threads=threads)
     nbytes = 0
-    with safe_open(str(out / payload["weights"]), "pt") as f:
+    with safe_open(str(out / art.manifest["payload"]["weights"]), "pt") as f:
         for name in f.keys():
             if not _is_embedding(name):
                 t = f.get_slice(name)
@@ -117,7 +124,7 @@ def llmpress_runtime(folder: Path, label: str, pipeline: str, group: str, thread
     lm = art.lm
 
     def measure(prefill: int, decode: int) -> dict:
-        return lm_measure(art.compiled.forward, lm, prefill_tokens=prefill, decode_tokens=decode, repeats=1)
+        return lm_measure(art.compiled.forward_last, lm, prefill_tokens=prefill, decode_tokens=decode, repeats=1)
 
     info = {"pipeline": pipeline, "build": art.compiled.running.name, "threads": threads}
     return Runtime(f"llmpress {label}", group, nbytes, measure, compile_s, info)
@@ -143,32 +150,44 @@ def _onnx_bytes(path: Path) -> int:
     return total
 
 
-def ort_runtimes(folder: Path, name: str, threads: int, group: str, *,
-                 int4_levels: tuple[int, ...] = (4,)) -> list[Runtime]:
-    """ONNX Runtime fp32 on llmpress's export (group ``fp32``), or ORT's own int4 quantization of it
-    (``quantized``)."""
-    from llmpress.backends.onnx import OrtProgram
-    from llmpress.eval.latency import measure as lm_measure
+def ort_prepare(folder: Path, name: str, levels: tuple[int, ...] = (4,)) -> dict[str, float | None]:
+    """Write llmpress's fp32 ONNX export (a child process) and ORT's int4 quantizations of it, unless cached;
+    returns the seconds each took (None: cached)."""
     from peers.ort_int4 import quantize_int4
 
     fp32 = CACHE / "onnx" / name / "model.onnx"
-    export_s = None
+    times: dict[str, float | None] = {"fp32": None}
     if not fp32.is_file():
         fp32.parent.mkdir(parents=True, exist_ok=True)
         code = ("import llmpress; from llmpress.ir.capture import capture; from llmpress.backends.onnx import export;"
                 f"m = capture(llmpress.load_model({str(folder)!r}).model); export(m, {str(fp32)!r})")
-        export_s = _cmd([PYTHON, "-c", code], "ONNX export")
-    if group == "fp32":
-        prog = OrtProgram(fp32, threads=threads)
-        return [_ort(prog, "ONNX Runtime fp32", "fp32", _onnx_bytes(fp32), export_s, lm_measure)]
-    out = []
-    for level in int4_levels:
+        times["fp32"] = _cmd([PYTHON, "-c", code], "ONNX export")
+    for level in levels:
         path = CACHE / "onnx" / name / f"int4-acc{level}.onnx"
         t0 = time.perf_counter()
         existed = path.is_file()
-        p = quantize_int4(fp32, path, block_size=128, accuracy_level=level, threads=threads)
-        q_s = None if existed else time.perf_counter() - t0
-        out.append(_ort(p, f"ONNX Runtime int4 acc{level}", "quantized", _onnx_bytes(path), q_s, lm_measure))
+        if not existed:
+            quantize_int4(fp32, path, block_size=128, accuracy_level=level)
+        times[f"int4-acc{level}"] = None if existed else time.perf_counter() - t0
+    return times
+
+
+def ort_runtimes(name: str, threads: int, group: str, times: dict[str, float | None]) -> list[Runtime]:
+    """ONNX Runtime on the files of ``ort_prepare``: fp32 (group ``fp32``) or int4 (``quantized``)."""
+    from llmpress.backends.onnx import OrtProgram
+    from llmpress.eval.latency import measure as lm_measure
+
+    base = CACHE / "onnx" / name
+    if group == "fp32":
+        prog = OrtProgram(base / "model.onnx", threads=threads)
+        return [_ort(prog, "ONNX Runtime fp32", "fp32", _onnx_bytes(base / "model.onnx"), times.get("fp32"),
+                     lm_measure)]
+    out = []
+    for key, t in times.items():
+        if key.startswith("int4"):
+            path = base / f"{key}.onnx"
+            out.append(_ort(OrtProgram(path, threads=threads), f"ONNX Runtime int4 {key.split('-')[1]}",
+                            "quantized", _onnx_bytes(path), t, lm_measure))
     return out
 
 
@@ -179,33 +198,37 @@ def _ort(prog: Any, label: str, group: str, nbytes: int, compile_s: float | None
     return Runtime(label, group, nbytes, measure, compile_s, {"file": str(prog.path)})
 
 
-def llamacpp_runtimes(folder: Path, name: str, threads: int, group: str) -> list[Runtime]:
-    """llama.cpp f32 (group ``fp32``) or Q8_0 / Q4_0 (``quantized``); raises ImportError when llama-cpp-python is
-    not installed."""
+def llamacpp_prepare(folder: Path, name: str) -> dict[str, float | None]:
+    """GGUF f32 (llama.cpp's converter, a child process) and its Q8_0 / Q4_0 quantizations, unless cached; raises
+    ImportError when llama-cpp-python is not installed. Returns the seconds each took (None: cached)."""
     import llama_cpp  # noqa: F401 - fail early, with the import error, when the peer is not installed
-    from peers.llamacpp import LlamaCppLM, gguf_tensor_types, quantize, to_gguf
+    from peers.llamacpp import quantize, to_gguf
+
+    f32 = CACHE / "gguf" / f"{name}-f32.gguf"
+    times: dict[str, float | None] = {}
+    for ftype in ("f32", "Q8_0", "Q4_0"):
+        path = CACHE / "gguf" / f"{name}-{ftype}.gguf"
+        existed = path.is_file()
+        t0 = time.perf_counter()
+        to_gguf(folder, f32, "f32") if ftype == "f32" else quantize(f32, path, ftype)
+        times[ftype] = None if existed else time.perf_counter() - t0
+    return times
+
+
+def llamacpp_runtimes(name: str, threads: int, group: str, times: dict[str, float | None]) -> list[Runtime]:
+    """llama.cpp f32 (group ``fp32``) or Q8_0 / Q4_0 (``quantized``) on the files of ``llamacpp_prepare``."""
+    from peers.llamacpp import LlamaCppLM, gguf_tensor_types
 
     out = []
-    f32 = CACHE / "gguf" / f"{name}-f32.gguf"
-    t0 = time.perf_counter()
-    existed = f32.is_file()
-    to_gguf(folder, f32, "f32")
-    conv_s = None if existed else time.perf_counter() - t0
     for ftype in ("f32",) if group == "fp32" else ("Q8_0", "Q4_0"):
-        path = f32 if ftype == "f32" else CACHE / "gguf" / f"{name}-{ftype}.gguf"
-        s = conv_s
-        if ftype != "f32":
-            t0 = time.perf_counter()
-            existed = path.is_file()
-            quantize(f32, path, ftype)
-            s = None if existed else time.perf_counter() - t0
+        path = CACHE / "gguf" / f"{name}-{ftype}.gguf"
         lm = LlamaCppLM(path, threads)
 
         def measure(prefill: int, decode: int, lm=lm) -> dict:
             return lm.measure(prefill_tokens=prefill, decode_tokens=decode, repeats=1)
 
-        out.append(Runtime(f"llama.cpp {ftype}", "fp32" if ftype == "f32" else "quantized", _gguf_bytes(path),
-                           measure, s, {"types": gguf_tensor_types(path)}, close=lm.close))
+        out.append(Runtime(f"llama.cpp {ftype}", group, _gguf_bytes(path), measure, times.get(ftype),
+                           {"types": gguf_tensor_types(path)}, close=lm.close))
     return out
 
 

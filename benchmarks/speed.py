@@ -63,31 +63,58 @@ def cpu_flags() -> list[str]:
     return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
 
 
-def build_group(shape: str, folder: Path, group: str, threads: int, out: Path, skip: set[str]) -> tuple[list, list]:
-    """The runtimes of one group (built now), and rows for those that could not be built (with the reason)."""
+def prepare(shape: str, folder: Path, out: Path, skip: set[str]) -> tuple[dict, list[dict]]:
+    """Every file the runtimes need (compiles, exports, conversions), before any runtime is loaded; returns the
+    seconds each took, and rows for the peers that cannot be prepared (with the reason)."""
+    from runtimes import llamacpp_prepare, llmpress_compile, ort_prepare
+
+    times: dict = {}
+    failed: list[dict] = []
+
+    def attempt(key: str, group: str, fn) -> None:
+        if any(s in key.lower() for s in skip):
+            return
+        try:
+            times[key] = fn()
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run here: a row saying why
+            log.warning("%s %s: %s", shape, key, e)
+            failed.append({"model": shape, "runtime": key, "group": group,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+
+    for label, pipeline, g in LLMPRESS:
+        attempt(f"llmpress {label}", g, lambda label=label, pipeline=pipeline: llmpress_compile(
+            folder, pipeline, out / f"{shape}-{label}"))
+    attempt("ONNX Runtime", "quantized", lambda: ort_prepare(folder, shape))
+    attempt("llama.cpp", "quantized", lambda: llamacpp_prepare(folder, shape))
+    return times, failed
+
+
+def build_group(shape: str, folder: Path, group: str, threads: int, out: Path, times: dict,
+                skip: set[str]) -> tuple[list, list]:
+    """The runtimes of one group, loaded now, and rows for those that could not be loaded (with the reason)."""
     from runtimes import llamacpp_runtimes, llmpress_runtime, ort_runtimes, torch_eager
 
     built, failed = [], []
 
     def attempt(name: str, fn) -> None:
-        if any(s in name.lower() for s in skip):
-            return
         try:
             r = fn()
             built.extend(r if isinstance(r, list) else [r])
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run here: a row saying why
+        except Exception as e:  # noqa: BLE001
             log.warning("%s %s: %s", shape, name, e)
             failed.append({"model": shape, "runtime": name, "group": group,
                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
 
-    if group == "fp32":
+    if group == "fp32" and not any(s in "pytorch eager fp32" for s in skip):
         attempt("PyTorch eager fp32", lambda: torch_eager(folder, threads))
-    attempt("ONNX Runtime", lambda: ort_runtimes(folder, shape, threads, group))
-    attempt("llama.cpp", lambda: llamacpp_runtimes(folder, shape, threads, group))
+    if "ONNX Runtime" in times:
+        attempt("ONNX Runtime", lambda: ort_runtimes(shape, threads, group, times["ONNX Runtime"]))
+    if "llama.cpp" in times:
+        attempt("llama.cpp", lambda: llamacpp_runtimes(shape, threads, group, times["llama.cpp"]))
     for label, pipeline, g in LLMPRESS:
-        if g == group:
+        if g == group and f"llmpress {label}" in times:
             attempt(f"llmpress {label}", lambda label=label, pipeline=pipeline, g=g: llmpress_runtime(
-                folder, label, pipeline, g, threads, out / f"{shape}-{label}"))
+                label, pipeline, g, threads, out / f"{shape}-{label}", times[f"llmpress {label}"]))
     return built, failed
 
 
@@ -113,8 +140,10 @@ def end_to_end(shapes: list[str], threads: int, rounds: int, prefill: int, decod
     rows, profile = [], None
     for shape in shapes:
         folder = llama_folder(shape)
+        times, failed_prep = prepare(shape, folder, art_dir, skip)
+        rows += failed_prep
         for group in ("quantized", "fp32"):
-            runtimes, failed = build_group(shape, folder, group, threads, art_dir, skip)
+            runtimes, failed = build_group(shape, folder, group, threads, art_dir, times, skip)
             log.info("%s %s: timing %s", shape, group, ", ".join(r.name for r in runtimes))
             timed = time_group(runtimes, rounds, prefill, decode) if runtimes else {}
             for r in runtimes:

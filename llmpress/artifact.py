@@ -93,7 +93,7 @@ class Artifact:
         if lm is None:
             raise ArtifactError("this artifact is not a causal LM with a KV cache; it cannot generate")
         # BOS also ends a sequence (llama2.c's rule; the C++ edge runner stops the same way).
-        return greedy(self.compiled.forward, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id, lm.bos_id),
+        return greedy(self.compiled.forward_last, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id, lm.bos_id),
                       progress=progress)
 
     def generate(self, prompt: str = "", max_new_tokens: int = 32, *, progress: bool = False) -> str:

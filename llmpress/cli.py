@@ -107,7 +107,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if art.lm is not None and getattr(art.compiled, "runnable_here", True):
         from .eval.latency import measure
 
-        out.update(measure(art.compiled.forward, art.lm, prefill_tokens=128, decode_tokens=a.decode_tokens))
+        out.update(measure(art.compiled.forward_last, art.lm, prefill_tokens=128, decode_tokens=a.decode_tokens))
     if a.json:
         print(json.dumps(out))
     else:

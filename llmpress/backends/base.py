@@ -43,6 +43,11 @@ class Compiled:
     def __call__(self, *inputs: Any) -> Any:
         return self.forward(*inputs)
 
+    def forward_last(self, *inputs: Any) -> Any:
+        """``forward`` for generation: an LM may return the logits of the last position only (``[B, 1, V]``),
+        all that greedy decoding reads (``TVMCompiled`` runs its ``prefill_last`` function)."""
+        return self.forward(*inputs)
+
     def target_json(self) -> dict:
         """The target as recorded in the manifest (``{"name": "cpu", "spec": {...}, "arch": "x86_64"}``)."""
         raise NotImplementedError

@@ -214,7 +214,10 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
     weights_.clear();
     for (const ffi::Any& t : *arr) weights_.push_back(t.cast<ffi::Tensor>());
   }
-  prefill_ = get(std::find(fns.begin(), fns.end(), "prefill") != fns.end() ? "prefill" : fns.at(0));
+  // Generation reads the last position's logits only: prefill_last (when built) computes just those.
+  bool has_last = std::find(fns.begin(), fns.end(), "prefill_last") != fns.end();
+  prefill_ = get(has_last ? "prefill_last" : std::find(fns.begin(), fns.end(), "prefill") != fns.end() ? "prefill"
+                                                                                                       : fns.at(0));
   decode_ = std::find(fns.begin(), fns.end(), "decode") != fns.end() ? get("decode") : prefill_;
 
   // Tokenizer (optional): a llama2.c-format file, named by "edge_tokenizer" or by "tokenizer" when it is one.

@@ -57,10 +57,10 @@ def _close(outs, refs):
 
 
 def test_functions_and_weights_are_parameters(compiled, module):
-    assert compiled.functions == ("prefill", "decode")
+    assert compiled.functions == ("prefill", "decode", "prefill_last")
     assert compiled.num_inputs == 2 + 2 * module.lm.n_layers
     # every weight, buffers (RoPE tables) included, is a VM parameter: nothing is baked into the library. Weights
-    # a kernel reads in another layout (the linears' W^T) were transformed at compile time: "<name>@<k>"
+    # a kernel reads in another layout (the linears' 4-row tiles) were transformed at compile time: "<name>@<k>"
     bases = {p.split("@")[0] for p in compiled.params}
     assert bases == set(module.weights())
     assert any("@" in p for p in compiled.params)
@@ -82,6 +82,17 @@ def test_prefill_then_decode_match_reference(compiled, module, llama):
     assert compiled(nxt, torch.tensor([7]), *out[1:])[0].shape == (1, 1, 64)  # forward dispatches T=1 to decode
 
 
+def test_prefill_last_is_the_last_row_of_prefill(compiled, module, llama):
+    """``forward_last`` (generation) runs ``prefill_last``: the LM head on the last position only, caches alike."""
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    full = compiled.prefill(ids, torch.zeros(1, dtype=torch.int64), *llama.empty_cache())
+    last = compiled.forward_last(ids, torch.zeros(1, dtype=torch.int64), *llama.empty_cache())
+    assert last[0].shape == (1, 1, 64)
+    torch.testing.assert_close(last[0], full[0][:, -1:], atol=ATOL, rtol=RTOL)
+    for a, b in zip(last[1:], full[1:]):
+        assert torch.equal(a, b)
+
+
 def test_greedy_matches_reference_token_for_token(compiled, module):
     ref = greedy(_reference(module), module.lm, [1, 7, 3], 24)
     got = greedy(compiled, module.lm, [1, 7, 3], 24)
@@ -94,7 +105,7 @@ def test_payload_round_trip_and_refusals(compiled, module, tmp_path):
     payload = compiled.save_payload(tmp_path)
     assert payload["lib"] == "model.so" and (tmp_path / "model.so").is_file()
     assert payload["weights"] == "weights.safetensors" and payload["params"] == compiled.params
-    assert payload["functions"] == ["prefill", "decode"] and payload["arch"] == "x86_64"
+    assert payload["functions"] == ["prefill", "decode", "prefill_last"] and payload["arch"] == "x86_64"
     from safetensors.torch import load_file
 
     assert set(load_file(str(tmp_path / "weights.safetensors"))) == set(compiled.params)
@@ -191,7 +202,7 @@ def test_compile_save_load_through_the_api(llama, module, tmp_path):
     assert art.manifest["backend"] == "tvm" and art.manifest["target"]["name"] == "cpu"
     path = art.save(tmp_path / "tiny-cpu")
     loaded = llmpress.load(path)
-    assert loaded.manifest["payload"]["functions"] == ["prefill", "decode"]
+    assert loaded.manifest["payload"]["functions"] == ["prefill", "decode", "prefill_last"]
     ref = greedy(_reference(module), module.lm, [1, 2, 3], 12)
     got = loaded.generate_ids([1, 2, 3], 12)  # stops early only at EOS
     assert len(got) > 3 and got == ref[: len(got)]

@@ -362,7 +362,7 @@ def test_int8_kv_cache_builds_for_arm64_and_cuda(tiny_llama, target):
 
     module = KVQuant(KVQuantOptions()).run(capture(tiny_llama), PassContext(progress=False)).module
     compiled = TVMBackend().lower(module, target, progress=False)
-    assert compiled.functions == ("prefill", "decode")
+    assert compiled.functions == ("prefill", "decode", "prefill_last")
     if target == "cuda":
         srcs = "\n".join(cuda_sources(compiled.executable))
         assert "llmpress_kv_scale" in srcs and "signed char" in srcs  # int8 codes live on the device

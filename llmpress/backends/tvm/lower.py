@@ -9,10 +9,11 @@ Steps:
    *parameter*, so the frontend keeps all of them as function parameters instead of baking buffers into the
    library: the artifact stores weights in safetensors and the runtime passes them in;
 3. translate with ``ExportedProgramImporter`` (``keep_params_as_input=True``) plus the llmpress converters;
-4. for language models (``module.lm`` set), expose two functions with the calling convention
-   ``(input_ids, start_pos, *caches, *weights) -> (logits, *caches)``: ``prefill`` (dynamic sequence length) and
-   ``decode`` (the same function with the sequence length bound to 1, so every kernel is specialised for T = 1);
-   other modules get one ``main``.
+4. for language models (``module.lm`` set), expose functions with the calling convention
+   ``(input_ids, start_pos, *caches, *weights) -> (logits, *caches)``: ``prefill`` (dynamic sequence length),
+   ``decode`` (the same function with the sequence length bound to 1, so every kernel is specialised for T = 1)
+   and ``prefill_last`` (``prefill`` with the LM head applied to the last position only: the logits generation
+   needs, ``[B, 1, V]``); other modules get one ``main``.
 
 ``check`` finds, before any build work, every node the frontend cannot translate, with its model source line.
 """
@@ -203,9 +204,83 @@ def to_relax(module: Module, *, converters: Mapping[str, Converter] | None = Non
     for gv in mod.get_global_vars():  # helper functions the frontend may have added (cond branches)
         if gv.name_hint != "main":
             out[gv] = mod[gv]  # the same GlobalVar: call sites (e.g. emitted call_tir kernels) refer to it
+    functions = ("prefill", "decode")
+    last = _last_logits_only(copy_with_new_vars(main), mod)
+    if last is not None:
+        out["prefill_last"] = last.with_attr("global_symbol", "prefill_last")
+        functions += ("prefill_last",)
     from .kernels import specialize_decode  # decode call sites of llmpress kernels -> their GEMV-scheduled copies
 
-    return RelaxProgram(specialize_decode()(out), ("prefill", "decode"), params, num_inputs, weights)
+    return RelaxProgram(specialize_decode()(out), functions, params, num_inputs, weights)
+
+
+def _last_logits_only(func: Any, mod: Any) -> Any:
+    """``prefill`` computing the logits of the last position only (``[B, 1, V]``): what generation needs. The op
+    producing the logits (the LM head: a matmul or a quantized-linear kernel, possibly followed by a bias add or a
+    dtype cast) gets the last row of its input; every other output is unchanged. None when the logits are not made
+    that way (the function is then not offered)."""
+    import tvm
+    from tvm import relax
+
+    seq = _seq_var(func)
+    body = func.body
+    if seq is None or not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1:
+        return None
+    bindings = {b.var: b for b in body.blocks[0].bindings}
+    result = body.body
+    tup = bindings[result].value if isinstance(result, relax.Var) and result in bindings else result
+    if not isinstance(tup, relax.Tuple) or not tup.fields:
+        return None
+    var = tup.fields[0]
+    # walk back through ops that keep the row structure and carry no shape of their own
+    while var in bindings and isinstance(bindings[var].value, relax.Call) and isinstance(
+            bindings[var].value.op, tvm.ir.Op) and bindings[var].value.op.name in ("relax.astype", "relax.add"):
+        var = bindings[var].value.args[0]
+    head = bindings.get(var)
+    if head is None or not isinstance(head.value, relax.Call):
+        return None
+    call = head.value
+    if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul":
+        x, pos = call.args[0], 0
+    elif isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir":
+        x, pos = call.args[1].fields[0], None
+    else:
+        return None
+    # a quantized LM head with act_bits=8 reads the output of its activation fake-quant kernel: slice that kernel's
+    # input and quantize the last row only (the dispatch pass looks through the fake-quant to the float rows)
+    fake_quant = None
+    xb = bindings.get(x)
+    if xb is not None and isinstance(xb.value, relax.Call) and isinstance(xb.value.op, tvm.ir.Op) \
+            and xb.value.op.name == "relax.call_tir":
+        callee = mod[xb.value.args[0]] if xb.value.args[0] in mod.get_global_vars() else None
+        if callee is not None and (callee.attrs or {}).get("llmpress.kernel") == "act_fake_quant":
+            fake_quant, x = xb.value, xb.value.args[1].fields[0]
+    shape = getattr(x.ty, "shape", None)
+    if shape is None or len(shape.values) != 3:
+        return None
+
+    @relax.expr_functor.mutator
+    class _Slice(relax.PyExprMutator):
+        def visit_var_binding_(self, binding):  # noqa: D102 - mutator protocol
+            if not binding.var.same_as(head.var):
+                return super().visit_var_binding_(binding)
+            xs = self.builder_.emit(relax.op.strided_slice(self.visit_expr(x), axes=[1], begin=[seq - 1], end=[seq],
+                                                           assume_inbound=True))
+            if fake_quant is not None:
+                xs = self.builder_.emit(relax.call_tir(fake_quant.args[0], [xs], xs.ty))
+            if pos == 0:
+                new = relax.op.matmul(xs, *[self.visit_expr(a) for a in call.args[1:]], out_dtype=call.attrs.out_dtype)
+            else:
+                args = [xs, *[self.visit_expr(a) for a in call.args[1].fields[1:]]]
+                b, _, v = call.ty.shape.values
+                new = relax.call_tir(call.args[0], args, relax.TensorType([b, 1, v], call.ty.dtype))
+            self.set_var_remap(binding.var, self.builder_.emit(new, name_hint=binding.var.name))
+
+    try:
+        return _Slice().visit_expr(func)
+    except Exception as e:  # noqa: BLE001 - a graph this rewrite does not understand: no prefill_last
+        log.debug("no prefill_last: %s", e)
+        return None
 
 
 def _seq_var(func: Any):

@@ -172,6 +172,11 @@ class TVMCompiled(Compiled):
     def decode(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *caches: torch.Tensor):
         return self.run("decode", input_ids, start_pos, *caches)
 
+    def forward_last(self, *inputs: Any) -> Any:
+        if self.lm is not None and "prefill_last" in self.functions and torch.as_tensor(inputs[0]).shape[1] > 1:
+            return self.run("prefill_last", *inputs)
+        return self.forward(*inputs)
+
     def forward(self, *inputs: Any) -> Any:
         if self.lm is not None:
             fn = "decode" if torch.as_tensor(inputs[0]).shape[1] == 1 else "prefill"
