@@ -159,7 +159,8 @@ def _signature(module: Module) -> dict:
             "outputs": [desc(n) for n in outs if hasattr(n, "meta")]}
 
 
-def load(path: str | Path, *, threads: int | None = None) -> Artifact:
+def load(path: str | Path, *, threads: int | None = None, build: str | None = None) -> Artifact:
     """Load an artifact folder or ``.tar``: verifies hashes and target first (``ArtifactError`` if damaged).
-    ``threads``: CPU threads to run on (default: every core in the process's affinity mask)."""
-    return _load_artifact(path, threads=threads)
+    ``threads``: CPU threads to run on (default: every core in the process's affinity mask). ``build``: which build
+    of a ``cpu`` artifact runs (default: the most capable one the CPU supports; ``"cpu"``: the portable one)."""
+    return _load_artifact(path, threads=threads, build=build)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 from .ir.meta import LMInfo
 
 __all__ = ["Artifact", "load", "FORMAT_VERSION", "MANIFEST"]
@@ -205,9 +205,10 @@ def _extract_tar(path: Path) -> Path:
     return out
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
+def load(path: str | os.PathLike, *, threads: int | None = None, build: str | None = None) -> Artifact:
     """Load an artifact folder or ``.tar``: verify hashes and target, then build its runner (on ``threads`` CPU
-    threads; default: every core this process may run on)."""
+    threads; default: every core this process may run on). ``build``: which of a TVM artifact's builds to run
+    (default: the most capable one this machine supports; ``"cpu"`` is the portable x86-64-v3 one)."""
     from .backends import get_backend
 
     src = Path(path)
@@ -218,6 +219,11 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
     verify(folder, manifest)
     backend = get_backend(manifest.get("backend", "reference"))
     compiled = backend.load(folder, manifest)
+    if build is not None:
+        if not hasattr(compiled, "use_build"):
+            raise ConfigError(f"{src}: build= chooses among a TVM artifact's builds; this is a "
+                              f"{manifest.get('backend')} artifact")
+        compiled.use_build(build)
     if threads is not None:
         compiled.set_threads(threads)
     tok = None

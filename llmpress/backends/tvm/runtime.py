@@ -71,6 +71,7 @@ class TVMCompiled(Compiled):
         self._fns: dict[str, Any] = {}  # VM functions by name
         self._last: dict[int, tuple] = {}  # id -> (torch tensor, TVM tensor) of the last call's outputs (CPU)
         self.threads: int | None = None  # None: every core this process may run on (threads.configure)
+        self._forced: str | None = None  # use_build's choice
 
     # -- where it can run ------------------------------------------------------------------------
     def why_not_runnable(self) -> str | None:
@@ -86,7 +87,37 @@ class TVMCompiled(Compiled):
         """The build that runs here: the last variant this machine supports, else the base."""
         return self._pick()[0]
 
+    @property
+    def builds(self) -> list[str]:
+        """Names of the builds this program carries: the base, then its variants."""
+        return [self.spec.name] + [spec.name for spec, _, _ in self.variants]
+
+    def use_build(self, name: str) -> None:
+        """Run build ``name`` (one of ``builds``) instead of the most capable one, e.g. the portable ``cpu`` build
+        on a host that also runs its AVX-512 VNNI variant (to compare them, or to see what an AVX2 machine runs)."""
+        entries = [(self.spec, self.executable, self.lib_path), *self.variants]
+        i = next((i for i, (spec, _, _) in enumerate(entries) if spec.name == name), None)
+        if i is None:
+            raise LlmpressError(f"no build {name!r} in this program; it has {', '.join(self.builds)}")
+        spec, ex, lib = entries[i]
+        why = _why_not_runnable(spec, lib or LIB)
+        if why:
+            raise LlmpressError(f"build {name!r} cannot run here: {why}")
+        if ex is None:  # loaded from an artifact, where only the most capable library was opened
+            import tvm
+
+            ex = tvm.runtime.load_module(str(lib))
+            if i == 0:
+                self.executable = ex
+            else:
+                self.variants[i - 1] = (spec, ex, lib)
+        self._forced = name
+        self._vm, self._param_tensors, self._fns, self._last = None, None, {}, {}
+
     def _pick(self) -> tuple[TargetSpec, Any, Path | None]:
+        if self._forced is not None:
+            entries = [(self.spec, self.executable, self.lib_path), *self.variants]
+            return next(e for e in entries if e[0].name == self._forced)
         for spec, ex, lib in reversed(self.variants):
             if ex is not None and _why_not_runnable(spec, lib or LIB) is None:
                 return spec, ex, lib
