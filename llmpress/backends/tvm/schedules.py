@@ -12,7 +12,8 @@ rather than guarded per row inside the ``k`` loop. When there is one row (decode
 tiles (up to 256), so each ``k`` step streams a long contiguous run of a ``W^T`` row.
 
 ``Elementwise``: chains of spatial blocks are inlined into one pass (expand -> broadcast -> reshape of the GQA
-keys); every remaining purely spatial block gets its outer loops fused and parallelised and its innermost loop
+keys); every remaining purely spatial block gets its outer loops fused and parallelised (when it is large or of
+dynamic size: ``PARALLEL_MIN_ELEMS``) and its innermost loop
 vectorised, except transposing copies (a read whose innermost index ignores the innermost loop), which are tiled
 8-wide instead so their source lines stay in L1 (vector lanes there would be gathers). Softmax / RMSNorm style reductions use dlight's CPU ``Reduction`` rule, guarded
 (``Reduction``) against a one-row case it mis-schedules.
@@ -40,6 +41,18 @@ def _lanes(target: Any, bits: int = 32) -> int:
         feats = set()
     width = 512 if "avx512f" in feats else 256 if "avx" in feats else 128
     return width // bits
+
+
+#: Spatial blocks with fewer (static) elements run on the calling thread: waking the pool for a decode step's
+#: 768-element add or SiLU costs more than the add (dynamic extents, as in prefill, stay parallel).
+PARALLEL_MIN_ELEMS = 1 << 15
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
 
 
 def _static(extent: Any) -> int | None:
@@ -73,6 +86,9 @@ def _make_rules():
         loops = sch.get_loops(block)
         if not loops:
             return
+        extents = [_static(get_extent(sch, lp)) for lp in loops]
+        if None not in extents and _prod(extents) < PARALLEL_MIN_ELEMS:
+            parallel = False  # a decode step's [1, hidden] op: the pool's fork/join costs more than the work
         inner = loops[-1]
         n = _static(get_extent(sch, inner))
         outer = list(loops[:-1])
