@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["stream_bandwidth"]
+__all__ = ["stream_bandwidth", "BandwidthProbe"]
 
 _N = 1 << 27  # int32 elements: 512 MiB
 _BLOCKS = 64
@@ -50,25 +50,37 @@ def _kernels():
                        target={"kind": "llvm", "mcpu": str(llvm_get_system_cpu())})
 
 
+class BandwidthProbe:
+    """The two kernels and their 1 GiB of arrays, kept for repeated measurements (``speed.py`` measures once per
+    round, between the runtimes: this machine's bandwidth moves with its neighbours' load)."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        import numpy as np
+        import tvm
+
+        from llmpress.backends.tvm.threads import configure
+
+        configure(threads)
+        self.mod = _kernels()
+        self.a = tvm.runtime.tensor(np.ones(_N, "int32"))
+        self.b = tvm.runtime.tensor(np.zeros(_N, "int32"))
+        self.y = tvm.runtime.tensor(np.zeros((_BLOCKS, 8), "int32"))
+
+    def measure(self, repeats: int = 5) -> dict[str, float]:
+        """``{"copy_gbs": ..., "read_gbs": ...}``: GB/s (10^9 bytes), best of ``repeats`` after a warm-up call."""
+        out = {}
+        for name, fn, args, nbytes in (("copy_gbs", self.mod["copy"], (self.a, self.b), 8 * _N),
+                                       ("read_gbs", self.mod["read"], (self.a, self.y), 4 * _N)):
+            fn(*args)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn(*args)
+                best = min(best, time.perf_counter() - t0)
+            out[name] = nbytes / best / 1e9
+        return out
+
+
 def stream_bandwidth(threads: int | None = None, *, repeats: int = 5) -> dict[str, float]:
     """``{"copy_gbs": ..., "read_gbs": ...}`` in GB/s (10^9 bytes) on ``threads`` TVM threads (default: all)."""
-    import numpy as np
-    import tvm
-
-    from llmpress.backends.tvm.threads import configure
-
-    configure(threads)
-    mod = _kernels()
-    a = tvm.runtime.tensor(np.ones(_N, "int32"))
-    b = tvm.runtime.tensor(np.zeros(_N, "int32"))
-    y = tvm.runtime.tensor(np.zeros((_BLOCKS, 8), "int32"))
-    out = {}
-    for name, fn, args, nbytes in (("copy_gbs", mod["copy"], (a, b), 8 * _N), ("read_gbs", mod["read"], (a, y), 4 * _N)):
-        fn(*args)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args)
-            best = min(best, time.perf_counter() - t0)
-        out[name] = nbytes / best / 1e9
-    return out
+    return BandwidthProbe(threads).measure(repeats)

@@ -1,7 +1,9 @@
 """The runtimes ``speed.py`` times end to end, each built the way its users build it.
 
 Every runtime is a ``Runtime``: a name, the bytes of weights it reads per decoded token (every weight but the
-token-embedding table, of which one row is read, unless the output layer reads that same table: tied embeddings),
+token-embedding table, of which one row is read, unless the output layer reads that same table: tied embeddings;
+a tied table the output layer reads through a copy of its own, repacked, transposed or quantized, counts as an
+embedding table),
 its compile / conversion time, and ``measure(prefill, decode)``
 doing one round of ``llmpress.eval.latency.measure``'s protocol (a random prompt of ``prefill`` ids from a fixed
 seed, an empty KV cache, one prefill call, then ``decode`` greedy one-token steps).
@@ -117,8 +119,13 @@ def llmpress_runtime(label: str, pipeline: str, group: str, threads: int, out: P
     art = llmpress.load(out, threads=threads)
     nbytes = 0
     with safe_open(str(out / art.manifest["payload"]["weights"]), "pt") as f:
-        for name in f.keys():
-            if not _is_embedding(name):
+        names = list(f.keys())
+        for name in names:
+            # a float table with a kernel copy (``W@k``, or ``qweight`` tiles of a quantized head) is read by the
+            # copy; the table itself serves the embedding lookup only (a tied ``lm_head.weight``): one row a token
+            copied = any(o != name and (o.startswith(name + "@") or o.startswith(name.replace(".weight", ".qweight")))
+                         for o in names)
+            if not _is_embedding(name) and not copied:
                 t = f.get_slice(name)
                 nbytes += torch.Size(t.get_shape()).numel() * torch.empty(0, dtype=_dtype(t.get_dtype())).element_size()
     lm = art.lm
@@ -139,9 +146,11 @@ def _onnx_bytes(path: Path) -> int:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
+    names = {t.name for t in m.graph.initializer}
     total = 0
     for t in m.graph.initializer:
-        if _is_embedding(t.name):
+        # a tied table whose transposed (and maybe quantized) copy the head reads: ``lm_head.weight.T[_Q4]``
+        if _is_embedding(t.name) or any(o.startswith(t.name + ".T") for o in names):
             continue
         n = 1
         for d in t.dims:

@@ -6,6 +6,10 @@
 # this 2-core EPYC (longer on a busy machine) and runs under `nice -n 19`. Delete the wheel to rebuild, e.g. on
 # another CPU: the wheel is native.
 # Also extracts llama.cpp's HF -> GGUF conversion scripts from the sdist to benchmarks/.cache/llama.cpp/.
+#
+# --avx2: also build llama.cpp for AVX2/FMA/F16C only (GGML_NATIVE=OFF, no AVX-512, no VNNI: what a machine like
+# CI's runs) into benchmarks/.cache/wheels-avx2/ and unpack it to benchmarks/.cache/llamacpp-avx2/, which
+# benchmarks/avx2.py imports in a child process (two llama_cpp builds cannot share one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.3.36
@@ -45,3 +49,21 @@ if [ ! -f "$LCPP/convert_hf_to_gguf.py" ]; then
   rm -rf "$LCPP" && mv "$LCPP.tmp" "$LCPP"
 fi
 "$PY" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
+
+if [ "${1:-}" = "--avx2" ]; then
+  AVX2_WHEEL=$(ls "$CACHE"/wheels-avx2/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$AVX2_WHEEL" ]; then
+    echo "building llama-cpp-python $VERSION for AVX2 only (GGML_NATIVE=OFF)..."
+    t0=$(date +%s)
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF" \
+      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+      nice -n 19 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$CACHE/wheels-avx2" "$SDIST"
+    AVX2_WHEEL=$(ls "$CACHE"/wheels-avx2/llama_cpp_python-"$VERSION"-*.whl | head -1)
+    echo "built $AVX2_WHEEL in $(( $(date +%s) - t0 )) s"
+  fi
+  rm -rf "$CACHE/llamacpp-avx2" && "$PY" -m pip install -q --disable-pip-version-check --no-deps \
+    --target "$CACHE/llamacpp-avx2" "$AVX2_WHEEL"
+  PYTHONPATH="$CACHE/llamacpp-avx2" "$PY" -c \
+    "import llama_cpp; print('llama_cpp (AVX2 build)', llama_cpp.llama_print_system_info().decode())"
+fi

@@ -8,8 +8,9 @@ Peers (optional, not installed by CI): llama.cpp through llama-cpp-python built 
 
 Sections, all with the same thread count per runtime (``--threads``, default: every CPU of the affinity mask):
 
-1. bandwidth: STREAM-style copy and read (``bandwidth.py``); the decode bound of a runtime is
-   ``copy bandwidth / bytes of weights it reads per token`` (every weight but the token-embedding table);
+1. bandwidth: STREAM-style copy and read (``bandwidth.py``), at the start and again in every timed round (this
+   machine's bandwidth moves with its neighbours' load); the decode bound of a runtime is ``copy bandwidth (median
+   of its group's rounds) / bytes of weights it reads per token`` (every weight but the token-embedding table);
 2. kernels: one 4096 x 4096 linear, GEMV and 128-token GEMM, fp32 / int8 / int4 g128 / int4 g32, llmpress vs
    PyTorch vs ONNX Runtime (``kernels.py``);
 3. end to end on Llama shapes with random weights (``shapes.py``: 110M = stories110M, 1.1B = TinyLlama), batch 1,
@@ -118,8 +119,12 @@ def build_group(shape: str, folder: Path, group: str, threads: int, out: Path, t
     return built, failed
 
 
-def time_group(runtimes: list, rounds: int, prefill: int, decode: int) -> dict[str, dict]:
+def time_group(runtimes: list, rounds: int, prefill: int, decode: int, probe=None) -> dict[str, dict]:
+    """Medians over ``rounds`` rounds (after a warm-up round) of every runtime, interleaved; with ``probe``
+    (``bandwidth.BandwidthProbe``) the memory bandwidth is measured in every round too, under key ``"bandwidth"``
+    (this machine's moves with its neighbours' load, so each group's bound uses the bandwidth of its own rounds)."""
     samples = {r.name: ([], []) for r in runtimes}
+    bws: list[dict] = []
     for rnd in range(rounds + 1):
         for r in runtimes:
             settle()
@@ -127,14 +132,22 @@ def time_group(runtimes: list, rounds: int, prefill: int, decode: int) -> dict[s
             if rnd:  # round 0 warms up
                 samples[r.name][0].append(m["prefill_ms"])
                 samples[r.name][1].append(m["decode_tokens_per_s"])
-        log.info("round %d/%d: %s", rnd, rounds, ", ".join(f"{k} {v[1][-1]:.1f}" for k, v in samples.items() if v[1]))
-    return {k: {"prefill_ms": statistics.median(p), "decode_tokens_per_s": statistics.median(d),
-                "prefill_samples": [round(x, 1) for x in p], "decode_samples": [round(x, 2) for x in d]}
-            for k, (p, d) in samples.items()}
+        if probe is not None and rnd:
+            settle()
+            bws.append(probe.measure(repeats=3))
+        log.info("round %d/%d: %s%s", rnd, rounds, ", ".join(f"{k} {v[1][-1]:.1f}" for k, v in samples.items() if v[1]),
+                 f"; copy {bws[-1]['copy_gbs']:.1f} GB/s" if bws and rnd else "")
+    out = {k: {"prefill_ms": statistics.median(p), "decode_tokens_per_s": statistics.median(d),
+               "prefill_samples": [round(x, 1) for x in p], "decode_samples": [round(x, 2) for x in d]}
+           for k, (p, d) in samples.items()}
+    if bws:
+        out["bandwidth"] = {key: statistics.median(b[key] for b in bws) for key in ("copy_gbs", "read_gbs")}
+        out["bandwidth"]["copy_samples"] = [round(b["copy_gbs"], 1) for b in bws]
+    return out
 
 
 def end_to_end(shapes: list[str], threads: int, rounds: int, prefill: int, decode: int, bw: dict,
-               skip: set[str], art_dir: Path) -> tuple[list[dict], dict | None]:
+               skip: set[str], art_dir: Path, probe=None) -> tuple[list[dict], dict | None]:
     from shapes import llama_folder
 
     rows, profile = [], None
@@ -145,13 +158,14 @@ def end_to_end(shapes: list[str], threads: int, rounds: int, prefill: int, decod
         for group in ("quantized", "fp32"):
             runtimes, failed = build_group(shape, folder, group, threads, art_dir, times, skip)
             log.info("%s %s: timing %s", shape, group, ", ".join(r.name for r in runtimes))
-            timed = time_group(runtimes, rounds, prefill, decode) if runtimes else {}
+            timed = time_group(runtimes, rounds, prefill, decode, probe) if runtimes else {}
+            gbw = timed.get("bandwidth", bw)
             for r in runtimes:
                 t = timed[r.name]
-                bound = bw["copy_gbs"] * 1e9 / r.weight_bytes
+                bound = gbw["copy_gbs"] * 1e9 / r.weight_bytes
                 rows.append({"model": shape, "runtime": r.name, "group": group, **t, "weight_bytes": r.weight_bytes,
-                             "bound_tokens_per_s": bound, "fraction_of_bound": t["decode_tokens_per_s"] / bound,
-                             "compile_s": r.compile_s, **r.info})
+                             "copy_gbs": gbw["copy_gbs"], "bound_tokens_per_s": bound,
+                             "fraction_of_bound": t["decode_tokens_per_s"] / bound, "compile_s": r.compile_s, **r.info})
             rows += failed
             if group == "quantized" and shape == shapes[-1] and "llmpress w4a8" in timed:
                 from profile_decode import profile as prof
@@ -179,9 +193,10 @@ def e2e_markdown(rows: list[dict], env: dict) -> str:
     lines = [f"Batch 1, {env['prefill']}-token prompt (prefill: one call), {env['decode']} greedy decode steps, "
              f"{env['threads']} threads per runtime, median of {env['rounds']} interleaved rounds. Ratios: against "
              "llama.cpp Q4_0 for the quantized rows, PyTorch eager for fp32 (> 1: faster). Bound: copy bandwidth / "
-             "weight bytes read per token.", "",
+             "weight bytes read per token, the copy bandwidth measured in every round of the row's group (median; "
+             "it moves with the load of this machine's neighbours).", "",
              "| model | runtime | weights MB/token | prefill ms | prefill ratio | decode tok/s | decode ratio | "
-             "% of bound | compile s | build |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "% of bound (copy GB/s) | compile s | build |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['runtime']} | | | | | | | | {r['error']} |")
@@ -189,7 +204,7 @@ def e2e_markdown(rows: list[dict], env: dict) -> str:
         comp = f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {r['weight_bytes'] / 1e6:.0f} | {r['prefill_ms']:.1f} | "
                      f"{r.get('prefill_vs_ref', float('nan')):.2f}x | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r.get('decode_vs_ref', float('nan')):.2f}x | {100 * r['fraction_of_bound']:.0f}% | {comp} | "
+                     f"{r.get('decode_vs_ref', float('nan')):.2f}x | {100 * r['fraction_of_bound']:.0f}% ({r.get('copy_gbs', float('nan')):.0f}) | {comp} | "
                      f"{r.get('build', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -239,7 +254,7 @@ def readme_block(rows: list[dict], env: dict, bw: dict) -> str:
     sel = [r for r in rows if r["runtime"] in keep]
     return ("Generated by `benchmarks/speed.py` ([speed.md](benchmarks/results/speed.md), [plot]"
             f"(benchmarks/results/speed.png)) on {env['cpu']} ({env['cores']} cores: {', '.join(env['flags'])}), "
-            f"{env['date']}, load {env['load_before']} before / {env['load_after']} after; copy bandwidth "
+            f"{env['date']}, load {env['load_before']} before / {env['load_after']} after; copy bandwidth at the start "
             f"{bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s.\n\n" + e2e_markdown(sel, env))
 
 
@@ -261,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         a.models, a.rounds = "110m", min(a.rounds, 2)
     import torch
 
-    from bandwidth import stream_bandwidth
+    from bandwidth import BandwidthProbe
     from kernels import kernels_markdown, run_kernels
 
     from llmpress.backends.tvm.threads import configure
@@ -271,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     env = machine_env(threads=a.threads, rounds=a.rounds, prefill=a.prefill, decode=a.decode, flags=cpu_flags(),
                       kernel_rounds=7)
     t0 = time.perf_counter()
-    bw = stream_bandwidth(a.threads)
+    probe = BandwidthProbe(a.threads)
+    bw = probe.measure()
     log.info("bandwidth: copy %.1f GB/s, read %.1f GB/s", bw["copy_gbs"], bw["read_gbs"])
     kernels = [] if a.no_kernels else run_kernels(a.threads, quick=a.quick)
     art_dir = HERE / ".cache" / "artifacts"
     art_dir.mkdir(parents=True, exist_ok=True)
     skip = {s.strip().lower() for s in a.skip.split(",") if s.strip()}
-    rows, profile = end_to_end(a.models.split(","), a.threads, a.rounds, a.prefill, a.decode, bw, skip, art_dir)
+    rows, profile = end_to_end(a.models.split(","), a.threads, a.rounds, a.prefill, a.decode, bw, skip, art_dir,
+                               probe)
     env["load_after"], env["seconds"] = loadavg(), round(time.perf_counter() - t0)
     from profile_decode import profile_markdown
 

@@ -1,0 +1,149 @@
+"""What a machine without AVX-512 gets (CI's machines: AVX2/FMA only), measured on this one: llmpress's portable
+``cpu`` build (x86-64-v3) against llama.cpp built for AVX2 only, side by side with both runtimes' native builds.
+
+    bash benchmarks/setup_peers.sh --avx2            # once: llama-cpp-python built with GGML_NATIVE=OFF, AVX2/FMA/F16C
+    .venv/bin/python benchmarks/avx2.py              # ~5 minutes; writes results/avx2.{json,md}
+
+The rows, all at the 1.1B Llama shape (``shapes.py``), batch 1, a 128-token prompt, 32 greedy decode steps, timed
+interleaved round by round as ``speed.py`` does (``time_group``):
+
+- ``llmpress w4a8, cpu build``: the artifact ``speed.py`` compiles (``fuse,quantize(bits=4,group=128),act_quant``),
+  loaded with ``llmpress.load(..., build="cpu")``: 256-bit ``vpmaddubsw``/``vpmaddwd`` kernels, what an AVX2
+  machine runs;
+- ``llmpress w4a8, cpu+avx512vnni build``: the same artifact as this host runs it by default;
+- ``llama.cpp Q4_0, AVX2 build``: llama.cpp compiled with ``GGML_NATIVE=OFF GGML_AVX2=ON GGML_FMA=ON GGML_F16C=ON``
+  (no AVX-512, no VNNI) in a child process (``peers/llamacpp_child.py``), its ``system_info`` recorded;
+- ``llama.cpp Q4_0, native build``: ``setup_peers.sh``'s ``GGML_NATIVE=ON`` build (AVX-512 here), in this process.
+
+Both llmpress builds are one artifact and both llama.cpp builds read one GGUF file, so the pairs differ only by
+instruction set. Peers' numbers drift between machines: compare within this table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from machine import loadavg, machine_env  # noqa: E402
+
+AVX2_BUILD = HERE / ".cache" / "llamacpp-avx2"
+log = logging.getLogger("benchmarks.avx2")
+
+
+def runtimes(shape: str, threads: int) -> list:
+    """The four runtimes of the module docstring (compiling / converting what the cache lacks)."""
+    from peers.llamacpp import gguf_tensor_types
+    from peers.llamacpp_child import ChildLlamaCpp
+    from runtimes import CACHE, Runtime, _gguf_bytes, llamacpp_prepare, llamacpp_runtimes, llmpress_compile, \
+        llmpress_runtime
+    from shapes import llama_folder
+    from speed import LLMPRESS
+
+    folder = llama_folder(shape)
+    pipeline = next(p for label, p, _ in LLMPRESS if label == "w4a8")
+    art = CACHE / "artifacts" / f"{shape}-w4a8"
+    compile_s = None
+    if not (art / "manifest.json").is_file():
+        compile_s = llmpress_compile(folder, pipeline, art)
+    times = llamacpp_prepare(folder, shape)
+    out = []
+    best = llmpress_runtime("w4a8", pipeline, "quantized", threads, art, compile_s)
+    if best.info["build"] != "cpu":
+        import llmpress
+        from llmpress.eval.latency import measure as lm_measure
+
+        lm_art = llmpress.load(art, threads=threads, build="cpu")
+
+        def measure(prefill: int, decode: int) -> dict:
+            return lm_measure(lm_art.compiled.forward_last, lm_art.lm, prefill_tokens=prefill, decode_tokens=decode,
+                              repeats=1)
+
+        portable = Runtime("llmpress w4a8, cpu build", "quantized", best.weight_bytes, measure, compile_s,
+                           {**best.info, "build": "cpu"})
+        out.append(portable)
+    else:
+        log.warning("this host runs the portable build by default: no AVX-512 VNNI row")
+    best.name = f"llmpress w4a8, {best.info['build']} build"
+    out.append(best)
+    gguf = CACHE / "gguf" / f"{shape}-Q4_0.gguf"
+    child = ChildLlamaCpp(gguf, threads, AVX2_BUILD)
+    if "AVX512" in child.system_info.replace("AVX512 = 0", ""):
+        raise RuntimeError(f"{AVX2_BUILD}: this llama.cpp build uses AVX-512 ({child.system_info})")
+
+    def child_measure(prefill: int, decode: int) -> dict:
+        return child.measure(prefill, decode)
+
+    out.append(Runtime("llama.cpp Q4_0, AVX2 build", "quantized", _gguf_bytes(gguf), child_measure, None,
+                       {"types": gguf_tensor_types(gguf), "system_info": child.system_info}, close=child.close))
+    native = next(r for r in llamacpp_runtimes(shape, threads, "quantized", times) if r.name == "llama.cpp Q4_0")
+    import llama_cpp
+
+    native.name = "llama.cpp Q4_0, native build"
+    native.info["system_info"] = llama_cpp.llama_print_system_info().decode()
+    out.append(native)
+    return out
+
+
+def markdown(rows: list[dict], env: dict, bw: dict) -> str:
+    lines = ["# Without AVX-512: llmpress's portable build against llama.cpp's AVX2 build", "",
+             f"{env['cpu']}, {env['cores']} cores; {env['date']}; load {env['load_before']} before, "
+             f"{env['load_after']} after; copy bandwidth {bw['copy_gbs']:.1f} GB/s. {env['model']} shape, batch 1, "
+             f"{env['prefill']}-token prompt, {env['decode']} decode steps, {env['threads']} threads each, median of "
+             f"{env['rounds']} interleaved rounds. Generated by `benchmarks/avx2.py`.", "",
+             "| runtime | decode tok/s | vs llama.cpp (same ISA) | prefill ms | vs llama.cpp (same ISA) |",
+             "|---|---:|---:|---:|---:|"]
+    by = {r["runtime"]: r for r in rows}
+    for r in rows:
+        peer = by.get("llama.cpp Q4_0, AVX2 build" if ("cpu build" in r["runtime"] or "AVX2" in r["runtime"])
+                      else "llama.cpp Q4_0, native build")
+        d = f"{r['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}x" if peer else ""
+        p = f"{peer['prefill_ms'] / r['prefill_ms']:.2f}x" if peer else ""
+        lines.append(f"| {r['runtime']} | {r['decode_tokens_per_s']:.1f} | {d} | {r['prefill_ms']:.0f} | {p} |")
+    lines += ["", "Ratios above 1 favour the row (decode: tokens/s over the peer's; prefill: the peer's ms over the "
+              "row's). llama.cpp's `system_info` per build is in `avx2.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="1.1b")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    from bandwidth import stream_bandwidth
+    from speed import time_group
+
+    from llmpress.backends.tvm.threads import configure
+
+    configure(a.threads)
+    torch.set_num_threads(a.threads)
+    env = machine_env(threads=a.threads, rounds=a.rounds, prefill=a.prefill, decode=a.decode, model=a.model)
+    bw = stream_bandwidth(a.threads)
+    rts = runtimes(a.model, a.threads)
+    timed = time_group(rts, a.rounds, a.prefill, a.decode)
+    rows = [{"runtime": r.name, **timed[r.name], "weight_bytes": r.weight_bytes, **r.info} for r in rts]
+    for r in rts:
+        r.close()
+    env["load_after"] = loadavg()
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "avx2.json").write_text(json.dumps({"env": env, "bandwidth": bw, "rows": rows}, indent=2) + "\n")
+    md = markdown(rows, env, bw)
+    (a.out / "avx2.md").write_text(md)
+    sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
