@@ -82,6 +82,8 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, inputs: It
     raw = os.fspath(path)
     if raw.strip() == "":
         raise ConfigError("the output path is empty")
+    if "\x00" in raw:
+        raise ConfigError(f"output {raw!r} contains a NUL character, which no file name may hold")
     dest = Path(raw)
     full = Path(os.path.abspath(dest))
     if full == Path(full.anchor):
