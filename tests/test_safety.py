@@ -233,6 +233,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow  # a real process and a real SIGINT: 8-15 s, most of it importing torch and capturing the model
 def test_ctrl_c_prints_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     marker = tmp_path / "marker"
@@ -258,6 +259,17 @@ def test_ctrl_c_prints_one_line_and_leaves_nothing(tmp_path):
     assert err.strip().splitlines()[-1] == f"llmpress: interrupted; nothing written to {out}"
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
+
+
+def test_ctrl_c_in_compile_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llmpress.api.prepare", interrupt)
+    out = tmp_path / "out"
+    assert main(["compile", MODEL, "--pipeline", "exact", "-o", str(out), "-q"]) == 130
+    assert capsys.readouterr().err == f"llmpress: interrupted; nothing written to {out}\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_in_run_says_interrupted(art, tmp_path, monkeypatch, capsys):
