@@ -211,10 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration text file (for gptq, awq, smoothquant)")
     c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
     c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")
-    c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write: a new path, an empty "
-                   "folder, or an existing artifact with --force")
-    c.add_argument("--force", action="store_true", help="replace an existing llmpress artifact at -o (never "
-                   "anything else)")
+    c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")
+    c.add_argument("--force", action="store_true", help="replace an existing llmpress artifact at -o (never anything "
+                   "else; -o may otherwise be a new path or an empty folder)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compile)
 
@@ -265,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmpress: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (unless -v); temporary outputs are already gone
-        if a.verbose:
+        if getattr(a, "verbose", False):
             import traceback
 
             traceback.print_exc()
