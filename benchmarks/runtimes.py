@@ -105,7 +105,8 @@ def torch_eager(folder: Path, threads: int) -> Runtime:
 def llmpress_compile(folder: Path, pipeline: str, out: Path) -> float:
     """``llmpress compile`` as a command (the compile time a user waits); returns its wall seconds."""
     exe = str(Path(PYTHON).with_name("llmpress"))
-    args = [exe, "compile", str(folder), "--target", "cpu", "-o", str(out), "-q", "--pipeline", pipeline or "dce"]
+    args = [exe, "compile", str(folder), "--target", "cpu", "-o", str(out), "-q", "--force",  # reruns replace it
+            "--pipeline", pipeline or "dce"]
     return _cmd(args, f"llmpress compile {pipeline!r}")
 
 

@@ -64,6 +64,7 @@ def run_pipeline(module: Module, pipeline: Any, *, calibration: Any = None, targ
     from .passes.base import PassContext
     from .passes.manager import PassManager
     from .passes.pipeline import Pipeline, build, parse
+    from .preflight import check_layers
 
     if pipeline is None or pipeline == "":
         return module, []
@@ -74,6 +75,7 @@ def run_pipeline(module: Module, pipeline: Any, *, calibration: Any = None, targ
         raise ConfigError(f"{', '.join(missing)} needs calibration data (--calib FILE or calibration=...)")
     ctx = PassContext(calibration=calibration, seed=seed, target=None if target is None else str(target),
                       progress=progress)
+    check_layers(passes, module)  # every layer's fit, before any pass changes anything
     pm = PassManager(passes, instruments=instruments, reproducer_dir=reproducer_dir, pipeline_text=str(pipe))
     return pm.run(module, ctx)
 
@@ -103,20 +105,28 @@ def layer_summary(module: Module) -> list[dict]:
 
 def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = "", target: Any = "reference",  # noqa: A001
             calibration: Any = None, tokenizer: Any = None, progress: bool = True, instruments: Sequence = (),
-            reproducer_dir: str | None = None, seed: int = 0) -> Artifact:
-    """Capture ``model``, run ``pipeline`` over it, lower it for ``target``; return the (unsaved) Artifact.
+            reproducer_dir: str | None = None, seed: int = 0, output: str | Path | None = None,
+            overwrite: bool = False) -> Artifact:
+    """Capture ``model``, run ``pipeline`` over it, lower it for ``target``; return the Artifact (saved to
+    ``output`` when given, replacing an existing artifact there only with ``overwrite=True``).
 
     ``model``: a Hugging Face folder, a llama2.c ``.bin``, an ``.onnx`` file, an ``nn.Module`` (with
     ``example_inputs``), or an ``ir.Module``. ``pipeline``: pipeline text, a preset name, or a parsed ``Pipeline``.
     ``target``: ``"reference"`` (PyTorch), ``"cpu"``, ``"arm64"``, ``"cuda"``, or a TVM target dict.
     ``calibration``: a text file path, a list of strings, a list of token tensors, or a ``Calibration``.
     The returned artifact is callable like the model's forward and reports what each pass did (``.passes``).
+
+    Everything that can be checked without the model is checked first (``llmpress.preflight``): the pipeline text
+    and its options, the target, the files named, calibration data for passes that need it, and ``output``.
     """
     from .backends import backend_for_target
     from .eval.size import parameter_bytes
+    from .preflight import check_compile
 
     t0 = time.perf_counter()
-    backend = backend_for_target(target)  # an unknown target fails before any work
+    check_compile(model, pipeline=pipeline, target=target, calibration=calibration, tokenizer=tokenizer,
+                  output=output, overwrite=overwrite)
+    backend = backend_for_target(target)
     module, tok = prepare(model, example_inputs, tokenizer=tokenizer)
     calib = _calibration(calibration, tok)
     bytes_before = parameter_bytes(module)
@@ -144,6 +154,8 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
     }
     art = Artifact(compiled, manifest, tok)
     art.module = module  # the rewritten IR, for evaluation and inspection in this process
+    if output is not None:
+        art.save(output, overwrite=overwrite)
     return art
 
 

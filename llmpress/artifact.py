@@ -21,6 +21,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +29,7 @@ import torch
 
 from .errors import ArtifactError, ConfigError
 from .ir.meta import LMInfo
+from .outputs import apply_umask, check_output
 
 __all__ = ["Artifact", "load", "FORMAT_VERSION", "MANIFEST"]
 
@@ -69,6 +71,18 @@ class Artifact:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.folder = folder
+        self._cleanup: weakref.finalize | None = None  # set by load() for an extracted .tar
+
+    def close(self) -> None:
+        """Remove the temporary copy a ``.tar`` was extracted to (nothing to do for a folder or a new artifact)."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> "Artifact":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- running -----------------------------------------------------------------------------
     @property
@@ -104,32 +118,32 @@ class Artifact:
         return self.tokenizer.decode(self.generate_ids(ids, max_new_tokens, progress=progress))
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the artifact to ``path`` (a folder, or a ``.tar`` file), atomically."""
-        dest = Path(path)
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the artifact to ``path`` (a folder, or a ``.tar`` file), atomically.
+
+        ``path`` may be new, an empty folder, or (with ``overwrite=True``) an existing llmpress artifact; anything
+        else there is refused with ``ConfigError`` before a byte is written (see ``llmpress.outputs``). Files get
+        the modes of this process's umask, like any other file it writes."""
+        dest = check_output(path, overwrite=overwrite)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists() and not overwrite:
-            raise ArtifactError(f"{dest} exists (pass overwrite=True to replace it)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp_tar = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         try:
             self._write_folder(tmp)
+            apply_umask(tmp)
+            # Checked again: the destination may have changed while the payload was written.
+            check_output(dest, overwrite=overwrite)
             if dest.suffix == ".tar":
-                tmp_tar = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
                 with tarfile.open(tmp_tar, "w") as tar:
                     for f in sorted(tmp.rglob("*")):
                         tar.add(f, arcname=str(f.relative_to(tmp)), recursive=False)
-                os.replace(tmp_tar, dest)
+                _replace(tmp_tar, dest)
                 shutil.rmtree(tmp)
             else:
-                if dest.exists():
-                    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                    os.replace(dest, old)
-                    os.replace(tmp, dest)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, dest)
+                _replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp_tar.unlink(missing_ok=True)
             raise
         self.folder = dest
         log.info("artifact written to %s", dest)
@@ -160,6 +174,21 @@ class Artifact:
         manifest["versions"] = _versions()
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         self.manifest = manifest
+
+
+def _replace(new: Path, dest: Path) -> None:
+    """Rename ``new`` to ``dest``; an existing ``dest`` (an empty folder, or an artifact the caller may replace)
+    is moved aside first and removed only once ``new`` is in place."""
+    if dest.exists() and (dest.is_dir() != new.is_dir() or dest.is_dir() and any(dest.iterdir())):
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(new, dest)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(new, dest)  # over a file, an empty folder (folder -> folder), or nothing
 
 
 def read_manifest(folder: Path) -> dict:
@@ -199,22 +228,41 @@ def _extract_tar(path: Path) -> Path:
     try:
         with tarfile.open(path, "r") as tar:
             tar.extractall(out, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except BaseException as e:
         shutil.rmtree(out, ignore_errors=True)
-        raise ArtifactError(f"{path}: damaged tar ({e})") from e
+        if isinstance(e, (tarfile.TarError, OSError, EOFError)):
+            raise ArtifactError(f"{path}: damaged tar ({e})") from e
+        raise
     return out
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, build: str | None = None) -> Artifact:
     """Load an artifact folder or ``.tar``: verify hashes and target, then build its runner (on ``threads`` CPU
     threads; default: every core this process may run on). ``build``: which of a TVM artifact's builds to run
-    (default: the most capable one this machine supports; ``"cpu"`` is the portable x86-64-v3 one)."""
-    from .backends import get_backend
+    (default: the most capable one this machine supports; ``"cpu"`` is the portable x86-64-v3 one).
 
+    A ``.tar`` is extracted into a temporary folder that is removed by ``Artifact.close()`` (or ``with``), when the
+    artifact is garbage-collected, or when the process exits."""
     src = Path(path)
     if not src.exists():
         raise ArtifactError(f"{src}: no such artifact")
-    folder = _extract_tar(src) if src.is_file() else src
+    if not src.is_file():
+        return _load_folder(src, src, threads=threads, build=build)
+    folder = _extract_tar(src)
+    try:
+        art = _load_folder(src, folder, threads=threads, build=build)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # The extracted copy lives as long as the artifact (a TVM build may load another library from it later),
+    # and goes with close(), garbage collection, or the end of the process, whichever comes first.
+    art._cleanup = weakref.finalize(art, shutil.rmtree, str(folder), ignore_errors=True)
+    return art
+
+
+def _load_folder(src: Path, folder: Path, *, threads: int | None, build: str | None) -> Artifact:
+    from .backends import get_backend
+
     manifest = read_manifest(folder)
     verify(folder, manifest)
     backend = get_backend(manifest.get("backend", "reference"))

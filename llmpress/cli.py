@@ -10,6 +10,15 @@ These forms are a contract other tools rely on:
 
 ``run`` prints the decoded text (prompt included) on stdout and nothing else there; ``eval --json`` prints one JSON
 object. Progress bars and logs go to stderr.
+
+Nothing a user does by mistake costs data or a wasted run:
+- ``-o`` may be a new path, an empty folder, or an existing llmpress artifact together with ``--force``; anything
+  else (a folder with other files, a plain file, ``.``, ``..``, the input model or a folder holding it, a read-only
+  place) is refused before any work, naming the path. Artifacts are written beside ``-o`` and renamed into place.
+- ``compile`` checks the pipeline text and options, the target, the files named (model, calibration, tokenizer)
+  and the output location before loading the model, and every layer's fit before the first pass.
+- Errors print one ``llmpress: error: ...`` line and exit 2; Ctrl-C prints one ``llmpress: interrupted...`` line
+  and exits 130 (a traceback only with ``-v``), leaving nothing half-written.
 """
 from __future__ import annotations
 
@@ -61,10 +70,16 @@ def cmd_compile(a: argparse.Namespace) -> int:
         pipeline = recipe.pipeline
         target = a.target if a.target_given else (recipe.target or a.target)
         calib = calib or recipe.calibration
+    from .preflight import check_compile
+
     t0 = time.perf_counter()
+    # Every mistake that can be found without the model is reported now, not after loading and capturing it.
+    check_compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,
+                  output=a.output, overwrite=a.force, overwrite_flag="--force")
     art = llmpress.compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,
-                           progress=not a.quiet, reproducer_dir=a.reproducer_dir)
-    out = art.save(a.output)
+                           progress=not a.quiet, reproducer_dir=a.reproducer_dir, output=a.output,
+                           overwrite=a.force)
+    out = a.written = art.folder
     pb = art.manifest["parameter_bytes"]
     print(f"wrote {out} (target {art.manifest['target']['name']}, parameters {pb['before']:,} -> {pb['after']:,} bytes, "
           f"{time.perf_counter() - t0:.1f}s)", file=sys.stderr)
@@ -197,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
     c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")
     c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")
+    c.add_argument("--force", action="store_true", help="replace an existing llmpress artifact at -o (never anything "
+                   "else; -o may otherwise be a new path or an empty folder)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compile)
 
@@ -246,6 +263,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlmpressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (unless -v); temporary outputs are already gone
+        if getattr(a, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        if a.command == "compile":
+            done = getattr(a, "written", None)
+            msg = f"interrupted; {done} was written" if done else f"interrupted; nothing written to {a.output}"
+        else:
+            msg = "interrupted"
+        print(f"llmpress: {msg}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `llmpress passes | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0

@@ -8,6 +8,6 @@ bash scripts/setup.sh
 SHARED=${SHARED:-../shared}
 MODEL=$SHARED/models/tinystories-llama
 OUT=out/tinystories-w4
-.venv/bin/llmpress compile "$MODEL" --pipeline w4a8 --target cpu -o "$OUT"
+.venv/bin/llmpress compile "$MODEL" --pipeline w4a8 --target cpu -o "$OUT" --force  # a rerun replaces its own artifact
 .venv/bin/llmpress eval "$OUT" --data "$SHARED/data/tinystories/valid.txt" --context 256
 .venv/bin/llmpress run "$OUT" --prompt "once upon a time" --max-new-tokens 60

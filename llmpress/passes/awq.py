@@ -48,7 +48,7 @@ from .quant_common import (
     check_group_option,
     fake_quant,
     find_params,
-    group_size_for,
+    group_sizes,
     linear_weight,
     relative_error,
     replace_with_wq_linear,
@@ -180,11 +180,8 @@ class AWQ(Pass):
         o: AWQOptions = self.options
         o.validate()
         selected, skipped = select_linears(module, o)
-        group_of: dict[fx.Node, int] = {}
-        for n in selected:  # every layer is checked before any work
-            _, w = linear_weight(module, n)
-            group_of[n] = group_size_for(o.group, w.shape[1], o.bits, layer=source_path(n) or n.name,
-                                         pass_name=self.name)
+        group_of: dict[fx.Node, int] = group_sizes(module, selected, o.group, o.bits,  # before any work
+                                                   pass_name=self.name)
         require_calibration(ctx, self.name)
         if not selected:
             return PassResult(module, False, {"quantized": 0, "scaled": 0, "skipped": skipped})

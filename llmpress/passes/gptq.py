@@ -65,7 +65,7 @@ from .quant_common import (
     check_group_option,
     dequantize_codes,
     find_params,
-    group_size_for,
+    group_sizes,
     linear_weight,
     quantize_codes,
     relative_error,
@@ -208,11 +208,7 @@ class GPTQ(Pass):
         if calib is None:
             raise ConfigError(NO_CALIBRATION)
         nodes, skipped = select_linears(module, o)
-        groups: dict[fx.Node, int] = {}
-        for node in nodes:  # every check before any work
-            _, w = linear_weight(module, node)
-            path = source_path(node) or node.name
-            groups[node] = group_size_for(o.group, w.shape[1], o.bits, layer=path, pass_name=self.name)
+        groups: dict[fx.Node, int] = group_sizes(module, nodes, o.group, o.bits, pass_name=self.name)  # before any work
         blocks: dict[str, list[fx.Node]] = {}
         for node in nodes:  # graph order, so blocks come in execution order
             blocks.setdefault(_block_key(source_path(node) or node.name), []).append(node)

@@ -36,6 +36,8 @@ __all__ = [
     "check_bits",
     "check_group_option",
     "group_size_for",
+    "group_problems",
+    "group_sizes",
     "find_params",
     "quantize_codes",
     "dequantize_codes",
@@ -61,18 +63,45 @@ def check_group_option(group: int, *, pass_name: str) -> None:
         raise ConfigError(f"pass {pass_name!r}: group={group} must be positive, or 0 / -1 for per channel")
 
 
+def _group_problem(group: int, in_features: int, bits: int, layer: str) -> str | None:
+    g = in_features if group in (0, -1) else group
+    if in_features % g:
+        return f"group={group} does not divide in_features={in_features} of layer {layer!r}"
+    unit = values_per_unit(bits)
+    if in_features % unit:
+        return f"{bits}-bit packing needs in_features divisible by {unit}, layer {layer!r} has {in_features}"
+    return None
+
+
 def group_size_for(group: int, in_features: int, bits: int, *, layer: str, pass_name: str) -> int:
     """The group size used for a layer with ``in_features`` inputs (``group`` 0 or -1: per channel), or a
     ConfigError naming the layer when it does not divide the layer or the packed layout."""
-    g = in_features if group in (0, -1) else group
-    if in_features % g:
-        raise ConfigError(f"pass {pass_name!r}: group={group} does not divide in_features={in_features} of layer "
-                          f"{layer!r}; choose a divisor of {in_features} or exclude the layer")
-    unit = values_per_unit(bits)
-    if in_features % unit:
-        raise ConfigError(f"pass {pass_name!r}: {bits}-bit packing needs in_features divisible by {unit}, layer "
-                          f"{layer!r} has {in_features}; exclude it")
-    return g
+    problem = _group_problem(group, in_features, bits, layer)
+    if problem:
+        raise ConfigError(f"pass {pass_name!r}: {problem}; choose a group that divides it or exclude the layer")
+    return in_features if group in (0, -1) else group
+
+
+def group_problems(module: Module, nodes, group: int, bits: int) -> list[str]:
+    """Every selected linear (``nodes``) that ``group`` / ``bits`` do not fit, one line each."""
+    out = []
+    for node in nodes:
+        _, w = linear_weight(module, node)
+        problem = _group_problem(group, w.shape[1], bits, source_path(node) or node.name)
+        if problem:
+            out.append(problem)
+    return out
+
+
+def group_sizes(module: Module, nodes, group: int, bits: int, *, pass_name: str) -> dict:
+    """{node: group size} for every selected linear, or one ConfigError listing every layer that does not fit,
+    so a user fixes the options once instead of once per layer."""
+    problems = group_problems(module, nodes, group, bits)
+    if problems:
+        raise ConfigError(f"pass {pass_name!r}: {len(problems)} layer(s) do not fit group={group}, bits={bits} "
+                          "(choose a group that divides them, or exclude them):\n  " + "\n  ".join(problems))
+    return {node: group_size_for(group, linear_weight(module, node)[1].shape[1], bits,
+                                 layer=source_path(node) or node.name, pass_name=pass_name) for node in nodes}
 
 
 def _grid(bits: int, sym: bool) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from .quant_common import (
     QuantizedWeight,
     check_bits,
     check_group_option,
-    group_size_for,
+    group_sizes,
     linear_weight,
     relative_error,
     replace_with_wq_linear,
@@ -61,11 +61,8 @@ class Quantize(Pass):
         o.validate()
         nodes, skipped = select_linears(module, o)
         # Check every layer before rewriting any, so a bad option leaves the module untouched.
-        plan = []
-        for node in nodes:
-            _, w = linear_weight(module, node)
-            path = source_path(node) or node.name
-            plan.append((node, path, group_size_for(o.group, w.shape[1], o.bits, layer=path, pass_name=self.name)))
+        groups = group_sizes(module, nodes, o.group, o.bits, pass_name=self.name)
+        plan = [(node, source_path(node) or node.name, groups[node]) for node in nodes]
         layers: dict[str, dict] = {}
         before = after = 0
         dead = []
