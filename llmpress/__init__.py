@@ -4,7 +4,11 @@
 """
 from __future__ import annotations
 
-from .errors import (
+from .host import passive_openmp
+
+passive_openmp()  # before anything loads torch (and its libgomp): see llmpress/host.py
+
+from .errors import (  # noqa: E402 - after the OpenMP setting on purpose
     ArtifactError,
     ConfigError,
     LlmpressError,

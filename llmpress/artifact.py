@@ -101,14 +101,21 @@ class Artifact:
     forward = __call__
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, *, progress: bool = False) -> list[int]:
+        """``prompt_ids`` and up to ``max_new_tokens`` greedy tokens (``ConfigError`` if negative). Logs a warning
+        (``llmpress.artifact``) when the KV cache fills before ``max_new_tokens`` are generated."""
         from .eval.generate import greedy
 
         lm = self.lm
         if lm is None:
             raise ArtifactError("this artifact is not a causal LM with a KV cache; it cannot generate")
         # BOS also ends a sequence (llama2.c's rule; the C++ edge runner stops the same way).
-        return greedy(self.compiled.forward_last, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id, lm.bos_id),
-                      progress=progress)
+        ids = greedy(self.compiled.forward_last, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id, lm.bos_id),
+                     progress=progress)
+        room, made = lm.cache_len - len(prompt_ids), len(ids) - len(prompt_ids)
+        if room < max_new_tokens and made == room:  # stopped by the cache, not by an end-of-sequence token
+            log.warning("the %d-position KV cache holds %d of the %d new tokens requested after a %d-token prompt; "
+                        "generated %d", lm.cache_len, room, max_new_tokens, len(prompt_ids), made)
+        return ids
 
     def generate(self, prompt: str = "", max_new_tokens: int = 32, *, progress: bool = False) -> str:
         """Greedy continuation of ``prompt`` (prompt included in the returned text)."""

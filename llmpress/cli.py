@@ -7,6 +7,11 @@ These forms are a contract other tools rely on:
     llmpress eval MODEL_OR_DIR --data FILE [--context 256] [--pipeline TEXT] [--json]
     llmpress inspect MODEL_OR_DIR [--json]
     llmpress passes
+    llmpress --version
+
+``-v`` (log at INFO, show third-party warnings) and ``-q`` (no progress bars) go anywhere on the line. Before any
+command, torch's intra-op threads are capped at the CPUs this process may run on (``--threads`` sets them; see
+``llmpress/host.py``).
 
 ``run`` prints the decoded text (prompt included) on stdout and nothing else there; ``eval --json`` prints one JSON
 object. Progress bars and logs go to stderr.
@@ -27,10 +32,11 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import LlmpressError
+from .errors import ConfigError, LlmpressError
 
 __all__ = ["main"]
 
@@ -95,6 +101,8 @@ def _short(stats: Any, limit: int = 160) -> str:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    if a.max_new_tokens < 0:  # before the model loads: a wrong number should not cost a compile
+        raise ConfigError(f"--max-new-tokens must be 0 or more, got {a.max_new_tokens}")
     if a.emulate:
         from .backends.tvm.emulate import run_emulated
 
@@ -195,13 +203,48 @@ def _fmt(field) -> str:
     return str(v)
 
 
+def version_text() -> str:
+    """``llmpress X (torch Y, TVM Z)``, read from the installed packages' metadata (imports neither)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"llmpress {__version__} (torch {v('torch')}, TVM {v('apache-tvm')})"
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def _common(top: bool) -> argparse.ArgumentParser:
+    """-v/-q, accepted before and after the command. The subcommands' copies default to SUPPRESS so that leaving
+    them out after the command keeps what was given before it."""
+    p = argparse.ArgumentParser(add_help=False)
+    d: dict = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, show third-party warnings", **d)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars", **d)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmpress", description="Compress LLMs with composable passes and compile them "
-                                "through Apache TVM.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level on stderr")
+                                "through Apache TVM.", parents=[_common(True)])
+    p.add_argument("--version", action=_Version, help="print the llmpress, torch and TVM versions and exit")
     sub = p.add_subparsers(dest="command", required=True)
+    common = [_common(False)]
 
-    c = sub.add_parser("compile", help="compile a model into an artifact folder")
+    c = sub.add_parser("compile", help="compile a model into an artifact folder", parents=common)
     c.add_argument("model", help="Hugging Face folder, llama2.c .bin, or .onnx file")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--pipeline", help="pipeline text or preset name, e.g. 'fuse_qkv,quantize(bits=4,group=128)'")
@@ -214,20 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")
     c.add_argument("--force", action="store_true", help="replace an existing llmpress artifact at -o (never anything "
                    "else; -o may otherwise be a new path or an empty folder)")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--threads", type=int, help="torch threads for the passes (default: every core this process "
+                   "may run on)")
     c.set_defaults(func=cmd_compile)
 
-    r = sub.add_parser("run", help="generate text greedily")
+    r = sub.add_parser("run", help="generate text greedily", parents=common)
     r.add_argument("model", help="artifact folder/.tar or model path")
     r.add_argument("--prompt", default="", help="prompt text (default: start from BOS)")
-    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens (0 or more; fewer "
+                   "when the KV cache fills, with a warning)")
     r.add_argument("--tokenizer")
     r.add_argument("--threads", type=int, help="CPU threads (default: every core this process may run on)")
     r.add_argument("--emulate", action="store_true",
                    help="run an arm64 artifact through the C++ runner under qemu-aarch64")
     r.set_defaults(func=cmd_run)
 
-    e = sub.add_parser("eval", help="perplexity, size and speed")
+    e = sub.add_parser("eval", help="perplexity, size and speed", parents=common)
     e.add_argument("model", help="artifact folder/.tar or model path")
     e.add_argument("--data", required=True, help="text file (paragraphs separated by blank lines)")
     e.add_argument("--context", type=int, default=256)
@@ -238,17 +283,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded for the tokens/s figure")
     e.add_argument("--threads", type=int, help="CPU threads (default: every core this process may run on)")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    i = sub.add_parser("inspect", help="per-layer shapes, bytes and what the pipeline did")
+    i = sub.add_parser("inspect", help="per-layer shapes, bytes and what the pipeline did", parents=common)
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    ps = sub.add_parser("passes", help="list registered passes and presets")
+    ps = sub.add_parser("passes", help="list registered passes and presets", parents=common)
     ps.set_defaults(func=cmd_passes)
     return p
+
+
+class _Formatter(logging.Formatter):
+    """``llmpress: warning: message``, one line like argparse's errors; -v adds the logger's name."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        where = f"[{record.name}] " if self.verbose else ""
+        text = f"llmpress: {record.levelname.lower()}: {where}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _configure_output(verbose: bool) -> None:
+    """Logs as one line each on stderr (INFO with -v, else WARNING). Python warnings raised outside llmpress say
+    nothing a user can act on (deprecations inside torch or TVM): shown only with -v."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(verbose))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"llmpress(\.|$)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,9 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.command == "compile":
         a.target_given = any(x == "--target" or x.startswith("--target=") for x in (argv or sys.argv[1:]))
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_output(a.verbose)
     try:
+        from .host import torch_threads
+
+        torch_threads(getattr(a, "threads", None))
         return a.func(a)
     except LlmpressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)

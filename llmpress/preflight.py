@@ -65,6 +65,10 @@ def check_compile(model: Any, *, pipeline: Any = "", target: Any = "reference", 
     from .outputs import check_output, input_bytes
 
     passes = _passes(pipeline)
+    if isinstance(model, (str, Path)):  # a model from a file starts with no IR properties: the order is known now
+        from .passes.manager import check_order
+
+        check_order(passes)
     backend_for_target(target)
     needing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
     if needing and calibration is None:

@@ -178,6 +178,7 @@ def test_artifact_files_get_the_umask(art, tmp_path):
     (["--pipeline", "gptq(group=32)", "--calib", "/nonexistent/calib.txt"], "does not exist"),
     (["--pipeline", "gptq(group=32)", "--calib", "EMPTY"], "is empty"),
     (["--pipeline", "exact", "--tokenizer", "/nonexistent/tok.bin"], "no such file"),
+    (["--pipeline", "quantize(bits=4,group=32),fuse_qkv"], "put fuse_qkv before quantize"),
 ])
 def test_mistakes_are_reported_before_loading(tmp_path, capsys, no_load, args, message):
     empty = tmp_path / "empty.txt"

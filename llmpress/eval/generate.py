@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import LlmpressError
+from ..errors import ConfigError, LlmpressError
 from ..ir.meta import LMInfo
 
 __all__ = ["greedy", "empty_cache"]
@@ -25,8 +25,11 @@ def greedy(forward: Callable, lm: LMInfo, prompt_ids: Sequence[int], max_new_tok
            stop_ids: Sequence[int] = (), progress: bool = False) -> list[int]:
     """Return ``prompt_ids`` followed by up to ``max_new_tokens`` greedy tokens (stops early at ``stop_ids``).
 
-    Generation stops at the cache length: a static cache holds ``lm.cache_len`` positions.
+    Generation stops at the cache length: a static cache holds ``lm.cache_len`` positions
+    (``Artifact.generate_ids`` warns when that cuts a request short).
     """
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     ids = list(prompt_ids)
     if not ids:
         raise LlmpressError("greedy() needs at least one prompt token (BOS)")

@@ -98,6 +98,9 @@ class ActQuant(Pass):
         if plan:
             module.recompile()
         log.info("act_quant: int%d activations for %d linears, skipped %d", o.bits, len(plan), len(skipped))
+        stats: dict = {"quantized": len(plan), "skipped": skipped, "layers": layers}
         if not plan and not skipped:
             skipped.append(("*", "no llmpress::wq_linear in the graph (quantize the weights first)"))
-        return PassResult(module, bool(plan), {"quantized": len(plan), "skipped": skipped, "layers": layers})
+            stats = {"reason": "no quantized linears in the graph; put act_quant after quantize, gptq or awq",
+                     **stats}
+        return PassResult(module, bool(plan), stats)

@@ -55,7 +55,7 @@ from .quant_common import (
     rtn_quantize,
 )
 from .scale_folding import WeightEdits, collect_input_stats, find_sites, require_calibration
-from .select import select_linears
+from .select import select_linears, why_none_selected
 
 __all__ = ["AWQ", "AWQOptions", "search_scale", "clip_search", "output_error"]
 
@@ -170,6 +170,7 @@ class AWQ(Pass):
     name: ClassVar[str] = "awq"
     Options: ClassVar[type[AWQOptions]] = AWQOptions
     establishes: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})  # see passes/base.py
     needs_calibration: ClassVar[bool] = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
@@ -184,7 +185,8 @@ class AWQ(Pass):
                                                    pass_name=self.name)
         require_calibration(ctx, self.name)
         if not selected:
-            return PassResult(module, False, {"quantized": 0, "scaled": 0, "skipped": skipped})
+            return PassResult(module, False, {"reason": why_none_selected(module, skipped, self.name), "quantized": 0,
+                                              "scaled": 0, "skipped": skipped})
         sites, not_scaled = find_sites(module, selected)
         hstats, reps = collect_input_stats(module, ctx, selected, _HStats)
         unseen = [x for x, st in hstats.items() if st.tokens == 0]

@@ -3,8 +3,13 @@
 A pass is a small class with
 - ``name``: its registry name (``fuse_qkv``), the word used in pipeline text;
 - ``Options``: a frozen dataclass of typed options, validated with ``ConfigError`` (never ``assert``);
-- ``requires`` / ``establishes`` / ``invalidates``: IR properties (strings) the pass manager checks and tracks,
-  so ordering rules are declared instead of written in prose;
+- ``requires`` / ``establishes`` / ``invalidates`` / ``forbids``: IR properties (strings) the pass manager checks
+  and tracks, so ordering rules are declared instead of written in prose. The manager refuses a pipeline whose
+  order breaks them before any pass runs, naming the pass and the one it conflicts with. The properties in use:
+  ``qkv_fused`` (``fuse_qkv``); ``weights_quantized`` (``quantize``, ``gptq``, ``awq``, ``smoothquant``; required
+  by ``act_quant``; forbidden afterwards to ``fuse_qkv``, which fuses float linears only, and to ``gptq``, ``awq``
+  and ``smoothquant``, which would find those layers quantized already or fold scales into norms that quantized
+  layers also read); ``activations_quantized``; ``kv_quantized``;
 - ``run(module, ctx) -> PassResult(module, modified, stats)``: ``stats`` says what matched, what was skipped
   and why.
 """
@@ -157,6 +162,7 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     establishes: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
+    forbids: ClassVar[frozenset[str]] = frozenset()  # properties after which this pass cannot do its work
     needs_calibration: ClassVar[bool] = False
     exact: ClassVar[bool] = False  # True when outputs equal the input graph's within fp32 rounding
 

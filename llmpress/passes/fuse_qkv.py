@@ -77,6 +77,7 @@ class FuseQKV(Pass):
     name: ClassVar[str] = "fuse_qkv"
     Options = FuseQKVOptions
     establishes: ClassVar[frozenset[str]] = frozenset({"qkv_fused"})
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})  # it fuses float linears only
     exact: ClassVar[bool] = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
@@ -135,8 +136,26 @@ class FuseQKV(Pass):
         fused_paths = [self._fuse(module, g) for g in groups]
         if fused_paths:
             module.recompile()
-        return PassResult(module, bool(fused_paths),
-                          {"fused": len(fused_paths), "groups": fused_paths, "skipped": skipped})
+        stats = {"fused": len(fused_paths), "groups": fused_paths, "skipped": skipped}
+        if not fused_paths:
+            stats = {"reason": self._why_nothing(module, skipped), **stats}
+        return PassResult(module, bool(fused_paths), stats)
+
+    @staticmethod
+    def _why_nothing(module: Module, skipped: list[tuple[str, str]]) -> str:
+        from ..ir.meta import compression
+
+        quantized = sorted({str((compression(n) or {}).get("pass") or "an earlier pass") for n in module.graph.nodes
+                            if n.op == "call_function" and _leaf(source_path(n) or "") in _QKV
+                            and getattr(n.target, "name", lambda: "")() == "llmpress::wq_linear"})
+        if quantized:
+            return (f"the q/k/v projections are already quantized (by {', '.join(quantized)}); put fuse_qkv before "
+                    f"{' and '.join(quantized)}")
+        if any(_leaf(source_path(n) or "").startswith("qkv_proj") for n in module.graph.nodes):
+            return "the q/k/v projections are already fused"
+        if skipped:
+            return f"no group qualified ({len(skipped)} projections skipped, see 'skipped')"
+        return "no q_proj/k_proj/v_proj linears read one input"
 
     @staticmethod
     def _compatible(module: Module, cand: list[fx.Node], skipped: list[tuple[str, str]]) -> list[fx.Node]:

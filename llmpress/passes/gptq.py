@@ -71,7 +71,7 @@ from .quant_common import (
     relative_error,
     replace_with_wq_linear,
 )
-from .select import select_linears
+from .select import select_linears, why_none_selected
 
 __all__ = ["GPTQ", "GPTQOptions", "gptq_quantize", "NO_CALIBRATION"]
 
@@ -199,6 +199,7 @@ class GPTQ(Pass):
     name: ClassVar[str] = "gptq"
     Options: ClassVar[type[GPTQOptions]] = GPTQOptions
     establishes: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})  # see passes/base.py
     needs_calibration: ClassVar[bool] = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
@@ -208,6 +209,9 @@ class GPTQ(Pass):
         if calib is None:
             raise ConfigError(NO_CALIBRATION)
         nodes, skipped = select_linears(module, o)
+        if not nodes:  # before the calibration run: nothing would use it
+            return PassResult(module, False, {"reason": why_none_selected(module, skipped, self.name), "quantized": 0,
+                                              "skipped": skipped})
         groups: dict[fx.Node, int] = group_sizes(module, nodes, o.group, o.bits, pass_name=self.name)  # before any work
         blocks: dict[str, list[fx.Node]] = {}
         for node in nodes:  # graph order, so blocks come in execution order

@@ -1,8 +1,13 @@
 """The pass manager: runs passes in order, tracks IR properties, verifies, instruments, writes crash reproducers.
 
-IR properties are strings a pass ``requires`` / ``establishes`` / ``invalidates`` (``"qkv_fused"``). The manager
-starts from ``module.info["properties"]``, refuses to run a pass whose requirements are missing (naming the pass that
-would establish them), and stores the updated set back as a sorted list (so it serializes to JSON).
+IR properties are strings a pass ``requires`` / ``establishes`` / ``invalidates`` / ``forbids`` (``"qkv_fused"``).
+The manager starts from ``module.info["properties"]`` and, before any pass runs (``check_order``), refuses an order
+that cannot work: a pass whose requirements no earlier pass establishes (naming the passes that would), or a pass
+after one that established a property it forbids (naming both: ``fuse_qkv`` after ``quantize``). It stores the
+updated set back as a sorted list (so it serializes to JSON).
+
+A pass that changed nothing may say why in ``stats["reason"]``; the manager logs that as a warning, so
+``quantize(include=nothing_matches)`` does not pass in silence.
 
 Instruments observe without editing passes: ``TimingInstrument``, ``IRDumpInstrument`` (the IR before/after each
 pass), ``PrintOnChange``. After every pass the manager runs ``module.verify()`` (``verify_each``).
@@ -27,7 +32,7 @@ from ..ir.module import Module, VerifyError
 from .base import Pass, PassContext, PassResult
 
 __all__ = ["PassManager", "PassRecord", "Instrument", "TimingInstrument", "IRDumpInstrument", "PrintOnChange",
-           "properties_of"]
+           "properties_of", "check_order"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +139,29 @@ def properties_of(module: Module) -> set[str]:
     return set(module.info.get("properties", ()))
 
 
+def check_order(passes: Sequence[Pass], properties: Iterable[str] = ()) -> None:
+    """Raise ``PassError`` if ``passes``, run in order from a module with ``properties``, break a declared
+    ``requires`` or ``forbids``; the message names the pass and the pass it conflicts with."""
+    props = set(properties)
+    by: dict[str, str] = {}  # property -> the pass of this pipeline that established it
+    done: list[str] = []
+    for p in passes:
+        missing = sorted(p.requires - props)
+        if missing:
+            raise PassError(f"pass {p.name!r} requires IR properties {missing} that no earlier pass established"
+                            f" (passes before it: [{', '.join(done)}]); {_who_establishes(missing)}")
+        for prop in sorted(p.forbids & props):
+            if prop in by:
+                raise PassError(f"pass {p.name!r} cannot run after {by[prop]!r}: {by[prop]!r} makes the IR {prop!r}"
+                                f" and {p.name!r} only works before that; put {p.name} before {by[prop]}")
+            raise PassError(f"pass {p.name!r} cannot run on this module: it is already {prop!r} (recorded by an "
+                            f"earlier pipeline) and {p.name!r} only works before that")
+        for prop in p.establishes:
+            by[prop] = p.name
+        props = (props | set(p.establishes)) - set(p.invalidates)
+        done.append(p.name)
+
+
 class PassManager:
     """Runs ``passes`` in order over a module; see the module docstring for what it checks and records."""
 
@@ -161,15 +189,12 @@ class PassManager:
     def run(self, module: Module, ctx: PassContext | None = None) -> tuple[Module, list[PassRecord]]:
         ctx = ctx if ctx is not None else PassContext()
         props = properties_of(module)
+        check_order(self.passes, props)  # before any work: a wrong order should not cost a calibration run
         records: list[PassRecord] = []
         done: list[str] = []
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not ctx.progress, leave=False)
         for index, p in enumerate(bar):
             bar.set_postfix_str(p.name)
-            missing = sorted(p.requires - props)
-            if missing:
-                raise PassError(f"pass {p.name!r} requires IR properties {missing} that no earlier pass established"
-                                f" (ran before it: [{', '.join(done)}]); {_who_establishes(missing)}")
             before = module.clone()
             for ins in self.instruments:
                 ins.before_pass(p, module)
@@ -202,6 +227,8 @@ class PassManager:
             records.append(PassRecord(p.name, p.options.all_dict(), bool(result.modified), dict(result.stats),
                                       seconds))
             log.debug("%s: modified=%s in %.3fs %s", p.name, result.modified, seconds, result.stats)
+            if not result.modified and result.stats.get("reason"):
+                log.warning("%s changed nothing: %s", p.name, result.stats["reason"])
             done.append(p.name)
         bar.close()
         module.info["properties"] = sorted(props)

@@ -30,7 +30,7 @@ from .quant_common import (
     replace_with_wq_linear,
     rtn_quantize,
 )
-from .select import select_linears
+from .select import select_linears, why_none_selected
 
 __all__ = ["Quantize", "QuantizeOptions"]
 
@@ -90,4 +90,6 @@ class Quantize(Pass):
         log.info("quantize: %d linears to %d bits, skipped %d", len(plan), o.bits, len(skipped))
         stats = {"quantized": len(plan), "skipped": skipped, "bytes_before": before, "bytes_after": after,
                  "layers": layers}
+        if not plan:
+            stats = {"reason": why_none_selected(module, skipped, self.name), **stats}
         return PassResult(module, bool(plan), stats)

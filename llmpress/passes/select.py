@@ -22,7 +22,7 @@ from ..ir.meta import source_path
 from ..ir.module import Module
 from .base import SelectOptions
 
-__all__ = ["linear_nodes", "Selector", "select_linears", "pattern_matches"]
+__all__ = ["linear_nodes", "Selector", "select_linears", "pattern_matches", "why_none_selected"]
 
 _LINEAR = torch.ops.aten.linear.default
 
@@ -74,6 +74,25 @@ class Selector:
                     return True, f"included by {pat!r}"
             return False, f"not included by {'|'.join(self.include)!r}"
         return True, "selected"
+
+
+def why_none_selected(module: Module, skipped: list[tuple[str, str]], pass_name: str) -> str:
+    """Why a pass over float ``aten.linear`` layers found none to work on: one sentence for its stats and the log.
+
+    Already quantized layers (``llmpress::wq_linear``) are named with the pass that quantized them, since the usual
+    cause is the order of the pipeline."""
+    from ..ir.meta import compression
+
+    quantized = [n for n in module.graph.nodes if n.op == "call_function"
+                 and getattr(n.target, "name", lambda: "")() == "llmpress::wq_linear"]
+    if quantized and not any(n.op == "call_function" and n.target is _LINEAR for n in module.graph.nodes):
+        by = sorted({str((compression(n) or {}).get("pass") or "an earlier pass") for n in quantized})
+        return (f"the linears are already quantized ({len(quantized)} llmpress::wq_linear, by {', '.join(by)}); "
+                f"put {pass_name} before {' and '.join(by)}")
+    if skipped:
+        reasons = sorted({why for _, why in skipped})
+        return f"every linear was left out ({len(skipped)}: {'; '.join(reasons[:3])}{'...' if len(reasons) > 3 else ''})"
+    return "the graph has no linear layers with stored weights"
 
 
 def select_linears(module: Module, options: SelectOptions) -> tuple[list[fx.Node], list[tuple[str, str]]]:

@@ -39,7 +39,7 @@ from ..ir.ops import w8a8 as _w8a8_ops
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .scale_folding import WeightEdits, collect_input_stats, find_sites, linear_bias, require_calibration
 from .quant_common import weight_stem
-from .select import select_linears
+from .select import select_linears, why_none_selected
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
 
@@ -80,6 +80,7 @@ class SmoothQuant(Pass):
     name: ClassVar[str] = "smoothquant"
     Options: ClassVar[type[SmoothQuantOptions]] = SmoothQuantOptions
     establishes: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "activations_quantized"})
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})  # see passes/base.py
     needs_calibration: ClassVar[bool] = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
@@ -92,7 +93,8 @@ class SmoothQuant(Pass):
         require_calibration(ctx, self.name)
         selected, skipped = select_linears(module, o)
         if not selected:
-            return PassResult(module, False, {"quantized": 0, "smoothed": 0, "skipped": skipped})
+            return PassResult(module, False, {"reason": why_none_selected(module, skipped, self.name), "quantized": 0,
+                                              "smoothed": 0, "skipped": skipped})
         sites, not_scaled = find_sites(module, selected)
         stats_by_input, _ = collect_input_stats(module, ctx, selected, _InputStats)
         edits = WeightEdits(module)
