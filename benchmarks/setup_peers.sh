@@ -37,6 +37,7 @@ else
 fi
 "$PY" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$WHEEL"
 "$PY" -m pip install -qq --disable-pip-version-check --no-deps diskcache==5.6.3
+"$PY" -m pip install -qq --disable-pip-version-check -e ".[bench]"  # matplotlib (plots), onnx-ir (ORT int4 peer)
 
 # llama.cpp's conversion scripts (same commit as the compiled library), for benchmarks/peers/llamacpp.py::to_gguf
 LCPP="$CACHE/llama.cpp"

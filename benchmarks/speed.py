@@ -210,7 +210,11 @@ def e2e_markdown(rows: list[dict], env: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # results and README still written; the plot needs the bench extra
+        log.warning("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
