@@ -5,6 +5,13 @@ import os
 import threading
 import time
 
+import llmpress.host
+
+# Every runtime runs as its users run it: `import llmpress` sets OMP_WAIT_POLICY=PASSIVE (for the CLI on shared
+# machines, llmpress/host.py), which would also make PyTorch's and llama.cpp's OpenMP workers (in this process and in
+# child processes) sleep between parallel regions. Before anything loads libgomp, take it back.
+llmpress.host.openmp_default()
+
 __all__ = ["machine_env", "loadavg", "interleaved_timings", "settle", "others_running"]
 
 

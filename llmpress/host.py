@@ -21,12 +21,27 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["passive_openmp", "available_cpus", "torch_threads"]
+__all__ = ["passive_openmp", "openmp_default", "available_cpus", "torch_threads"]
+
+_SET_HERE = False  # passive_openmp set the variable (the user had not)
 
 
 def passive_openmp() -> None:
     """``OMP_WAIT_POLICY=PASSIVE`` unless already set. Takes effect only before torch (libgomp) is loaded."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    global _SET_HERE
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        _SET_HERE = True
+
+
+def openmp_default() -> None:
+    """Undo ``passive_openmp`` (a value the user set stays): libgomp's default wait policy for whatever loads it
+    next, in this process and its children. The benchmarks call it so that PyTorch and llama.cpp run beside
+    llmpress as their users run them (passive waiting cost llama.cpp's Q4_0 decode about a third here)."""
+    global _SET_HERE
+    if _SET_HERE:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        _SET_HERE = False
 
 
 def available_cpus() -> int:

@@ -21,6 +21,12 @@ def test_import_sets_passive_openmp_unless_the_user_chose():
     assert _python(code, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
 
 
+def test_openmp_default_undoes_only_our_own_setting():
+    code = "import os, llmpress.host as h; h.openmp_default(); print(os.environ.get('OMP_WAIT_POLICY'))"
+    assert _python(code) == "None"  # the benchmarks' peers get libgomp's default
+    assert _python(code, OMP_WAIT_POLICY="PASSIVE") == "PASSIVE"  # the user's own choice stays
+
+
 def test_torch_threads_follow_the_affinity_mask():
     # The pool is capped at the CPUs this process may run on, even when the mask shrinks after torch chose its
     # count; an explicit count wins, and so does the user's OMP_NUM_THREADS.
