@@ -285,7 +285,7 @@ def replace_with_wq_linear(module: Module, node: fx.Node, qw: QuantizedWeight, *
     # zeros of a sparsified weight survive; its sparsity record moves to the new node, measured on what is stored.
     carried = _carried_sparsity(node)
     if carried:
-        carried["sparsity"] = float((qw.dequantize() == 0).float().mean())
+        carried["sparsity"] = round(float((qw.dequantize() == 0).float().mean()), 4)
     full = dict(spec)
     full.update(carried)
     full.update({"bits": qw.bits, "group": qw.group_size, "sym": sym, "weight": wname,

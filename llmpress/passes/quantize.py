@@ -9,7 +9,8 @@ with, per output row o and group g of ``group`` consecutive input columns (see `
   ``q = clamp(round(W / s) + z, 0, 2^b - 1)``.
 
 ``W_hat = (q - z) * s``. Both grids hold 0 exactly (q = 0, or q = z), so the zeros of a layer ``sparsify`` pruned
-stay exactly zero; such layers report their stored sparsity. Stats per layer: the relative Frobenius error ``||W - W_hat|| / ||W||``.
+stay exactly zero; such layers report their stored sparsity. Stats per layer: the relative Frobenius error
+``||W - W_hat|| / ||W||``.
 Options are checked against every selected layer (group divides ``in_features``) before anything is rewritten.
 """
 from __future__ import annotations
