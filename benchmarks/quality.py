@@ -69,6 +69,20 @@ ACT_QUANT_ROWS = [
     ("RTN", "int8 per-channel", "group=128", "128"),
 ]
 
+# (method, config, pipeline) for weight pruning (``sparsify``, issue 13): every linear but lm_head, zeros kept in dense
+# float weights (dense-equivalent: same bytes and speed as fp32 until sparse kernels exist), then one row quantized
+# on top of the sparse weights, whose zeros the quantizer keeps. Wanda and SparseGPT calibrate on calib.txt too.
+SPARSIFY_ROWS = [
+    ("magnitude", "50%", "sparsify(method=magnitude,exclude=lm_head)"),
+    ("magnitude", "2:4", "sparsify(method=magnitude,pattern=2:4,exclude=lm_head)"),
+    ("Wanda", "50%", "sparsify(method=wanda,exclude=lm_head)"),
+    ("Wanda", "2:4", "sparsify(method=wanda,pattern=2:4,exclude=lm_head)"),
+    ("SparseGPT", "50%", "sparsify(method=sparsegpt,exclude=lm_head)"),
+    ("SparseGPT", "2:4", "sparsify(method=sparsegpt,pattern=2:4,exclude=lm_head)"),
+    ("SparseGPT + GPTQ", "2:4, int4 g128",
+     "sparsify(method=sparsegpt,pattern=2:4,exclude=lm_head),gptq(bits=4,group=128,exclude=lm_head)"),
+]
+
 
 @dataclass
 class Row:
@@ -197,6 +211,10 @@ class Bench:
             pipe = f"{pass_name}({configs[config]},exclude=lm_head),{act}"
             self.llmpress_row(f"{label} + act_quant", f"{config}, int8 act g{block}", pipe, needs_calib=calib)
 
+    def sparsify_rows(self) -> None:
+        for label, config, pipe in SPARSIFY_ROWS:
+            self.llmpress_row(f"sparsify {label}", config, pipe, needs_calib="method=magnitude" not in pipe)
+
     # -- ONNX Runtime rows ---------------------------------------------------------------------------------------
     def ort_rows(self, int4_module: Any) -> None:
         from llmpress.backends.onnx import OrtProgram, export
@@ -268,6 +286,8 @@ class Bench:
             self.llmpress_row("SmoothQuant", "W8A8", "smoothquant(exclude=lm_head)", needs_calib=True)
         if "act_quant" in names:
             self.act_quant_rows(names)
+        if "sparsify" in names:
+            self.sparsify_rows()
         self.ort_rows(keep.get("module"))
         self.total_s = time.perf_counter() - self.t_start
         self.write(final=True)

@@ -18,6 +18,7 @@ def _all() -> list[type[Pass]]:
     from .kv_quant import KVQuant
     from .quantize import Quantize
     from .smoothquant import SmoothQuant
+    from .sparsify import Sparsify
 
     return [
         ActQuant,
@@ -29,6 +30,7 @@ def _all() -> list[type[Pass]]:
         KVQuant,
         Quantize,
         SmoothQuant,
+        Sparsify,
     ]
 
 
