@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ConfigError
-from ..ir.meta import set_compression, source_path
+from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from ..ir.ops.wq_linear import SUPPORTED_BITS, pack_weight, qrange, values_per_unit
 
@@ -257,7 +257,11 @@ def replace_with_wq_linear(module: Module, node: fx.Node, qw: QuantizedWeight, *
     node.replace_all_uses_with(new)
     module.erase([node])
     after = packed.numel() * packed.element_size() + qw.scales.numel() * 4 + (zeros.numel() if zeros is not None else 0)
-    full = dict(spec)
+    earlier = compression(node) or {}  # what an earlier rewrite recorded (factorize's rank) stays visible
+    full = {k: v for k, v in earlier.items() if k not in ("pass", "method", "bytes_before", "bytes_after")}
+    if earlier.get("pass"):
+        full["after"] = earlier["pass"]
+    full.update(spec)
     full.update({"bits": qw.bits, "group": qw.group_size, "sym": sym, "weight": wname,
                  "bytes_before": w.numel() * w.element_size(), "bytes_after": after,
                  "source": source_path(new)})
