@@ -17,9 +17,10 @@ int4 g128, int3 g128, int2 g64 (every linear but ``lm_head``, symmetric); Smooth
 dynamic int8 activations added (``act_quant``: per token and block, ``ACT_QUANT_ROWS``), which measure what
 activation quantization costs on top of the same weights; and the ONNX Runtime peers: the fp32 ONNX export run by
 ORT, ORT's own 4-bit quantizer (``MatMulNBitsQuantizer``, block 128, symmetric, ``lm_head`` excluded like ours) on
-that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``. Methods whose pass is not registered are
-absent. Calibration (GPTQ, AWQ, SmoothQuant) comes only from ``../shared/data/tinystories/calib.txt``. Perplexity
-of llmpress rows is computed by the reference interpreter (the IR run in PyTorch), of ORT rows by an ONNX Runtime
+that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``; low-rank factorization (``factorize``:
+plain SVD, ASVD, SVD-LLM at 50% and 70% of each linear's parameters, and SVD-LLM 70% then RTN int4 g32,
+``FACTORIZE_ROWS``). Methods whose pass is not registered are absent. Calibration (GPTQ, AWQ, SmoothQuant, ASVD,
+SVD-LLM) comes only from ``../shared/data/tinystories/calib.txt``. Perplexity of llmpress rows is computed by the reference interpreter (the IR run in PyTorch), of ORT rows by an ONNX Runtime
 session over the same windows.
 """
 from __future__ import annotations
@@ -81,6 +82,16 @@ SPARSIFY_ROWS = [
     ("SparseGPT", "2:4", "sparsify(method=sparsegpt,pattern=2:4,exclude=lm_head)"),
     ("SparseGPT + GPTQ", "2:4, int4 g128",
      "sparsify(method=sparsegpt,pattern=2:4,exclude=lm_head),gptq(bits=4,group=128,exclude=lm_head)"),
+]
+
+# (method label, config label, pipeline, needs calibration): low-rank factorization (``factorize``) of every linear
+# but lm_head; ratio = fraction of each layer's parameters kept, ranks rounded to multiples of 32 (the default), so the
+# factors take int4 with group 32 (group 128 would need multiple=128).
+FACTORIZE_ROWS = [
+    *[(f"factorize {m}", f"ratio {r}", f"factorize(method={m},ratio={r},exclude=lm_head)", m != "svd")
+      for r in (0.5, 0.7) for m in ("svd", "asvd", "svd_llm")],
+    ("factorize svd_llm + RTN", "ratio 0.7, int4 g32",
+     "factorize(method=svd_llm,ratio=0.7,exclude=lm_head),quantize(bits=4,group=32,exclude=lm_head)", True),
 ]
 
 
@@ -288,6 +299,9 @@ class Bench:
             self.act_quant_rows(names)
         if "sparsify" in names:
             self.sparsify_rows()
+        if "factorize" in names:
+            for label, config, pipe, calib in FACTORIZE_ROWS:
+                self.llmpress_row(label, config, pipe, needs_calib=calib)
         self.ort_rows(keep.get("module"))
         self.total_s = time.perf_counter() - self.t_start
         self.write(final=True)

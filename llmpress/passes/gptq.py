@@ -238,10 +238,13 @@ class GPTQ(Pass):
         with torch.no_grad():
             for _, members, hessians in block_hessians(module, calib, nodes, collect=self._hessians):
                 dead = []
+                # Inputs as collected: a member reading another member's output (the factors of a factorized
+                # layer) sees that input replaced by its wq_linear once the first is quantized.
+                inputs = {node: node.args[0] for node in members}
                 for node in members:
                     path = source_path(node) or node.name
                     _, w = linear_weight(module, node)
-                    h = hessians[node.args[0]]
+                    h = hessians[inputs[node]]
                     mask = sparsity_mask(node, w)
                     qw = gptq_quantize(w, h, bits=o.bits, group=groups[node], sym=o.sym, damp=o.damp,
                                        block=o.block, act_order=o.act_order, clip_search=o.clip_search, layer=path,

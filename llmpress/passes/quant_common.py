@@ -286,7 +286,11 @@ def replace_with_wq_linear(module: Module, node: fx.Node, qw: QuantizedWeight, *
     carried = _carried_sparsity(node)
     if carried:
         carried["sparsity"] = round(float((qw.dequantize() == 0).float().mean()), 4)
-    full = dict(spec)
+    earlier = compression(node) or {}  # what an earlier rewrite recorded (factorize's rank) stays visible
+    full = {k: v for k, v in earlier.items() if k not in ("pass", "method", "bytes_before", "bytes_after")}
+    if earlier.get("pass"):
+        full["after"] = earlier["pass"]
+    full.update(spec)
     full.update(carried)
     full.update({"bits": qw.bits, "group": qw.group_size, "sym": sym, "weight": wname,
                  "bytes_before": w.numel() * w.element_size(), "bytes_after": after,

@@ -12,6 +12,7 @@ def _all() -> list[type[Pass]]:
     from .act_quant import ActQuant
     from .awq import AWQ
     from .dce import DeadCodeElimination
+    from .factorize import Factorize
     from .fold_constants import FoldConstants
     from .fuse_qkv import FuseQKV
     from .gptq import GPTQ
@@ -24,6 +25,7 @@ def _all() -> list[type[Pass]]:
         ActQuant,
         AWQ,
         DeadCodeElimination,
+        Factorize,
         FoldConstants,
         FuseQKV,
         GPTQ,
