@@ -14,6 +14,7 @@ def _all() -> list[type[Pass]]:
     from .dce import DeadCodeElimination
     from .factorize import Factorize
     from .fold_constants import FoldConstants
+    from .fuse_gate_up import FuseGateUp
     from .fuse_qkv import FuseQKV
     from .gptq import GPTQ
     from .kv_quant import KVQuant
@@ -27,6 +28,7 @@ def _all() -> list[type[Pass]]:
         DeadCodeElimination,
         Factorize,
         FoldConstants,
+        FuseGateUp,
         FuseQKV,
         GPTQ,
         KVQuant,
