@@ -14,6 +14,8 @@ def _all() -> list[type[Pass]]:
     from .dce import DeadCodeElimination
     from .factorize import Factorize
     from .fold_constants import FoldConstants
+    from .fold_norm import FoldNorm
+    from .fuse_gate_up import FuseGateUp
     from .fuse_qkv import FuseQKV
     from .gptq import GPTQ
     from .kv_quant import KVQuant
@@ -27,6 +29,8 @@ def _all() -> list[type[Pass]]:
         DeadCodeElimination,
         Factorize,
         FoldConstants,
+        FoldNorm,
+        FuseGateUp,
         FuseQKV,
         GPTQ,
         KVQuant,
