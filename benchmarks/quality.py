@@ -17,9 +17,10 @@ int4 g128, int3 g128, int2 g64 (every linear but ``lm_head``, symmetric); Smooth
 dynamic int8 activations added (``act_quant``: per token and block, ``ACT_QUANT_ROWS``), which measure what
 activation quantization costs on top of the same weights; and the ONNX Runtime peers: the fp32 ONNX export run by
 ORT, ORT's own 4-bit quantizer (``MatMulNBitsQuantizer``, block 128, symmetric, ``lm_head`` excluded like ours) on
-that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``. Methods whose pass is not registered are
-absent. Calibration (GPTQ, AWQ, SmoothQuant) comes only from ``../shared/data/tinystories/calib.txt``. Perplexity
-of llmpress rows is computed by the reference interpreter (the IR run in PyTorch), of ORT rows by an ONNX Runtime
+that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``; low-rank factorization (``factorize``:
+plain SVD, ASVD, SVD-LLM at 50% and 70% of each linear's parameters, and SVD-LLM 70% then RTN int4 g32,
+``FACTORIZE_ROWS``). Methods whose pass is not registered are absent. Calibration (GPTQ, AWQ, SmoothQuant, ASVD,
+SVD-LLM) comes only from ``../shared/data/tinystories/calib.txt``. Perplexity of llmpress rows is computed by the reference interpreter (the IR run in PyTorch), of ORT rows by an ONNX Runtime
 session over the same windows.
 """
 from __future__ import annotations
@@ -67,6 +68,30 @@ ACT_QUANT_ROWS = [
     ("RTN", "int4 g128", "group=32", "32"),
     ("GPTQ", "int4 g128", "", "128"),
     ("RTN", "int8 per-channel", "group=128", "128"),
+]
+
+# (method, config, pipeline) for weight pruning (``sparsify``, issue 13): every linear but lm_head, zeros kept in dense
+# float weights (dense-equivalent: same bytes and speed as fp32 until sparse kernels exist), then one row quantized
+# on top of the sparse weights, whose zeros the quantizer keeps. Wanda and SparseGPT calibrate on calib.txt too.
+SPARSIFY_ROWS = [
+    ("magnitude", "50%", "sparsify(method=magnitude,exclude=lm_head)"),
+    ("magnitude", "2:4", "sparsify(method=magnitude,pattern=2:4,exclude=lm_head)"),
+    ("Wanda", "50%", "sparsify(method=wanda,exclude=lm_head)"),
+    ("Wanda", "2:4", "sparsify(method=wanda,pattern=2:4,exclude=lm_head)"),
+    ("SparseGPT", "50%", "sparsify(method=sparsegpt,exclude=lm_head)"),
+    ("SparseGPT", "2:4", "sparsify(method=sparsegpt,pattern=2:4,exclude=lm_head)"),
+    ("SparseGPT + GPTQ", "2:4, int4 g128",
+     "sparsify(method=sparsegpt,pattern=2:4,exclude=lm_head),gptq(bits=4,group=128,exclude=lm_head)"),
+]
+
+# (method label, config label, pipeline, needs calibration): low-rank factorization (``factorize``) of every linear
+# but lm_head; ratio = fraction of each layer's parameters kept, ranks rounded to multiples of 32 (the default), so the
+# factors take int4 with group 32 (group 128 would need multiple=128).
+FACTORIZE_ROWS = [
+    *[(f"factorize {m}", f"ratio {r}", f"factorize(method={m},ratio={r},exclude=lm_head)", m != "svd")
+      for r in (0.5, 0.7) for m in ("svd", "asvd", "svd_llm")],
+    ("factorize svd_llm + RTN", "ratio 0.7, int4 g32",
+     "factorize(method=svd_llm,ratio=0.7,exclude=lm_head),quantize(bits=4,group=32,exclude=lm_head)", True),
 ]
 
 
@@ -197,6 +222,10 @@ class Bench:
             pipe = f"{pass_name}({configs[config]},exclude=lm_head),{act}"
             self.llmpress_row(f"{label} + act_quant", f"{config}, int8 act g{block}", pipe, needs_calib=calib)
 
+    def sparsify_rows(self) -> None:
+        for label, config, pipe in SPARSIFY_ROWS:
+            self.llmpress_row(f"sparsify {label}", config, pipe, needs_calib="method=magnitude" not in pipe)
+
     # -- ONNX Runtime rows ---------------------------------------------------------------------------------------
     def ort_rows(self, int4_module: Any) -> None:
         from llmpress.backends.onnx import OrtProgram, export
@@ -268,6 +297,11 @@ class Bench:
             self.llmpress_row("SmoothQuant", "W8A8", "smoothquant(exclude=lm_head)", needs_calib=True)
         if "act_quant" in names:
             self.act_quant_rows(names)
+        if "sparsify" in names:
+            self.sparsify_rows()
+        if "factorize" in names:
+            for label, config, pipe, calib in FACTORIZE_ROWS:
+                self.llmpress_row(label, config, pipe, needs_calib=calib)
         self.ort_rows(keep.get("module"))
         self.total_s = time.perf_counter() - self.t_start
         self.write(final=True)

@@ -108,8 +108,9 @@ class Artifact:
         lm = self.lm
         if lm is None:
             raise ArtifactError("this artifact is not a causal LM with a KV cache; it cannot generate")
-        # BOS also ends a sequence (llama2.c's rule; the C++ edge runner stops the same way).
-        ids = greedy(self.compiled.forward_last, lm, prompt_ids, max_new_tokens, stop_ids=(lm.eos_id, lm.bos_id),
+        # Any EOS id (config.json and generation_config.json) ends a sequence, and so does BOS (llama2.c's rule; the
+        # C++ edge runner stops at eos_id and bos_id).
+        ids = greedy(self.compiled.forward_last, lm, prompt_ids, max_new_tokens, stop_ids=lm.stop_ids(),
                      progress=progress)
         room, made = lm.cache_len - len(prompt_ids), len(ids) - len(prompt_ids)
         if room < max_new_tokens and made == room:  # stopped by the cache, not by an end-of-sequence token

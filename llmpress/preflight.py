@@ -3,8 +3,8 @@
 ``check_compile`` needs no model: the pipeline text (parsed, every option validated against its pass's options),
 calibration data for the passes that need it, the target name, the model / tokenizer / calibration files, and the
 output location (``llmpress.outputs.check_output``). ``check_layers`` needs the captured model but runs before any
-pass: every quantizing pass's ``group``/``bits`` against every layer it selects, with all offending layers listed at
-once.
+pass: every quantizing pass's ``group``/``bits`` against every layer it selects (and any pass's own
+``layer_problems(module)``, such as sparsify's N:M fit), with all offending layers listed at once.
 """
 from __future__ import annotations
 
@@ -106,6 +106,9 @@ def check_layers(passes: list, module: Any) -> None:
     lines: list[str] = []
     for p in passes:
         o = p.options
+        layer_problems = getattr(p, "layer_problems", None)  # a pass's own per-layer check (sparsify's N:M fit)
+        if layer_problems is not None:
+            lines += [f"{p.name}: {msg}" for msg in layer_problems(module)]
         if "weights_quantized" not in getattr(p, "establishes", ()) or not isinstance(o, SelectOptions):
             continue
         if not hasattr(o, "group") or not hasattr(o, "bits"):
@@ -115,5 +118,5 @@ def check_layers(passes: list, module: Any) -> None:
         claimed.update(nodes)
         lines += [f"{p.name}: {msg}" for msg in group_problems(module, nodes, o.group, o.bits)]
     if lines:
-        raise ConfigError(f"{len(lines)} layer(s) do not fit the pipeline's group/bits (choose a group that divides "
-                          "them, or exclude them); nothing was run:\n  " + "\n  ".join(lines))
+        raise ConfigError(f"{len(lines)} layer(s) do not fit the pipeline's group/bits/pattern (choose a group or "
+                          "pattern that divides them, or exclude them); nothing was run:\n  " + "\n  ".join(lines))

@@ -3,8 +3,9 @@
 Accepted models:
 - ``llmpress.models.Llama`` (what the loaders build from Hugging Face Llama folders and llama2.c checkpoints): captured
   with its KV-cache calling convention and a dynamic sequence length, so one graph serves prefill and decode.
-- a Hugging Face ``PreTrainedModel`` causal LM (any architecture): captured as ``input_ids -> logits`` without a
-  cache (``use_cache=False``).
+- a Hugging Face ``PreTrainedModel`` causal LM of another architecture, given ``example_inputs``: captured as
+  ``input_ids -> logits`` without a cache (``use_cache=False``). Folders of the Llama family (llama, mistral, qwen2,
+  qwen3) load as ``Llama`` instead.
 - any other ``nn.Module``: its ``forward`` on ``example_inputs``.
 - a path (Hugging Face folder, llama2.c ``.bin``, ``.onnx`` file): loaded with ``llmpress.ir.load_model`` first.
 """
@@ -43,7 +44,7 @@ def lm_info(model: nn.Module) -> LMInfo | None:
     if isinstance(model, Llama):
         c = model.config
         return LMInfo(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, cache_len=model.cache_len,
-                      vocab_size=c.vocab_size, bos_id=c.bos_id, eos_id=c.eos_id)
+                      vocab_size=c.vocab_size, bos_id=c.bos_id, eos_id=c.eos_id, eos_ids=tuple(c.eos_ids))
     return None
 
 
@@ -82,6 +83,14 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
         example_inputs = model.example_inputs()
         dynamic = (model.dynamic_shapes() or False) if dynamic is True else dynamic
     if _is_hf_causal_lm(model):
+        if example_inputs is None:
+            from .loaders.hf import SUPPORTED_MODEL_TYPES
+
+            kind = getattr(getattr(model, "config", None), "model_type", None)
+            raise LlmpressError(
+                f"model_type {kind!r} ({type(model).__name__}) has no KV-cache capture in llmpress; supported "
+                f"model_types: {', '.join(SUPPORTED_MODEL_TYPES)}. To capture it anyway as input_ids -> logits "
+                "without a cache (no generate), call llmpress.ir.capture(model, (input_ids,))")
         model = _LogitsOnly(model)
     if example_inputs is None:
         raise LlmpressError(f"capture() needs example_inputs for a {type(model).__name__}")

@@ -81,6 +81,12 @@ class LMInfo:
     cache_dtype: str = "float32"
     caches: tuple = ()
     extra: dict = field(default_factory=dict)
+    eos_ids: tuple = ()  # every end-of-sequence id (config + generation_config); () means just ``eos_id``
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end greedy generation: every EOS id, then BOS (llama2.c's rule: BOS starts a new story)."""
+        ids = [*(self.eos_ids or (self.eos_id,)), self.bos_id]
+        return tuple(dict.fromkeys(int(i) for i in ids))
 
     def cache_specs(self) -> list[dict]:
         """``[{"name": "k_0", "shape": [n_kv_heads, cache_len, head_dim], "dtype": "float32"}, ...]`` in call order."""
@@ -99,10 +105,12 @@ class LMInfo:
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["caches"] = [dict(c) for c in self.caches]
+        d["eos_ids"] = list(self.eos_ids)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "LMInfo":
         d = dict(d)
         d["caches"] = tuple(dict(c) for c in d.get("caches") or ())
+        d["eos_ids"] = tuple(int(i) for i in d.get("eos_ids") or ())
         return cls(**d)

@@ -164,6 +164,26 @@ class Module:
         self._set_signature(specs, list(self.signature.output_specs))
         return node
 
+    def set_weight(self, node: fx.Node, tensor: torch.Tensor) -> None:
+        """Replace the tensor behind the weight placeholder ``node`` by ``tensor`` (same shape and dtype) in this
+        module only: a ``clone`` shares the tensors but not the store, so the module it was cloned from keeps its
+        own. Every reader of the placeholder (and of a tied weight's other placeholders) sees the new tensor."""
+        name = self.weight_name(node)
+        if name is None:
+            raise VerifyError(f"set_weight: {node.name} is not a weight placeholder")
+        old = self.weights()[name]
+        if old.shape != tensor.shape or old.dtype != tensor.dtype:
+            raise VerifyError(f"set_weight: {name} is {old.dtype} {list(old.shape)}, the new tensor "
+                              f"{tensor.dtype} {list(tensor.shape)}")
+        tensor = tensor.detach()
+        if name in self._ep.state_dict:
+            if isinstance(old, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            self._ep.state_dict[name] = tensor
+        else:
+            self._ep.constants[name] = tensor
+        self._runner = None
+
     def add_input(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, after: fx.Node) -> fx.Node:
         """Add a user input (a placeholder right after the placeholder ``after``) of a static ``shape``/``dtype``.
 

@@ -16,6 +16,11 @@ causal mask ``key_pos <= query_pos``; masked scores are exactly zero after the s
 attention over the valid prefix. It is one ``scaled_dot_product_attention`` call with ``enable_gqa`` (the query
 heads of a group share their KV head; no backend has to copy the cache per query head).
 
+The same module computes the Llama-layout family (``LlamaConfig`` switches): Mistral (Llama layout; its sliding
+window is accepted only where it covers the whole cache, so attention is exact, see ``loaders.hf``), Qwen2 (bias on
+q/k/v: ``qkv_bias``), Qwen3 (per-head RMSNorm of q and k before RoPE: ``qk_norm``), and Llama's own
+``attention_bias`` / ``mlp_bias`` options.
+
 RoPE uses the rotate-half layout of Hugging Face; cos/sin tables are precomputed buffers
 (``cos[p, i] = cos(p * theta^(-2(i mod d/2)/d))``), which is what HF computes at run time.
 """
@@ -45,6 +50,12 @@ class LlamaConfig:
     bos_id: int = 1
     eos_id: int = 2
     head_dim: int = 0  # 0: dim // n_heads
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama/Qwen3 attention_bias)
+    mlp_bias: bool = False  # bias on gate/up/down (Llama mlp_bias)
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
+    eos_ids: tuple = ()  # every end-of-sequence id (config.json and generation_config.json); eos_id is the first
+    arch: str = "llama"  # the Hugging Face model_type this config came from (for logs and the manifest)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -71,10 +82,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # Qwen3: one weight of head_dim shared by every head
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
         b, t, _ = x.shape
@@ -84,6 +99,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, d)
         k = self.k_proj(x).view(b, t, n_kv, d)
         v = self.v_proj(x).view(b, t, n_kv, d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)  # [b, n_kv, t, d]: the cache layout
         v = v.transpose(1, 2)
@@ -102,9 +119,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -145,8 +162,11 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         d = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        freqs = torch.outer(torch.arange(self.cache_len, dtype=torch.int64).float(), inv_freq)
+        # Explicitly on the CPU: the loader builds the module under ``torch.device("meta")`` (no throwaway random
+        # weights) and then assigns the checkpoint's tensors; these tables are not in the checkpoint.
+        cpu = torch.device("cpu")
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=cpu).float() / d))
+        freqs = torch.outer(torch.arange(self.cache_len, dtype=torch.int64, device=cpu).float(), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)

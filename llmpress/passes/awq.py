@@ -170,7 +170,7 @@ class AWQ(Pass):
     name: ClassVar[str] = "awq"
     Options: ClassVar[type[AWQOptions]] = AWQOptions
     establishes: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})
-    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})  # see passes/base.py
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "norms_folded"})  # see passes/base.py
     needs_calibration: ClassVar[bool] = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:

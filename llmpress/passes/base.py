@@ -6,9 +6,11 @@ A pass is a small class with
 - ``requires`` / ``establishes`` / ``invalidates`` / ``forbids``: IR properties (strings) the pass manager checks
   and tracks, so ordering rules are declared instead of written in prose. The manager refuses a pipeline whose
   order breaks them before any pass runs, naming the pass and the one it conflicts with. The properties in use:
-  ``qkv_fused`` (``fuse_qkv``); ``weights_quantized`` (``quantize``, ``gptq``, ``awq``, ``smoothquant``; required
-  by ``act_quant``; forbidden afterwards to ``fuse_qkv``, which fuses float linears only, and to ``gptq``, ``awq``
-  and ``smoothquant``, which would find those layers quantized already or fold scales into norms that quantized
+  ``qkv_fused`` (``fuse_qkv``); ``gate_up_fused`` (``fuse_gate_up``); ``norms_folded`` (``fold_norm``; forbidden
+  afterwards to ``awq`` and ``smoothquant``, which fold their scales into the norm weights it removed);
+  ``weights_quantized`` (``quantize``, ``gptq``, ``awq``, ``smoothquant``; required by ``act_quant``; forbidden
+  afterwards to ``fuse_qkv``, ``fuse_gate_up`` and ``fold_norm``, which edit float linears only, and to ``gptq``,
+  ``awq`` and ``smoothquant``, which would find those layers quantized already or fold scales into norms that quantized
   layers also read); ``activations_quantized``; ``kv_quantized``;
 - ``run(module, ctx) -> PassResult(module, modified, stats)``: ``stats`` says what matched, what was skipped
   and why.

@@ -31,7 +31,7 @@ from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .select import select_linears
 
-__all__ = ["FuseQKV"]
+__all__ = ["FuseQKV", "compatible_linears", "fuse_linears"]
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _LINEAR = torch.ops.aten.linear.default
@@ -117,7 +117,7 @@ class FuseQKV(Pass):
             else:
                 candidates = [sibs] if len(sibs) >= 2 else []
             for cand in candidates:
-                cand = self._compatible(module, cand, skipped)
+                cand = compatible_linears(module, cand, skipped)
                 if not cand:
                     continue
                 if len(cand) < opts.min_group:
@@ -133,7 +133,7 @@ class FuseQKV(Pass):
                     continue
                 groups.append(cand)
 
-        fused_paths = [self._fuse(module, g) for g in groups]
+        fused_paths = [fuse_linears(module, g) for g in groups]
         if fused_paths:
             module.recompile()
         stats = {"fused": len(fused_paths), "groups": fused_paths, "skipped": skipped}
@@ -157,70 +157,73 @@ class FuseQKV(Pass):
             return f"no group qualified ({len(skipped)} projections skipped, see 'skipped')"
         return "no q_proj/k_proj/v_proj linears read one input"
 
-    @staticmethod
-    def _compatible(module: Module, cand: list[fx.Node], skipped: list[tuple[str, str]]) -> list[fx.Node]:
-        """Drop (and record) members that cannot share one linear with the first: bias, dtype, tied weights."""
-        keep = []
-        for n in cand:
-            w_node = n.args[1]
-            bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            w = module.weight(w_node)
-            why = None
-            if len(w_node.users) > 1:
-                why = "its weight is also read elsewhere (tied); fusing would store it twice"
-            elif bias is not None and (not isinstance(bias, fx.Node) or module.weight(bias) is None):
-                why = "its bias is computed in the graph, not a stored weight"
-            elif bias is not None and len(bias.users) > 1:
-                why = "its bias is also read elsewhere"
-            elif keep:
-                first = keep[0]
-                fb = first.args[2] if len(first.args) > 2 else first.kwargs.get("bias")
-                fw = module.weight(first.args[1])
-                if (fb is None) != (bias is None):
-                    why = f"bias presence differs from {_leaf(source_path(first))}"
-                elif (w.dtype, w.device) != (fw.dtype, fw.device):
-                    why = f"weight dtype/device differs from {_leaf(source_path(first))}"
-            if why is None:
-                keep.append(n)
-            else:
-                skipped.append((source_path(n), why))
-        return keep
 
-    @staticmethod
-    def _fuse(module: Module, group: list[fx.Node]) -> str:
-        paths = [source_path(n) for n in group]
-        prefix = _common_prefix([_parent(p) for p in paths])
-        leaf = _fused_leaf([_leaf(p) for p in paths])
-        fused_path = f"{prefix}.{leaf}" if prefix else leaf
-        existing, base, i = module.weights(), fused_path, 1
-        while f"{fused_path}.weight" in existing or f"{fused_path}.bias" in existing:
-            fused_path, i = f"{base}_{i}", i + 1  # a model that already has a qkv_proj beside q/k/v
-        order = {n: i for i, n in enumerate(module.graph.nodes)}
-        first = min(group, key=order.__getitem__)  # insert before the earliest member: x is defined by then
-        x = group[0].args[0]
-        w_nodes = [n.args[1] for n in group]
-        b_nodes = [n.args[2] if len(n.args) > 2 else n.kwargs.get("bias") for n in group]
-        weight = torch.cat([module.weight(w) for w in w_nodes], dim=0)
-        args: tuple = (x, module.add_weight(f"{fused_path}.weight", weight, kind="parameter"))
-        if b_nodes[0] is not None:
-            bias = torch.cat([module.weight(b) for b in b_nodes], dim=0)
-            args += (module.add_weight(f"{fused_path}.bias", bias, kind="parameter"),)
-        sizes = [int(module.weight(w).shape[0]) for w in w_nodes]
-        lin = module.call(_LINEAR, args, like=first)
-        split = module.call(torch.ops.aten.split_with_sizes.default, (lin, sizes, -1), like=first)
-        outs = [module.call(operator.getitem, (split, i), like=first) for i in range(len(group))]
-        stack = dict(first.meta.get("nn_module_stack") or {})
+def compatible_linears(module: Module, cand: list[fx.Node], skipped: list[tuple[str, str]]) -> list[fx.Node]:
+    """Drop (and record) members of a sibling group that cannot share one linear with the first: bias, dtype,
+    tied weights."""
+    keep = []
+    for n in cand:
+        w_node = n.args[1]
+        bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        w = module.weight(w_node)
+        why = None
+        if len(w_node.users) > 1:
+            why = "its weight is also read elsewhere (tied); fusing would store it twice"
+        elif bias is not None and (not isinstance(bias, fx.Node) or module.weight(bias) is None):
+            why = "its bias is computed in the graph, not a stored weight"
+        elif bias is not None and len(bias.users) > 1:
+            why = "its bias is also read elsewhere"
+        elif keep:
+            first = keep[0]
+            fb = first.args[2] if len(first.args) > 2 else first.kwargs.get("bias")
+            fw = module.weight(first.args[1])
+            if (fb is None) != (bias is None):
+                why = f"bias presence differs from {_leaf(source_path(first))}"
+            elif (w.dtype, w.device) != (fw.dtype, fw.device):
+                why = f"weight dtype/device differs from {_leaf(source_path(first))}"
+        if why is None:
+            keep.append(n)
+        else:
+            skipped.append((source_path(n), why))
+    return keep
+
+
+def fuse_linears(module: Module, group: list[fx.Node]) -> str:
+    """Replace the sibling linears ``group`` (one input) by one linear with their weights concatenated in group
+    order and a ``split_with_sizes``; returns the fused source path (``<parent>.<a>_<b>_proj``)."""
+    paths = [source_path(n) for n in group]
+    prefix = _common_prefix([_parent(p) for p in paths])
+    leaf = _fused_leaf([_leaf(p) for p in paths])
+    fused_path = f"{prefix}.{leaf}" if prefix else leaf
+    existing, base, i = module.weights(), fused_path, 1
+    while f"{fused_path}.weight" in existing or f"{fused_path}.bias" in existing:
+        fused_path, i = f"{base}_{i}", i + 1  # a model that already has a qkv_proj beside q/k/v
+    order = {n: i for i, n in enumerate(module.graph.nodes)}
+    first = min(group, key=order.__getitem__)  # insert before the earliest member: x is defined by then
+    x = group[0].args[0]
+    w_nodes = [n.args[1] for n in group]
+    b_nodes = [n.args[2] if len(n.args) > 2 else n.kwargs.get("bias") for n in group]
+    weight = torch.cat([module.weight(w) for w in w_nodes], dim=0)
+    args: tuple = (x, module.add_weight(f"{fused_path}.weight", weight, kind="parameter"))
+    if b_nodes[0] is not None:
+        bias = torch.cat([module.weight(b) for b in b_nodes], dim=0)
+        args += (module.add_weight(f"{fused_path}.bias", bias, kind="parameter"),)
+    sizes = [int(module.weight(w).shape[0]) for w in w_nodes]
+    lin = module.call(_LINEAR, args, like=first)
+    split = module.call(torch.ops.aten.split_with_sizes.default, (lin, sizes, -1), like=first)
+    outs = [module.call(operator.getitem, (split, i), like=first) for i in range(len(group))]
+    stack = dict(first.meta.get("nn_module_stack") or {})
+    if stack:
+        last_key, (_, _) = list(stack.items())[-1]
+        del stack[last_key]
+        stack[f"L__self__{fused_path}"] = (fused_path, "torch.nn.modules.linear.Linear")
+    for n in (lin, split, *outs):
         if stack:
-            last_key, (_, _) = list(stack.items())[-1]
-            del stack[last_key]
-            stack[f"L__self__{fused_path}"] = (fused_path, "torch.nn.modules.linear.Linear")
-        for n in (lin, split, *outs):
-            if stack:
-                n.meta["nn_module_stack"] = dict(stack)
-            else:
-                n.meta["llmpress_source"] = fused_path
-        for n, out in zip(group, outs):
-            n.replace_all_uses_with(out)
-            module.graph.erase_node(n)
-        module.remove_unused_weights(only=[*w_nodes, *(b for b in b_nodes if b is not None)])
-        return fused_path
+            n.meta["nn_module_stack"] = dict(stack)
+        else:
+            n.meta["llmpress_source"] = fused_path
+    for n, out in zip(group, outs):
+        n.replace_all_uses_with(out)
+        module.graph.erase_node(n)
+    module.remove_unused_weights(only=[*w_nodes, *(b for b in b_nodes if b is not None)])
+    return fused_path

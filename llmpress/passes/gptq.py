@@ -70,10 +70,11 @@ from .quant_common import (
     quantize_codes,
     relative_error,
     replace_with_wq_linear,
+    sparsity_mask,
 )
 from .select import select_linears, why_none_selected
 
-__all__ = ["GPTQ", "GPTQOptions", "gptq_quantize", "NO_CALIBRATION"]
+__all__ = ["GPTQ", "GPTQOptions", "gptq_quantize", "block_hessians", "layer_hessians", "NO_CALIBRATION"]
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,9 @@ class GPTQOptions(SelectOptions):
             raise ConfigError(f"pass 'gptq': block={self.block} must be positive")
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, *, layer: str) -> torch.Tensor:
+def _inverse_cholesky(h: torch.Tensor, damp: float, *, layer: str, who: str = "gptq") -> torch.Tensor:
     """Upper Cholesky factor of ``(H + lambda I)^-1``, retrying with 10x the dampening when H is not positive
-    definite enough for float32."""
+    definite enough for float32. ``who``: the pass named in messages (``sparsify`` reuses this)."""
     mean_diag = float(torch.diagonal(h).mean())
     eye = torch.eye(h.shape[0], dtype=h.dtype)
     for attempt in range(5):
@@ -117,16 +118,21 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, *, layer: str) -> torch.Tens
             upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info2) == 0:
                 return upper
-        log.warning("gptq: %s: Cholesky failed with dampening %.3g; retrying with %.3g", layer, lam, lam * 10)
-    raise PassError(f"gptq: the Hessian of {layer!r} is not positive definite even with dampening "
+        log.warning("%s: %s: Cholesky failed with dampening %.3g; retrying with %.3g", who, layer, lam, lam * 10)
+    raise PassError(f"{who}: the Hessian of {layer!r} is not positive definite even with dampening "
                     f"{damp * 1e4:g} x mean(diag(H)); use more calibration data")
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sym: bool, damp: float = 0.01,
                   block: int = 128, act_order: bool = False, clip_search: bool = True,
-                  layer: str = "?") -> QuantizedWeight:
+                  layer: str = "?", mask: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ of one weight ``w [out, in]`` given ``h = 2 X^T X / n [in, in]`` (see the module docstring).
-    ``group`` must divide ``in`` (use ``in`` for per channel)."""
+    ``group`` must divide ``in`` (use ``in`` for per channel).
+
+    ``mask`` (bool ``[out, in]``, True where a weight is pruned, e.g. ``w == 0`` after ``sparsify``): those
+    weights are fixed at zero, as in SparseGPT's joint sparsify-and-quantize. Each column's pruned entries get the
+    code of 0 (``0`` symmetric, ``z`` asymmetric, so they dequantize to exactly 0) whatever earlier updates moved
+    them to, and their error joins the column's error that later columns absorb; grids are found with them at 0."""
     W = w.detach().to(torch.float32).clone()
     H = h.detach().to(torch.float32).clone()
     out_f, cols = W.shape
@@ -134,6 +140,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sy
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    keep = None if mask is None else ~mask.to(torch.bool)
+    if keep is not None:
+        W = W * keep
     scales = torch.zeros(out_f, ng)
     zeros = None if sym else torch.zeros(out_f, ng)
     perm = invperm = None
@@ -147,6 +156,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sy
         invperm = torch.argsort(perm)
         W = W[:, perm]
         H = H[perm][:, perm]
+        if keep is not None:
+            keep = keep[:, perm]
         col_group = (perm // group).tolist()
     U = _inverse_cholesky(H, damp, layer=layer)
     # Blocks aligned to groups: every group starts and ends inside one block, so its grid is computed on weights
@@ -166,13 +177,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sy
                 scale = scales[:, g]
                 zero = zeros[:, g] if zeros is not None else None
             elif c % group == 0:
-                scale, zero = find_params(W1[:, i:i + group], bits, sym, clip_search=clip_search)
+                wg = W1[:, i:i + group] if keep is None else W1[:, i:i + group] * keep[:, c:c + group]
+                scale, zero = find_params(wg, bits, sym, clip_search=clip_search)
                 scales[:, c // group] = scale
                 if zeros is not None:
                     zeros[:, c // group] = zero
             wc = W1[:, i]
             qc = quantize_codes(wc.unsqueeze(1), scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1),
                                 bits).squeeze(1)
+            if keep is not None:  # pruned: the code of 0 (0 symmetric, the zero point asymmetric)
+                qc = torch.where(keep[:, c], qc, torch.zeros_like(qc) if zero is None else zero)
             Q[:, c] = qc
             deq = dequantize_codes(qc, scale, zero)
             err = (wc - deq) / U1[i, i]
@@ -213,31 +227,28 @@ class GPTQ(Pass):
             return PassResult(module, False, {"reason": why_none_selected(module, skipped, self.name), "quantized": 0,
                                               "skipped": skipped})
         groups: dict[fx.Node, int] = group_sizes(module, nodes, o.group, o.bits, pass_name=self.name)  # before any work
-        blocks: dict[str, list[fx.Node]] = {}
-        for node in nodes:  # graph order, so blocks come in execution order
-            blocks.setdefault(_block_key(source_path(node) or node.name), []).append(node)
         t0 = time.perf_counter()
         layers: dict[str, dict] = {}
-        before = after = 0
+        before = after = sparse_kept = 0
         bar = None
         if ctx.progress and nodes:
             from tqdm import tqdm
 
             bar = tqdm(total=len(nodes), desc="gptq", unit="layer", leave=False)
-        runner = _block_runner(module, calib, blocks)
         with torch.no_grad():
-            for key, members in blocks.items():
-                if runner is not None and key in runner.keys:
-                    hessians = self._hessians(module, calib, members, runner=runner, key=key)
-                else:
-                    hessians = self._hessians(module, calib, members)
+            for _, members, hessians in block_hessians(module, calib, nodes, collect=self._hessians):
                 dead = []
+                # Inputs as collected: a member reading another member's output (the factors of a factorized
+                # layer) sees that input replaced by its wq_linear once the first is quantized.
+                inputs = {node: node.args[0] for node in members}
                 for node in members:
                     path = source_path(node) or node.name
                     _, w = linear_weight(module, node)
-                    h = hessians[node.args[0]]
+                    h = hessians[inputs[node]]
+                    mask = sparsity_mask(node, w)
                     qw = gptq_quantize(w, h, bits=o.bits, group=groups[node], sym=o.sym, damp=o.damp,
-                                       block=o.block, act_order=o.act_order, clip_search=o.clip_search, layer=path)
+                                       block=o.block, act_order=o.act_order, clip_search=o.clip_search, layer=path,
+                                       mask=mask)
                     w_hat = qw.dequantize()
                     rel = relative_error(w, w_hat)
                     out_err = _output_error(w.float(), w_hat, h)
@@ -249,6 +260,9 @@ class GPTQ(Pass):
                     before += spec["bytes_before"]
                     after += spec["bytes_after"]
                     layers[path] = {"bits": o.bits, "group": groups[node], "rel_error": rel, "output_error": out_err}
+                    if mask is not None:
+                        layers[path]["sparsity"] = spec["sparsity"]
+                        sparse_kept += 1
                     if bar is not None:
                         bar.update(1)
                 module.remove_unused_weights(only=dead)
@@ -261,33 +275,62 @@ class GPTQ(Pass):
                  seconds, calib.samples, len(skipped))
         stats = {"quantized": len(nodes), "skipped": skipped, "bytes_before": before, "bytes_after": after,
                  "layers": layers, "seconds": seconds, "calibration": repr(calib)}
+        if sparse_kept:
+            stats["sparse_layers"] = (f"{sparse_kept} sparsified layer(s): pruned weights fixed at 0 and their error "
+                                      "compensated (SparseGPT-style)")
         return PassResult(module, bool(nodes), stats)
 
     @staticmethod
     def _hessians(module: Module, calib, members: list[fx.Node], *, runner: BlockRunner | None = None,
                   key: str = "") -> dict[fx.Node, torch.Tensor]:
-        """``H = 2 X^T X / n`` per distinct input activation of the block's layers."""
-        rep: dict[fx.Node, fx.Node] = {}
-        for n in members:
-            rep.setdefault(n.args[0], n)
-        sums: dict[fx.Node, torch.Tensor] = {}
-        counts: dict[fx.Node, int] = {}
+        return layer_hessians(module, calib, members, runner=runner, key=key)
 
-        def observe(node: fx.Node, x: torch.Tensor) -> None:
-            key = node.args[0]
-            if rep[key] is not node:
-                return
-            if key not in sums:
-                sums[key] = torch.zeros(x.shape[1], x.shape[1])
-                counts[key] = 0
-            sums[key].addmm_(x.T, x)
-            counts[key] += x.shape[0]
 
-        if runner is not None:
-            runner.collect(key, members, observe)
+def layer_hessians(module: Module, calib, members: list[fx.Node], *, runner: BlockRunner | None = None,
+                   key: str = "") -> dict[fx.Node, torch.Tensor]:
+    """``H = 2 X^T X / n`` per distinct input activation of the block's layers (keyed by that activation,
+    ``node.args[0]``), from ``runner`` for block ``key`` or by re-running the graph prefix."""
+    rep: dict[fx.Node, fx.Node] = {}
+    for n in members:
+        rep.setdefault(n.args[0], n)
+    sums: dict[fx.Node, torch.Tensor] = {}
+    counts: dict[fx.Node, int] = {}
+
+    def observe(node: fx.Node, x: torch.Tensor) -> None:
+        key = node.args[0]
+        if rep[key] is not node:
+            return
+        if key not in sums:
+            sums[key] = torch.zeros(x.shape[1], x.shape[1])
+            counts[key] = 0
+        sums[key].addmm_(x.T, x)
+        counts[key] += x.shape[0]
+
+    if runner is not None:
+        runner.collect(key, members, observe)
+    else:
+        calib.collect(module, members, observe)
+    return {k: 2.0 * v / counts[k] for k, v in sums.items()}
+
+
+def block_hessians(module: Module, calib, nodes: list[fx.Node], *, who: str = "gptq", collect=layer_hessians):
+    """Sequential calibration for passes that rewrite layers block by block (``gptq``, ``sparsify``).
+
+    Yields ``(block key, the block's selected nodes, {input activation: H})`` per transformer block, in graph order.
+    Each block's Hessians are collected on the graph as the caller left it after the previous blocks (the caller
+    rewrites the block and recompiles before asking for the next), layer by layer with a ``BlockRunner`` when the
+    graph allows, else by graph prefix re-runs (see the module docstring). ``collect`` gathers one block's
+    statistics (``layer_hessians``' signature).
+    """
+    blocks: dict[str, list[fx.Node]] = {}
+    for node in nodes:  # graph order, so blocks come in execution order
+        blocks.setdefault(_block_key(source_path(node) or node.name), []).append(node)
+    runner = _block_runner(module, calib, blocks, who)
+    for key, members in blocks.items():
+        if runner is not None and key in runner.keys:
+            yield key, members, collect(module, calib, members, runner=runner, key=key)
         else:
-            calib.collect(module, members, observe)
-        return {k: 2.0 * v / counts[k] for k, v in sums.items()}
+            yield key, members, collect(module, calib, members)
 
 
 def _numbered(path: str) -> bool:
@@ -301,7 +344,7 @@ def _numbered_block(node: fx.Node) -> str | None:
     return _block_key(path) if path and _numbered(path) else None
 
 
-def _block_runner(module: Module, calib, blocks: dict[str, list[fx.Node]]) -> BlockRunner | None:
+def _block_runner(module: Module, calib, blocks: dict[str, list[fx.Node]], who: str = "gptq") -> BlockRunner | None:
     """A layer-by-layer runner over the numbered blocks, or ``None`` (with the reason logged) when the graph's
     blocks cannot be run in isolation; the caller then re-runs the graph prefix per block with ``collect``."""
     keys = list(blocks)
@@ -312,17 +355,17 @@ def _block_runner(module: Module, calib, blocks: dict[str, list[fx.Node]]) -> Bl
     # one before or between them would change values the runner already holds.
     early = [k for i, k in enumerate(keys) if i < numbered[-1] and i not in numbered]
     if early:
-        log.info("gptq: layers %s come before transformer blocks; calibrating by graph prefix re-runs",
+        log.info("%s: layers %s come before transformer blocks; calibrating by graph prefix re-runs", who,
                  ", ".join(early))
         return None
     try:
         runner = BlockRunner(module, calib, _numbered_block)
     except BlocksNotIsolated as e:
-        log.info("gptq: blocks cannot be run one at a time (%s); calibrating by graph prefix re-runs", e)
+        log.info("%s: blocks cannot be run one at a time (%s); calibrating by graph prefix re-runs", who, e)
         return None
     lost = [keys[i] for i in numbered if keys[i] not in runner.keys]
     if lost:  # a selected layer's path is numbered but its node is not found in a block
-        log.info("gptq: blocks %s not found in the graph; calibrating by graph prefix re-runs", ", ".join(lost))
+        log.info("%s: blocks %s not found in the graph; calibrating by graph prefix re-runs", who, ", ".join(lost))
         return None
     return runner
 

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ConfigError
-from ..ir.meta import set_compression, source_path
+from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from ..ir.ops.wq_linear import SUPPORTED_BITS, pack_weight, qrange, values_per_unit
 
@@ -49,6 +49,8 @@ __all__ = [
     "sqnr_db",
     "linear_weight",
     "weight_stem",
+    "sparsity_mask",
+    "SPARSITY_KEYS",
 ]
 
 
@@ -229,6 +231,28 @@ def weight_stem(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+# What ``sparsify`` records on a linear and a later quantizer carries onto its ``wq_linear`` (``method`` becomes
+# ``sparsify_method``: the quantizer's own ``method`` keeps its key).
+SPARSITY_KEYS = ("sparsity", "pattern", "method")
+
+
+def sparsity_mask(node: fx.Node, w: torch.Tensor) -> torch.Tensor | None:
+    """Where ``w`` was pruned (bool ``[out, in]``, True = fixed at zero) when ``node``'s compression metadata says
+    ``sparsify`` ran on it, else None. The mask is the weight's exact zeros: ``sparsify`` keeps the linear dense
+    with zeros in it, so the zeros are the whole record, and no mask tensor has to follow the weight around."""
+    spec = compression(node) or {}
+    if spec.get("pass") != "sparsify":
+        return None
+    return w.detach() == 0
+
+
+def _carried_sparsity(node: fx.Node) -> dict[str, Any]:
+    spec = compression(node) or {}
+    if spec.get("pass") != "sparsify":
+        return {}
+    return {("sparsify_method" if k == "method" else k): spec[k] for k in SPARSITY_KEYS if k in spec}
+
+
 def replace_with_wq_linear(module: Module, node: fx.Node, qw: QuantizedWeight, *, spec: dict[str, Any]
                            ) -> tuple[fx.Node, fx.Node]:
     """Replace the ``aten.linear`` ``node`` by ``llmpress::wq_linear`` on the packed ``qw``.
@@ -257,7 +281,17 @@ def replace_with_wq_linear(module: Module, node: fx.Node, qw: QuantizedWeight, *
     node.replace_all_uses_with(new)
     module.erase([node])
     after = packed.numel() * packed.element_size() + qw.scales.numel() * 4 + (zeros.numel() if zeros is not None else 0)
-    full = dict(spec)
+    # Rounding maps 0 to the code of 0 on both grids (symmetric q = 0; asymmetric q = z, the range holds 0), so the
+    # zeros of a sparsified weight survive; its sparsity record moves to the new node, measured on what is stored.
+    carried = _carried_sparsity(node)
+    if carried:
+        carried["sparsity"] = round(float((qw.dequantize() == 0).float().mean()), 4)
+    earlier = compression(node) or {}  # what an earlier rewrite recorded (factorize's rank) stays visible
+    full = {k: v for k, v in earlier.items() if k not in ("pass", "method", "bytes_before", "bytes_after")}
+    if earlier.get("pass"):
+        full["after"] = earlier["pass"]
+    full.update(spec)
+    full.update(carried)
     full.update({"bits": qw.bits, "group": qw.group_size, "sym": sym, "weight": wname,
                  "bytes_before": w.numel() * w.element_size(), "bytes_after": after,
                  "source": source_path(new)})

@@ -8,7 +8,9 @@ with, per output row o and group g of ``group`` consecutive input columns (see `
 - asymmetric (``sym=false``): ``s = (max(W,0) - min(W,0)) / (2^b - 1)``, ``z = round(-min(W,0) / s)``,
   ``q = clamp(round(W / s) + z, 0, 2^b - 1)``.
 
-``W_hat = (q - z) * s``. Stats per layer: the relative Frobenius error ``||W - W_hat|| / ||W||``.
+``W_hat = (q - z) * s``. Both grids hold 0 exactly (q = 0, or q = z), so the zeros of a layer ``sparsify`` pruned
+stay exactly zero; such layers report their stored sparsity. Stats per layer: the relative Frobenius error
+``||W - W_hat|| / ||W||``.
 Options are checked against every selected layer (group divides ``in_features``) before anything is rewritten.
 """
 from __future__ import annotations
@@ -84,6 +86,8 @@ class Quantize(Pass):
             before += spec["bytes_before"]
             after += spec["bytes_after"]
             layers[path] = {"bits": o.bits, "group": g, "rel_error": err}
+            if "sparsify_method" in spec:  # sparsified earlier: its zeros stay exact
+                layers[path]["sparsity"] = spec["sparsity"]
         if plan:
             module.remove_unused_weights(only=dead)
             module.recompile()
@@ -92,4 +96,7 @@ class Quantize(Pass):
                  "layers": layers}
         if not plan:
             stats = {"reason": why_none_selected(module, skipped, self.name), **stats}
+        sparse = sum("sparsity" in v for v in layers.values())
+        if sparse:
+            stats["sparse_layers"] = f"{sparse} sparsified layer(s): zeros round to the code of 0 and stay exact"
         return PassResult(module, bool(plan), stats)

@@ -12,23 +12,31 @@ def _all() -> list[type[Pass]]:
     from .act_quant import ActQuant
     from .awq import AWQ
     from .dce import DeadCodeElimination
+    from .factorize import Factorize
     from .fold_constants import FoldConstants
+    from .fold_norm import FoldNorm
+    from .fuse_gate_up import FuseGateUp
     from .fuse_qkv import FuseQKV
     from .gptq import GPTQ
     from .kv_quant import KVQuant
     from .quantize import Quantize
     from .smoothquant import SmoothQuant
+    from .sparsify import Sparsify
 
     return [
         ActQuant,
         AWQ,
         DeadCodeElimination,
+        Factorize,
         FoldConstants,
+        FoldNorm,
+        FuseGateUp,
         FuseQKV,
         GPTQ,
         KVQuant,
         Quantize,
         SmoothQuant,
+        Sparsify,
     ]
 
 

@@ -80,7 +80,7 @@ class SmoothQuant(Pass):
     name: ClassVar[str] = "smoothquant"
     Options: ClassVar[type[SmoothQuantOptions]] = SmoothQuantOptions
     establishes: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "activations_quantized"})
-    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized"})  # see passes/base.py
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "norms_folded"})  # see passes/base.py
     needs_calibration: ClassVar[bool] = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:

@@ -56,7 +56,8 @@ def _recipe_pipelines() -> list[str]:
 
 @pytest.mark.parametrize("text", [*PRESETS.values(), *_recipe_pipelines(),
                                   "fuse_qkv,gptq(bits=4,group=128)", "smoothquant,kv_quant",
-                                  "w4a8,kv_quant,kv_quant", "exact,fuse_qkv"])
+                                  "w4a8,kv_quant,kv_quant", "exact,fuse_qkv",
+                                  "fold_norm,fuse_qkv,fuse_gate_up,gptq(bits=4,group=128)"])
 def test_shipped_orders_are_accepted(text):
     check_order(build(text))
 
@@ -67,6 +68,9 @@ def test_shipped_orders_are_accepted(text):
     ("quantize(bits=8),gptq", "quantize", "gptq"),
     ("gptq,awq", "gptq", "awq"),
     ("quantize,smoothquant", "quantize", "smoothquant"),
+    ("quantize,fuse_gate_up", "quantize", "fuse_gate_up"),
+    ("quantize,fold_norm", "quantize", "fold_norm"),
+    ("fold_norm,awq", "fold_norm", "awq"),
 ])
 def test_an_order_that_cannot_work_is_refused_naming_both(module, text, first, then):
     before = module.print()

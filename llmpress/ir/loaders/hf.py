@@ -1,10 +1,18 @@
 """Hugging Face model folders -> an ``nn.Module``.
 
-``model_type == "llama"`` builds our export-friendly ``llmpress.models.Llama`` (static KV cache) straight from
-``config.json`` and the safetensors weights, whose names match one to one (``model.layers.0.self_attn.q_proj.weight``
-...). Every expected tensor is checked for presence and shape before loading, so a damaged file is reported with
-the tensor it lacks. Other model types go through ``transformers.AutoModelForCausalLM`` (captured as
-``input_ids -> logits``).
+The Llama-layout family (``SUPPORTED_MODEL_TYPES``: llama, mistral, qwen2, qwen3) builds our export-friendly
+``llmpress.models.Llama`` (static KV cache) straight from ``config.json`` and the safetensors weights, whose names
+match one to one (``model.layers.0.self_attn.q_proj.weight`` ...). Every expected tensor is checked for presence
+and shape before loading, so a damaged file is reported with the tensor it lacks.
+
+Checkpoints are read as they come: one ``model.safetensors`` or shards listed by ``model.safetensors.index.json``;
+bf16/fp16 tensors are upcast to float32 one at a time (the IR is float32), read through ``safe_open``'s memory map,
+and assigned into a module built on the meta device, so no second copy of the weights (random init or a full
+half-precision state dict) is ever held. End-of-sequence ids come from ``config.json`` and
+``generation_config.json``.
+
+Other model types go through ``transformers.AutoModelForCausalLM``; ``capture`` takes them only with
+``example_inputs`` (as ``input_ids -> logits``, no KV cache).
 """
 from __future__ import annotations
 
@@ -17,7 +25,10 @@ import torch
 from ...errors import LoadError
 from ...models.llama import Llama, LlamaConfig
 
-__all__ = ["read_config", "llama_config", "load_hf", "expected_llama_shapes"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "read_config", "llama_config", "load_hf", "expected_llama_shapes"]
+
+# model_type -> what its attention adds to the Llama layout (see llmpress.models.llama).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +46,74 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
-def llama_config(cfg: dict, where: Path) -> LlamaConfig:
-    """``config.json`` of a ``LlamaForCausalLM`` -> ``LlamaConfig``; rejects what our Llama does not compute."""
+def _eos_ids(cfg: dict, folder: Path | None) -> list[int]:
+    """Every EOS id of ``config.json`` and ``generation_config.json`` (an int or a list in either), config first.
+    ``generate`` stops at any of them: chat checkpoints list their end-of-turn token only in the latter."""
+    ids: list[int] = []
+    sources = [cfg.get("eos_token_id")]
+    gen = folder / "generation_config.json" if folder is not None else None
+    if gen is not None and gen.is_file():
+        try:
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise LoadError(f"{gen}: not a valid generation config ({e})") from e
+    for v in sources:
+        for i in v if isinstance(v, list) else [v]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _sliding_window_check(cfg: dict, where: Path, cache_len: int) -> None:
+    """Our attention spans the whole cache. A sliding window of W keys (key allowed iff ``q - k < W``) changes
+    nothing while every query position is below W, i.e. ``cache_len <= W``: then it is exact; else refuse."""
+    window = cfg.get("sliding_window")
+    kind = cfg.get("model_type")
+    layer_types = cfg.get("layer_types") or []
+    if layer_types:
+        sliding = "sliding_attention" in layer_types
+    elif kind in ("qwen2", "qwen3"):
+        sliding = bool(cfg.get("use_sliding_window"))
+    else:
+        sliding = window is not None
+    if not sliding or window is None:
+        return
+    if int(window) < cache_len:
+        raise LoadError(f"{where}: sliding_window={window} is smaller than the KV cache length {cache_len}; "
+                        "llmpress attends over the whole cache, which equals sliding-window attention only while "
+                        f"the cache is no longer than the window (load with cache_len <= {window})")
+
+
+def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> LlamaConfig:
+    """``config.json`` of a Llama-family model (``SUPPORTED_MODEL_TYPES``) -> ``LlamaConfig``; rejects what our
+    Llama does not compute. ``cache_len`` (default ``max_position_embeddings``) decides whether a sliding window
+    is exact."""
     def need(key: str):
         if key not in cfg:
             raise LoadError(f"{where}: missing key {key!r}")
         return cfg[key]
 
+    kind = cfg.get("model_type", "llama")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise LoadError(f"{where}: model_type {kind!r} is not a Llama-family model "
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     rope = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     for src in (rope, scaling):
-        kind = src.get("rope_type", src.get("type", "default"))
-        if kind not in (None, "default"):
-            raise LoadError(f"{where}: rope scaling type {kind!r} is not supported (only the default RoPE)")
+        kind_r = src.get("rope_type", src.get("type", "default"))
+        if kind_r not in (None, "default"):
+            raise LoadError(f"{where}: rope scaling type {kind_r!r} is not supported (only the default RoPE)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise LoadError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise LoadError(f"{where}: {flag}=true is not supported by llmpress' Llama")
+    if kind == "mistral":
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise LoadError(f"{where}: {flag}=true is not supported for mistral")
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     n_heads = int(need("num_attention_heads"))
     dim = int(need("hidden_size"))
+    max_seq = int(cfg.get("max_position_embeddings", 2048))
+    _sliding_window_check(cfg, where, cache_len or max_seq)
 
     def token_id(key: str, default: int) -> int:
         v = cfg.get(key, default)
@@ -63,13 +121,17 @@ def llama_config(cfg: dict, where: Path) -> LlamaConfig:
             v = v[0] if v else default
         return default if v is None else int(v)
 
+    eos = _eos_ids(cfg, where.parent if where.name == "config.json" else None)
+    attn_bias = bool(cfg.get("attention_bias", False))
     return LlamaConfig(
         vocab_size=int(need("vocab_size")), dim=dim, n_layers=int(need("num_hidden_layers")), n_heads=n_heads,
         n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), hidden_dim=int(need("intermediate_size")),
-        max_seq_len=int(cfg.get("max_position_embeddings", 2048)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_seq_len=max_seq, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_id=token_id("bos_token_id", 1), eos_id=token_id("eos_token_id", 2),
-        head_dim=int(cfg.get("head_dim") or dim // n_heads))
+        bos_id=token_id("bos_token_id", 1), eos_id=eos[0] if eos else 2, eos_ids=tuple(eos),
+        head_dim=int(cfg.get("head_dim") or dim // n_heads),
+        qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v bias (no config key), never o_proj's
+        o_bias=attn_bias, mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=kind == "qwen3", arch=kind)
 
 
 def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -77,6 +139,17 @@ def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.dim)}
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
+        if c.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (c.n_heads * hd,),
+                           p + "self_attn.k_proj.bias": (c.n_kv_heads * hd,),
+                           p + "self_attn.v_proj.bias": (c.n_kv_heads * hd,)})
+        if c.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (c.dim,)
+        if c.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (c.hidden_dim,), p + "mlp.up_proj.bias": (c.hidden_dim,),
+                           p + "mlp.down_proj.bias": (c.dim,)})
+        if c.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         shapes.update({
             p + "input_layernorm.weight": (c.dim,),
             p + "self_attn.q_proj.weight": (c.n_heads * hd, c.dim),
@@ -132,6 +205,7 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
         handles[single] = h
         mapping = {k: single for k in h.keys()}
     out: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, int] = {}
     for name, shape in expected_llama_shapes(c).items():
         f = mapping.get(name)
         if f is None:
@@ -146,10 +220,20 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
         if found != shape:
             raise LoadError(f"{f.name}: tensor {name}: shape {shape} expected, found {found}")
         try:
-            out[name] = h.get_tensor(name).to(torch.float32)
+            t = h.get_tensor(name)  # copied out of the memory map; the half-precision copy dies right here
         except Exception as e:
             raise LoadError(f"{f.name}: cannot read tensor {name} from {f} ({e})") from e
+        if not t.is_floating_point():
+            raise LoadError(f"{f.name}: tensor {name} has dtype {t.dtype}, expected a float tensor")
+        dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
+        out[name] = t.to(torch.float32)
+    upcast = {k: v for k, v in dtypes.items() if k != "float32"}
+    if upcast:
+        log.info("%s: upcast %s tensors to float32 for the IR (the checkpoint's own dtype; compression passes "
+                 "and backends decide the stored precision)", folder,
+                 ", ".join(f"{n} {k}" for k, n in sorted(upcast.items())))
     extra = sorted(set(mapping) - set(out) - {"lm_head.weight"})
+    extra = [k for k in extra if not k.endswith("rotary_emb.inv_freq")]  # recomputed from rope_theta
     if extra:
         log.warning("%s: ignoring %d tensors our Llama does not use: %s", folder, len(extra), ", ".join(extra[:5]))
     return out
@@ -158,17 +242,20 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
 def load_hf(folder: Path, *, cache_len: int | None = None) -> tuple[torch.nn.Module, dict]:
     """Build the model of a Hugging Face folder; returns it and ``config.json``."""
     cfg = read_config(folder)
-    if cfg.get("model_type") == "llama":
-        c = llama_config(cfg, folder / "config.json")
+    if cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
+        c = llama_config(cfg, folder / "config.json", cache_len=cache_len)
         weights = _read_llama_weights(folder, c)
-        model = Llama(c, cache_len=cache_len)
+        with torch.device("meta"):  # no random init to throw away: the checkpoint's tensors are assigned below
+            model = Llama(c, cache_len=cache_len)
         if c.tie_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
         if missing or unexpected:
             raise LoadError(f"{folder}: internal mapping error (missing {missing}, unexpected {unexpected})")
-        log.info("loaded Hugging Face llama %s: dim %d, %d layers, vocab %d", folder, c.dim, c.n_layers,
-                 c.vocab_size)
+        if c.tie_embeddings:  # assign=True wraps each entry in its own Parameter; tie them again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        log.info("loaded Hugging Face %s %s: dim %d, %d layers, vocab %d, eos %s", c.arch, folder, c.dim,
+                 c.n_layers, c.vocab_size, list(c.eos_ids) or [c.eos_id])
         return model.eval(), cfg
     try:
         from transformers import AutoModelForCausalLM
@@ -177,4 +264,6 @@ def load_hf(folder: Path, *, cache_len: int | None = None) -> tuple[torch.nn.Mod
     except Exception as e:
         raise LoadError(f"{folder}: transformers could not load model_type {cfg.get('model_type')!r}: "
                         f"{type(e).__name__}: {e}") from e
+    log.info("%s: model_type %r is not one llmpress captures with a KV cache (%s); loaded through transformers",
+             folder, cfg.get("model_type"), ", ".join(SUPPORTED_MODEL_TYPES))
     return model.eval(), cfg

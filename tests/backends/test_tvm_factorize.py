@@ -1,0 +1,39 @@
+"""``factorize`` then ``quantize(bits=4,group=128)`` through TVM ``cpu``: the factors are plain linears, so the build
+needs no new op, and with ``multiple=128`` every factor's in_features (the rank for the second one) fits group 128.
+
+Tolerance as test_tvm_quant_kernels.py's tiny-Llama test: fp32 kernels whose summation order differs from
+PyTorch's, compounded over the layers; 1e-5 of the logits' scale (a wrong layout would be off by O(1))."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+pytestmark = pytest.mark.tvm
+
+
+def test_factorized_int4_g128_llama_builds_and_matches_reference():
+    from llmpress.api import run_pipeline
+    from llmpress.backends.tvm import TVMBackend
+    from llmpress.eval.generate import empty_cache
+    from llmpress.ir.capture import capture
+    from llmpress.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    # One layer, dim 256, MLP 1024: rank 128 shrinks the MLP layers (128 * 1280 < 1024 * 256) but not the 256x256
+    # attention projections (128 * 512 = 256 * 256), which are skipped and quantized dense.
+    cfg = LlamaConfig(vocab_size=64, dim=256, n_layers=1, n_heads=8, n_kv_heads=4, hidden_dim=1024, max_seq_len=16)
+    model = Llama(cfg).eval()
+    module, records = run_pipeline(
+        capture(model), "factorize(ratio=0.6,multiple=128,exclude=lm_head),quantize(bits=4,group=128,exclude=lm_head)",
+        progress=False)
+    assert records[0].stats["factorized"] == 3
+    hist = module.op_histogram()
+    assert hist["llmpress.wq_linear.default"] == 4 + 6 and hist["aten.linear.default"] == 1
+    compiled = TVMBackend().lower(module, "cpu", progress=False)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    ref = module.run(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))
+    got = compiled(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(torch.as_tensor(a), b, rtol=0, atol=1e-5 * float(b.abs().max()) + 1e-6)

@@ -1,0 +1,164 @@
+"""Llama-family Hugging Face folders as transformers writes them (tiny random models built here, nothing downloaded):
+Qwen2 (q/k/v bias, tied embeddings), Qwen3 (q_norm/k_norm), Mistral (sliding window); a sharded bf16 checkpoint
+with a generation_config. Each is checked against transformers' own eager logits, cached decode against a full
+forward, and through the CLI."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+import llmpress
+from llmpress.errors import LlmpressError, LoadError
+from llmpress.ir.loaders import load_model
+from llmpress.models import Llama
+
+from ..conftest import TINYSTORIES
+
+VOCAB = 2048  # the tinystories tokenizer's, so its files can sit beside the weights
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _config(kind: str, **kw):
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[kind]
+    return cls(**{**TINY, "bos_token_id": 1, "eos_token_id": 2, **kw})
+
+
+def _save(folder, kind: str, *, dtype=torch.float32, shard: str | None = None, tokenizer: bool = False, **kw):
+    """A random ``kind`` model saved by transformers into ``folder``. Every parameter gets noise on top of the init,
+    so biases (initialised to 0) and norm weights (to 1) carry information the comparison can see."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(kind, **kw))
+    with torch.no_grad():
+        for p in model.parameters():  # tied weights are one Parameter, perturbed once
+            p.add_(0.05 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
+    if tokenizer:
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(TINYSTORIES / name, folder / name)
+            (folder / name).chmod(0o644)
+    return folder
+
+
+def _hf_fp32(folder):
+    """transformers' own model from the same files, in float32 (bf16 weights upcast exactly, as llmpress does)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _ids(t: int = 10, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _check_against_transformers(folder) -> llmpress.ir.Module:
+    """The captured IR's reference logits equal transformers' eager fp32 logits; prefill + one-token decode steps
+    through the cache equal the full forward. Same fp32 ops on both sides; only reduction order differs (attention
+    over the padded static cache), measured ~3e-7 on logits of magnitude ~1, so 1e-5 absolute is tight."""
+    loaded = load_model(folder)
+    assert isinstance(loaded.model, Llama)
+    module = llmpress.ir.capture(loaded.model)
+    x = _ids()
+    zero = torch.zeros(1, dtype=torch.int64)
+    caches = loaded.model.empty_cache()
+    with torch.no_grad():
+        want = _hf_fp32(folder)(x).logits
+        full, *_ = module.run(x, zero, *caches)
+        torch.testing.assert_close(full, want, rtol=0, atol=1e-5)
+        # Prefill 6 tokens, then decode 4 one at a time.
+        logits, *caches = module.run(x[:, :6], zero, *caches)
+        steps = [logits]
+        for p in range(6, 10):
+            logits, *caches = module.run(x[:, p:p + 1], torch.tensor([p]), *caches)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    return module
+
+
+@pytest.mark.parametrize("kind,kw", [("qwen2", {"tie_word_embeddings": True}), ("qwen3", {"head_dim": 32}),
+                                     ("mistral", {"sliding_window": 64})])
+def test_family_matches_transformers(tmp_path, kind, kw) -> None:
+    folder = _save(tmp_path / kind, kind, **kw)
+    module = _check_against_transformers(folder)
+    c = load_model(folder).model.config
+    assert c.arch == kind
+    if kind == "qwen2":  # q/k/v bias, tied classifier (transformers writes no lm_head.weight)
+        assert c.qkv_bias and not c.o_bias and c.tie_embeddings
+        from safetensors import safe_open
+
+        assert "lm_head.weight" not in safe_open(str(folder / "model.safetensors"), "pt").keys()
+        m = load_model(folder).model
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+    if kind == "qwen3":
+        assert c.qk_norm and c.head_dim == 32 and not c.qkv_bias
+
+
+def test_sharded_bf16_checkpoint_with_generation_config(tmp_path, caplog) -> None:
+    """bf16 weights in several shards (index.json), EOS ids [2, 5] in generation_config.json: loaded as fp32
+    (the log says so), logits equal transformers fp32 from the same bf16 files, generate stops at 5 too."""
+    folder = _save(tmp_path / "q2bf16", "qwen2", dtype=torch.bfloat16, shard="200KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 5]}))
+    with caplog.at_level(logging.INFO, logger="llmpress.ir.loaders.hf"):
+        loaded = load_model(folder)
+    assert "upcast" in caplog.text and "bfloat16" in caplog.text
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert loaded.model.config.eos_ids == (2, 5)
+    module = _check_against_transformers(folder)
+    assert module.lm.eos_ids == (2, 5) and module.lm.stop_ids() == (2, 5, 1)
+    assert llmpress.ir.meta.LMInfo.from_json(module.lm.to_json()) == module.lm
+
+
+def test_sliding_window_shorter_than_cache_is_refused(tmp_path) -> None:
+    folder = _save(tmp_path / "mistral", "mistral", sliding_window=16)
+    with pytest.raises(LoadError, match=r"config\.json: sliding_window=16 is smaller than the KV cache length 64"):
+        load_model(folder)
+    assert load_model(folder, cache_len=16).model.cache_len == 16  # window covers the cache: exact
+
+
+def test_other_model_types_name_the_supported_ones(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        str(tmp_path / "gpt2"))
+    with pytest.raises(LlmpressError, match=r"'gpt2'.*supported model_types: llama, mistral, qwen2, qwen3"):
+        llmpress.ir.capture(tmp_path / "gpt2")
+
+
+def test_cli_compiles_a_qwen2_folder(tmp_path) -> None:
+    from llmpress.cli import main
+
+    folder = _save(tmp_path / "qwen2", "qwen2", tokenizer=True)
+    out = tmp_path / "art"
+    assert main(["compile", str(folder), "--pipeline", "quantize(bits=4,group=32)", "-o", str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lm"]["eos_ids"] == [2]
+    assert {r["path"] for r in manifest["layers"] if r["compression"]} >= {"model.layers.0.self_attn.q_proj"}
+    art = llmpress.load(out)
+    ids = art.generate_ids([1, 5, 9], 4)
+    assert 3 < len(ids) <= 7
+
+
+@pytest.mark.tvm
+def test_qwen2_tvm_cpu_matches_reference(tmp_path) -> None:
+    pytest.importorskip("tvm")
+    from llmpress.backends.tvm import TVMBackend
+
+    module = llmpress.ir.capture(load_model(_save(tmp_path / "qwen2", "qwen2")).model)
+    compiled = TVMBackend().lower(module, "cpu", progress=False)
+    x, zero = _ids(), torch.zeros(1, dtype=torch.int64)
+    caches = [torch.zeros((1, *c["shape"])) for c in module.lm.cache_specs()]
+    want = module.run(x, zero, *caches)
+    got = compiled(x, zero, *caches)
+    # fp32 on both sides; TVM's own kernels reorder sums (matmul, softmax), so 1e-4 on logits of magnitude ~1.
+    torch.testing.assert_close(torch.as_tensor(got[0]), want[0], rtol=0, atol=1e-4)
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(torch.as_tensor(g), w, rtol=0, atol=1e-4)
