@@ -11,10 +11,12 @@ from torch import nn
 from llmpress.errors import PassError
 from llmpress.ir.capture import capture
 from llmpress.ir.module import Module
-from llmpress.models import Llama, LlamaConfig
+from llmpress.models import Llama
 from llmpress.passes.base import PassContext
 from llmpress.passes.manager import check_order
 from llmpress.passes.pipeline import build
+
+from .tiny_llama import lm_inputs, tiny_llama
 
 from ..conftest import TINYSTORIES, VALID
 
@@ -33,15 +35,7 @@ def _run(module: Module, text: str):
 
 
 def _llama(tie: bool = False) -> tuple[Llama, Module]:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32,
-                      tie_embeddings=tie)
-    model = Llama(cfg).eval()
-    with torch.no_grad():  # norm weights away from their initial ones, so a fold that did nothing would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand(p.shape) + 0.5)
-    return model, capture(model)
+    return tiny_llama(tie=tie, random_norms=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +49,7 @@ def llama(untied):
     return model, module.clone()
 
 
-def _inputs(model: Llama, t: int, start: int = 0):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (1, t), generator=g)
-    caches = [torch.randn(c.shape, generator=g) for c in model.empty_cache()]
-    return (ids, torch.tensor([start]), *caches)
+_inputs = lm_inputs
 
 
 def _close(got, ref) -> None:

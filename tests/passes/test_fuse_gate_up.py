@@ -9,10 +9,12 @@ from llmpress.errors import PassError
 from llmpress.ir.capture import capture
 from llmpress.ir.meta import source_path
 from llmpress.ir.module import Module
-from llmpress.models import Llama, LlamaConfig
+from llmpress.models import Llama
 from llmpress.passes.base import PassContext
 from llmpress.passes.manager import check_order
 from llmpress.passes.pipeline import build
+
+from .tiny_llama import lm_inputs, tiny_llama
 
 CTX = PassContext(progress=False)
 # fp32 tolerance: the fused GEMM computes the same length-32 dot products, but BLAS may block the wider matrix
@@ -29,10 +31,7 @@ def _run(module: Module, text: str):
 
 @pytest.fixture(scope="module")
 def llama_and_module():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
-    model = Llama(cfg).eval()
-    return model, capture(model)
+    return tiny_llama()
 
 
 @pytest.fixture
@@ -41,11 +40,7 @@ def llama(llama_and_module):
     return model, module.clone()
 
 
-def _inputs(model: Llama, t: int, start: int = 0):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (1, t), generator=g)
-    caches = [torch.randn(c.shape, generator=g) for c in model.empty_cache()]
-    return (ids, torch.tensor([start]), *caches)
+_inputs = lm_inputs
 
 
 def test_fuses_gate_up_in_every_layer(llama) -> None:

@@ -1,0 +1,31 @@
+"""The tiny Llama the fusion-pass tests share: the model, its captured module, and prefill/decode inputs."""
+from __future__ import annotations
+
+import torch
+
+from llmpress.ir.capture import capture
+from llmpress.ir.module import Module
+from llmpress.models import Llama, LlamaConfig
+
+
+def tiny_llama(*, tie: bool = False, random_norms: bool = False) -> tuple[Llama, Module]:
+    """2 layers, dim 32, GQA 4/2 heads, SwiGLU 64, vocab 64, 32 positions. ``random_norms``: norm weights away from
+    their initial ones (so a fold that did nothing would show)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32,
+                      tie_embeddings=tie)
+    model = Llama(cfg).eval()
+    if random_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(torch.rand(p.shape) + 0.5)
+    return model, capture(model)
+
+
+def lm_inputs(model: Llama, t: int, start: int = 0) -> tuple:
+    """``t`` random token ids at position ``start`` with random caches: a prefill (t > 1) or decode (t = 1) call."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, t), generator=g)
+    caches = [torch.randn(c.shape, generator=g) for c in model.empty_cache()]
+    return (ids, torch.tensor([start]), *caches)
