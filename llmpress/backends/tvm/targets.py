@@ -109,7 +109,8 @@ def host_arch() -> str:
 def host_cpu_features() -> set[str] | None:
     """The host's CPU feature flags from /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm), or None."""
     try:
-        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
     except OSError:
         return None
     for line in text.splitlines():
