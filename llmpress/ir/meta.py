@@ -84,9 +84,10 @@ class LMInfo:
     eos_ids: tuple = ()  # every end-of-sequence id (config + generation_config); () means just ``eos_id``
 
     def stop_ids(self) -> tuple[int, ...]:
-        """Tokens that end greedy generation: every EOS id, then BOS (llama2.c's rule: BOS starts a new story)."""
+        """Tokens that end greedy generation: every EOS id, then BOS (llama2.c's rule: BOS starts a new story);
+        a negative id (a model without BOS) is none."""
         ids = [*(self.eos_ids or (self.eos_id,)), self.bos_id]
-        return tuple(dict.fromkeys(int(i) for i in ids))
+        return tuple(dict.fromkeys(int(i) for i in ids if int(i) >= 0))
 
     def cache_specs(self) -> list[dict]:
         """``[{"name": "k_0", "shape": [n_kv_heads, cache_len, head_dim], "dtype": "float32"}, ...]`` in call order."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import llmpress
+from llmpress.ir.capture import capture
 from llmpress.errors import LlmpressError, LoadError
 from llmpress.ir.loaders import load_model
 from llmpress.models import Llama
@@ -162,3 +163,15 @@ def test_qwen2_tvm_cpu_matches_reference(tmp_path) -> None:
     torch.testing.assert_close(torch.as_tensor(got[0]), want[0], rtol=0, atol=1e-4)
     for g, w in zip(got[1:], want[1:]):
         torch.testing.assert_close(torch.as_tensor(g), w, rtol=0, atol=1e-4)
+
+
+def test_null_bos_is_no_stop_token(tmp_path) -> None:
+    """Qwen configs say ``bos_token_id: null``: no BOS, so generation must not stop at token 1."""
+    folder = _save(tmp_path / "q2nobos", "qwen2")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["bos_token_id"] = None
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model = load_model(folder).model
+    assert model.config.bos_id == -1
+    stops = capture(model).lm.stop_ids()
+    assert 1 not in stops and 2 in stops

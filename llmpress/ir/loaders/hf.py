@@ -128,7 +128,8 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
         n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), hidden_dim=int(need("intermediate_size")),
         max_seq_len=max_seq, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_id=token_id("bos_token_id", 1), eos_id=eos[0] if eos else 2, eos_ids=tuple(eos),
+        # an explicit null (Qwen) means no BOS token: -1, so generation does not stop at token 1
+        bos_id=-1 if "bos_token_id" in cfg and cfg["bos_token_id"] is None else token_id("bos_token_id", 1), eos_id=eos[0] if eos else 2, eos_ids=tuple(eos),
         head_dim=int(cfg.get("head_dim") or dim // n_heads),
         qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v bias (no config key), never o_proj's
         o_bias=attn_bias, mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=kind == "qwen3", arch=kind)
