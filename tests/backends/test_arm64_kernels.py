@@ -199,14 +199,14 @@ def test_greedy_ids_under_qemu_equal_x86_and_reference(arm_runner, llama, tmp_pa
     their instruction set (so the quantized layers ran through them, not through the generic kernel)."""
     import llmpress
 
-    ref = llmpress.compile(llama, pipeline=pipeline, target="reference", progress=False).generate_ids(
+    ref = llmpress.compile(llama.clone(), pipeline=pipeline, target="reference", progress=False).generate_ids(
         PROMPT, NEW_TOKENS)
     assert len(ref) == len(PROMPT) + NEW_TOKENS
-    x86_ids = llmpress.compile(llama, pipeline=pipeline, target=X86, progress=False).generate_ids(PROMPT, NEW_TOKENS)
+    x86_ids = llmpress.compile(llama.clone(), pipeline=pipeline, target=X86, progress=False).generate_ids(PROMPT, NEW_TOKENS)
     assert x86_ids == ref
     for target, isa in ARM.items():
         folder = tmp_path / target.replace(":", "_")
-        llmpress.compile(llama, pipeline=pipeline, target=target, progress=False).save(folder)
+        llmpress.compile(llama.clone(), pipeline=pipeline, target=target, progress=False).save(folder)
         lib = (folder / "model.so").read_bytes()
         for prefix in E2E[pipeline]:
             assert prefix.format(isa=isa.replace("-", "")).encode() in lib, f"{target} {pipeline}: no {prefix}"
