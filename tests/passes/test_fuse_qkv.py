@@ -13,7 +13,7 @@ from llmpress.passes.base import PassContext
 from llmpress.passes.fuse_qkv import FuseQKV
 from llmpress.passes.pipeline import build
 
-from .tiny_llama import lm_inputs, tiny_llama
+from .tiny_llama import assert_exact_rewrite, lm_inputs, tiny_llama
 
 CTX = PassContext(progress=False)
 # fp32 tolerance: the fused GEMM computes the same length-32 dot products, but BLAS may block the wider matrix
@@ -71,17 +71,7 @@ def test_fuses_qkv_in_every_layer(llama) -> None:
 
 def test_numerically_exact_prefill_and_decode(llama) -> None:
     model, module = llama
-    prefill, decode = _inputs(model, 7), _inputs(model, 1, start=7)
-    ref = [module.run(*prefill), module.run(*decode)]
-    assert _run(module, "fuse_qkv").modified
-    got = [module.run(*prefill), module.run(*decode)]
-    for r, g in zip(ref, got):
-        for a, b in zip(r, g):
-            torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
-    # And against the eager model itself.
-    with torch.no_grad():
-        eager = model(*prefill)
-    torch.testing.assert_close(got[0][0], eager[0], rtol=RTOL, atol=ATOL)
+    assert_exact_rewrite(model, module, lambda m: _run(m, "fuse_qkv"), rtol=RTOL, atol=ATOL)
 
 
 def test_second_run_changes_nothing(llama) -> None:

@@ -29,3 +29,18 @@ def lm_inputs(model: Llama, t: int, start: int = 0) -> tuple:
     ids = torch.randint(0, model.config.vocab_size, (1, t), generator=g)
     caches = [torch.randn(c.shape, generator=g) for c in model.empty_cache()]
     return (ids, torch.tensor([start]), *caches)
+
+
+def assert_exact_rewrite(model: Llama, module: Module, rewrite, *, rtol: float, atol: float) -> None:
+    """``rewrite(module)`` (a pass run, returning its result) modifies ``module`` without changing what it computes:
+    a prefill and a decode call give the same outputs before and after, and the same logits as the eager model."""
+    prefill, decode = lm_inputs(model, 7), lm_inputs(model, 1, start=7)
+    ref = [module.run(*prefill), module.run(*decode)]
+    assert rewrite(module).modified
+    got = [module.run(*prefill), module.run(*decode)]
+    for r, g in zip(ref, got):
+        for a, b in zip(r, g):
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
+    with torch.no_grad():
+        eager = model(*prefill)
+    torch.testing.assert_close(got[0][0], eager[0], rtol=rtol, atol=atol)
