@@ -11,13 +11,13 @@ import torch
 
 pytest.importorskip("tvm")
 
+from .model_checks import cpu_build_matches_reference  # noqa: E402
+
 pytestmark = pytest.mark.tvm
 
 
 def test_fused_folded_int4_g128_llama_builds_and_matches_reference():
     from llmpress.api import run_pipeline
-    from llmpress.backends.tvm import TVMBackend
-    from llmpress.eval.generate import empty_cache
     from llmpress.ir.capture import capture
     from llmpress.models import Llama, LlamaConfig
 
@@ -34,9 +34,4 @@ def test_fused_folded_int4_g128_llama_builds_and_matches_reference():
     assert records[0].stats["folded"] == 3 and records[2].stats["groups"] == ["model.layers.0.mlp.gate_up_proj"]
     hist = module.op_histogram()
     assert hist["llmpress.wq_linear.default"] == 4 and hist["aten.linear.default"] == 1  # qkv, o, gate_up, down
-    compiled = TVMBackend().lower(module, "cpu", progress=False)
-    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
-    ref = module.run(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))
-    got = compiled(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(torch.as_tensor(a), b, rtol=0, atol=1e-5 * float(b.abs().max()) + 1e-6)
+    cpu_build_matches_reference(module)

@@ -21,6 +21,8 @@ import llmpress.ir.ops  # noqa: F401 - registers the ops
 from llmpress.ir.capture import capture
 from llmpress.ir.ops.wq_linear import dequantize, pack_weight, qrange
 
+from .model_checks import cpu_build_matches_reference
+
 tvm = pytest.importorskip("tvm")
 
 pytestmark = pytest.mark.tvm
@@ -245,8 +247,6 @@ def to_relax_kernels(module):
 
 def test_quantized_tiny_llama_prefill_and_decode_match_reference(tiny_llama):
     """An LM: prefill runs the GEMM form, decode steps the GEMV form (its call sites are specialized)."""
-    from llmpress.backends.tvm import TVMBackend
-    from llmpress.eval.generate import empty_cache
     from llmpress.passes.base import PassContext
     from llmpress.passes.quantize import Quantize, QuantizeOptions
 
@@ -254,14 +254,7 @@ def test_quantized_tiny_llama_prefill_and_decode_match_reference(tiny_llama):
     assert module.op_histogram()["llmpress.wq_linear.default"] > 0
     names = set(to_relax_kernels(module))
     assert any(n.endswith("_decode") for n in names) and any(not n.endswith("_decode") for n in names), names
-    compiled = TVMBackend().lower(module, "cpu", progress=False)
-    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
-    ref = module.run(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))
-    got = compiled(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))
-    # logits and caches pass through several layers of fp32 kernels: compare at 1e-5 of their scale (fp32
-    # summation-order differences compound over layers; a wrong unpacking would be off by O(1))
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(torch.as_tensor(a), b, rtol=0, atol=1e-5 * float(b.abs().max()) + 1e-6)
+    compiled, ids, ref, got = cpu_build_matches_reference(module)
     ref_caches, got_caches = list(ref[1:]), [torch.as_tensor(c) for c in got[1:]]
     for pos, tok in enumerate([4, 11, 6], start=ids.shape[1]):
         step = torch.tensor([[tok]])

@@ -14,7 +14,7 @@ from llmpress.passes.base import PassContext
 from llmpress.passes.manager import check_order
 from llmpress.passes.pipeline import build
 
-from .tiny_llama import assert_exact_rewrite, lm_inputs, tiny_llama
+from .tiny_llama import assert_exact_rewrite, capture_block, lm_inputs, tiny_llama
 
 CTX = PassContext(progress=False)
 # fp32 tolerance: the fused GEMM computes the same length-32 dot products, but BLAS may block the wider matrix
@@ -145,19 +145,8 @@ class _MLP(nn.Module):
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(y if self.up_input else x))
 
 
-class _Wrap(nn.Module):
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        self.mlp = mlp
-
-    def forward(self, x, y):
-        return self.mlp(x, y)
-
-
 def _small(mlp: nn.Module) -> tuple[Module, tuple]:
-    torch.manual_seed(0)
-    inputs = (torch.randn(3, 8), torch.randn(3, 8))
-    return capture(_Wrap(mlp), inputs, dynamic=False), inputs
+    return capture_block("mlp", mlp)
 
 
 def test_up_reading_another_input_is_a_recorded_near_miss() -> None:

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from llmpress.ir.capture import capture
 from llmpress.ir.meta import source_path
 from llmpress.ir.module import Module
 from llmpress.models import Llama
@@ -13,7 +12,7 @@ from llmpress.passes.base import PassContext
 from llmpress.passes.fuse_qkv import FuseQKV
 from llmpress.passes.pipeline import build
 
-from .tiny_llama import assert_exact_rewrite, lm_inputs, tiny_llama
+from .tiny_llama import assert_exact_rewrite, capture_block, lm_inputs, tiny_llama
 
 CTX = PassContext(progress=False)
 # fp32 tolerance: the fused GEMM computes the same length-32 dot products, but BLAS may block the wider matrix
@@ -120,19 +119,8 @@ class _Attn(nn.Module):
         return self.q_proj(x)[..., :4] * k + self.v_proj(x)
 
 
-class _Wrap(nn.Module):
-    def __init__(self, attn: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = attn
-
-    def forward(self, x, y):
-        return self.self_attn(x, y)
-
-
 def _small(attn: nn.Module) -> tuple[Module, tuple]:
-    torch.manual_seed(0)
-    inputs = (torch.randn(3, 8), torch.randn(3, 8))
-    return capture(_Wrap(attn), inputs, dynamic=False), inputs
+    return capture_block("self_attn", attn)
 
 
 def test_k_reading_another_input_is_a_recorded_near_miss() -> None:

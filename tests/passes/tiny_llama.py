@@ -44,3 +44,20 @@ def assert_exact_rewrite(model: Llama, module: Module, rewrite, *, rtol: float, 
     with torch.no_grad():
         eager = model(*prefill)
     torch.testing.assert_close(got[0][0], eager[0], rtol=rtol, atol=atol)
+
+
+def capture_block(attr: str, block: torch.nn.Module) -> tuple[Module, tuple]:
+    """Capture ``block(x, y)`` as the submodule ``attr`` of a wrapper (so its layers are named ``attr.*``, like a
+    decoder layer's ``self_attn``/``mlp``), with two random [3, 8] inputs; returns the module and the inputs."""
+
+    class _Wrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            setattr(self, attr, block)
+
+        def forward(self, x, y):
+            return getattr(self, attr)(x, y)
+
+    torch.manual_seed(0)
+    inputs = (torch.randn(3, 8), torch.randn(3, 8))
+    return capture(_Wrap(), inputs, dynamic=False), inputs
