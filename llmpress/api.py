@@ -24,7 +24,9 @@ def prepare(model: Any, example_inputs: tuple | None = None, *, tokenizer: Any =
     from .ir.capture import capture
 
     if isinstance(model, Module):
-        return model, tokenizer
+        # Passes rewrite the graph in place: work on a structural copy (weights shared, never copied), so the
+        # caller's module is left as it was and can be compiled again (for another target or pipeline).
+        return model.clone(), tokenizer
     if isinstance(model, (str, Path)):
         from .ir.loaders import load_model
 

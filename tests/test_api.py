@@ -24,6 +24,20 @@ def test_compile_nn_module_with_exact_pipeline_matches_eager(tiny_llama):
     torch.testing.assert_close(art(*x)[0], tiny_llama(*x)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_compile_ir_module_leaves_it_unchanged_and_compiles_again(tiny_llama):
+    # Passes rewrite the graph in place; compile() works on a structural copy, so the caller's module can be
+    # compiled again (another pipeline or target) and still runs as captured.
+    module = llmpress.capture(tiny_llama, tiny_llama.example_inputs())
+    before = module.op_histogram()
+    x = (torch.tensor([[1, 5, 9]]), torch.zeros(1, dtype=torch.int64), *tiny_llama.empty_cache())
+    first = llmpress.compile(module, pipeline="fuse_qkv,quantize(bits=8,group=0)", progress=False)
+    assert module.op_histogram() == before and not module.info.get("properties")
+    second = llmpress.compile(module, pipeline="fuse_qkv,quantize(bits=8,group=0)", progress=False)
+    assert second.passes[0]["modified"]
+    torch.testing.assert_close(second(*x)[0], first(*x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(module.run(*x)[0], tiny_llama(*x)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_compile_generic_module():
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
     x = torch.randn(3, 8)
