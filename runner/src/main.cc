@@ -11,6 +11,7 @@
 // per new token, stopping at EOS or BOS (as llama2.c does), after N new tokens, or when the KV cache is full.
 // Prints the decoded text (everything after the leading BOS) to stdout, or with --print-ids the ids (prompt and
 // new, space-separated, one line). Timings go to stderr. Exit status 1 with "llmpress-runner: error: ..." on failure.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -30,12 +31,13 @@ constexpr const char* kUsage =
     "[--print-ids] [--no-verify] [--threads N]\n"
     "       llmpress-runner --tokenizer TOK.bin (--encode TEXT [--normalize] | --decode 1,2,3)\n";
 
-std::string DecodeText(const llmpress::Tokenizer& tok, const std::vector<int64_t>& ids, int64_t bos, int64_t eos) {
-  // As llmpress.tokenizer decodes: BOS/EOS are skipped, the text starts as if after BOS.
+std::string DecodeText(const llmpress::Tokenizer& tok, const std::vector<int64_t>& ids, int64_t bos,
+                       const std::vector<int64_t>& skip) {
+  // As llmpress.tokenizer decodes: BOS and every EOS are skipped, the text starts as if after BOS.
   std::string text;
   int64_t prev = bos;
   for (int64_t id : ids) {
-    if (id != bos && id != eos) text += tok.Piece(prev, id, bos);
+    if (std::find(skip.begin(), skip.end(), id) == skip.end()) text += tok.Piece(prev, id, bos);
     prev = id;
   }
   return text;
@@ -127,7 +129,7 @@ int Run(int argc, char** argv) {
       for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
       std::cout << "\n";
     } else {
-      std::cout << DecodeText(tok, decode_ids, 1, 2);
+      std::cout << DecodeText(tok, decode_ids, 1, {1, 2});
     }
     return 0;
   }
@@ -156,14 +158,14 @@ int Run(int argc, char** argv) {
     }
   }
   llmpress::GenerateStats st;
-  std::vector<int64_t> out = llmpress::Greedy(model, ids, max_new, {lm.eos_id, lm.bos_id}, &st);
+  std::vector<int64_t> out = llmpress::Greedy(model, ids, max_new, lm.StopIds(), &st);
 
   if (print_ids) {
     for (size_t i = 0; i < out.size(); ++i) std::cout << (i ? " " : "") << out[i];
     std::cout << "\n";
   } else {
     if (tok == nullptr) throw llmpress::RunnerError(dir + ": the artifact has no llama2.c tokenizer; use --print-ids");
-    std::cout << DecodeText(*tok, out, lm.bos_id, lm.eos_id) << "\n";
+    std::cout << DecodeText(*tok, out, lm.bos_id, lm.StopIds()) << "\n";
   }
   std::cout.flush();
   int64_t decoded = st.new_tokens > 0 ? st.new_tokens - 1 : 0;

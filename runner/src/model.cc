@@ -124,6 +124,16 @@ const char* HostArch() {
 #endif
 }
 
+std::vector<int64_t> LMInfo::StopIds() const {
+  std::vector<int64_t> ids = eos_ids.empty() ? std::vector<int64_t>{eos_id} : eos_ids;
+  ids.push_back(bos_id);
+  std::vector<int64_t> out;
+  for (int64_t id : ids) {
+    if (id >= 0 && std::find(out.begin(), out.end(), id) == out.end()) out.push_back(id);
+  }
+  return out;
+}
+
 EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
   std::string mpath = dir + "/manifest.json";
   if (!IsFile(mpath)) throw RunnerError(mpath + ": missing; " + dir + " is not an llmpress artifact");
@@ -137,6 +147,7 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
   lm_.vocab_size = lm.Int("vocab_size");
   if (lm.Has("bos_id")) lm_.bos_id = lm.Int("bos_id");
   if (lm.Has("eos_id")) lm_.eos_id = lm.Int("eos_id");
+  if (lm.Has("eos_ids") && !lm.IsNull("eos_ids")) lm_.eos_ids = lm.IntList("eos_ids");
   DLDataType cache_dtype{kDLFloat, 32, 1};
   if (lm.Has("cache_dtype")) cache_dtype = ParseDType(lm.Str("cache_dtype"), lm.where() + ": cache_dtype");
   if (lm.Has("caches") && !lm.IsNull("caches")) {

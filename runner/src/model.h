@@ -37,6 +37,11 @@ struct CacheSpec {
 struct LMInfo {
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, cache_len = 0, vocab_size = 0;
   int64_t bos_id = 1, eos_id = 2;
+  // Every end-of-sequence id (config.json + generation_config.json); empty means just eos_id.
+  std::vector<int64_t> eos_ids;
+  // Tokens that end greedy generation, as llmpress.ir.meta.LMInfo.stop_ids: every EOS id, then BOS; negative ids
+  // (a model without BOS) are none.
+  std::vector<int64_t> StopIds() const;
   // In call order: the manifest's lm.caches (e.g. int8 codes + float32 scales after kv_quant), or
   // k_0, v_0, k_1, ... of [n_kv_heads, cache_len, head_dim] lm.cache_dtype when it lists none.
   std::vector<CacheSpec> caches;

@@ -239,3 +239,25 @@ def test_native_runner_runs_an_int8_kv_cache_artifact(native_runner, s260, tmp_p
     assert ids == art.generate_ids([1], max_new_tokens=64)
     ref = llmpress.compile(module, pipeline="kv_quant", target="reference", progress=False)
     assert ids == ref.generate_ids([1], max_new_tokens=64)
+
+
+def test_runner_stops_at_every_eos_id_like_python(native_runner, cpu_artifact, tmp_path):
+    """``lm.eos_ids`` (config.json + generation_config.json) all end generation in the runner, as in Python: an
+    artifact whose manifest names a token greedy decoding reaches early as a second EOS stops there in both."""
+    import llmpress
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    src, _ = cpu_artifact
+    full = emulate.generate_ids(src, [1], max_new_tokens=32)
+    assert len(full) == 33  # no stop in the first 32 tokens
+    stop = full[8]
+    cut = full.index(stop)  # its first occurrence ends generation
+    folder = tmp_path / "two-eos"
+    shutil.copytree(src, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["lm"]["eos_ids"] = [manifest["lm"]["eos_id"], stop]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    ids = emulate.generate_ids(folder, [1], max_new_tokens=32)
+    assert ids == llmpress.load(folder).generate_ids([1], max_new_tokens=32)
+    assert ids == full[:cut + 1]
