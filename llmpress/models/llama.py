@@ -56,6 +56,11 @@ class LlamaConfig:
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
     eos_ids: tuple = ()  # every end-of-sequence id (config.json and generation_config.json); eos_id is the first
     arch: str = "llama"  # the Hugging Face model_type this config came from (for logs and the manifest)
+    # Scaled RoPE (linear / llama3 / yarn): the inverse frequencies and the factor on cos/sin, as computed by
+    # transformers' ``ROPE_INIT_FUNCTIONS`` from config.json (``llmpress.ir.loaders.hf``); () means the default
+    # ``1 / theta^(2i/d)`` and factor 1.
+    rope_inv_freq: tuple = ()
+    rope_attention_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -165,11 +170,14 @@ class Llama(nn.Module):
         # Explicitly on the CPU: the loader builds the module under ``torch.device("meta")`` (no throwaway random
         # weights) and then assigns the checkpoint's tensors; these tables are not in the checkpoint.
         cpu = torch.device("cpu")
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=cpu).float() / d))
+        if cfg.rope_inv_freq:
+            inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32, device=cpu)
+        else:
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=cpu).float() / d))
         freqs = torch.outer(torch.arange(self.cache_len, dtype=torch.int64, device=cpu).float(), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("rope_cos", emb.cos() * cfg.rope_attention_scaling, persistent=False)
+        self.register_buffer("rope_sin", emb.sin() * cfg.rope_attention_scaling, persistent=False)
 
     # -- the calling convention -------------------------------------------------------------------
     def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:

@@ -25,9 +25,9 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _config(kind: str, **kw):
-    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[kind]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[kind]
     return cls(**{**TINY, "bos_token_id": 1, "eos_token_id": 2, **kw})
 
 
@@ -100,6 +100,38 @@ def test_family_matches_transformers(tmp_path, kind, kw) -> None:
         assert m.lm_head.weight is m.model.embed_tokens.weight
     if kind == "qwen3":
         assert c.qk_norm and c.head_dim == 32 and not c.qkv_bias
+
+
+@pytest.mark.parametrize("kind,scaling", [
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    ("mistral", {"rope_type": "linear", "factor": 2.0}),
+])
+def test_scaled_rope_matches_transformers(tmp_path, kind, scaling) -> None:
+    """Scaled RoPE (Llama 3.x's llama3, Qwen's yarn with its cos/sin factor, linear) computed by transformers'
+    own ROPE_INIT_FUNCTIONS: logits equal transformers', and differ from the default RoPE's (so the check sees it)."""
+    folder = _save(tmp_path / kind, kind, rope_scaling=scaling, rope_theta=10000.0)
+    _check_against_transformers(folder)
+    c = load_model(folder).model.config
+    assert len(c.rope_inv_freq) == c.head_dim // 2
+    assert (c.rope_attention_scaling != 1.0) == (scaling["rope_type"] == "yarn")
+    with torch.no_grad():
+        scaled = _hf_fp32(folder)(_ids()).logits
+    plain = json.loads((folder / "config.json").read_text())
+    plain.pop("rope_scaling", None)
+    plain["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(plain))
+    default = load_model(folder).model
+    with torch.no_grad():
+        unscaled = default(_ids(), torch.zeros(1, dtype=torch.int64), *default.empty_cache())[0]
+    assert (unscaled - scaled).abs().max() > 1e-3
+
+
+def test_dynamic_rope_is_refused(tmp_path) -> None:
+    folder = _save(tmp_path / "llama", "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(LoadError, match=r"rope scaling type 'dynamic' is not supported.*linear, llama3, yarn"):
+        load_model(folder)
 
 
 def test_sharded_bf16_checkpoint_with_generation_config(tmp_path, caplog) -> None:

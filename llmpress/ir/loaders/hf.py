@@ -84,6 +84,35 @@ def _sliding_window_check(cfg: dict, where: Path, cache_len: int) -> None:
                         f"the cache is no longer than the window (load with cache_len <= {window})")
 
 
+#: RoPE variants whose frequencies do not depend on the sequence length at run time, so a static table is exact.
+STATIC_ROPE_TYPES = ("linear", "llama3", "yarn")
+
+
+def _scaled_rope(cfg: dict, where: Path) -> tuple[tuple, float]:
+    """The inverse frequencies and cos/sin factor of a scaled RoPE (``rope_scaling`` / ``rope_parameters`` with a
+    ``rope_type``), computed by transformers' own ``ROPE_INIT_FUNCTIONS`` (the maintained definitions of each
+    variant, rather than our copy of their formulas); ``((), 1.0)`` for the default RoPE. Variants that change
+    with the sequence length at run time (dynamic NTK, longrope's short/long switch) are refused."""
+    kinds = {src.get("rope_type", src.get("type", "default"))
+             for src in (cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {})}
+    kinds -= {None, "default"}
+    if not kinds:
+        return (), 1.0
+    kind = kinds.pop()
+    if kinds or kind not in STATIC_ROPE_TYPES:
+        raise LoadError(f"{where}: rope scaling type {kind!r} is not supported: llmpress precomputes one RoPE "
+                        f"table for the static cache (supported: default, {', '.join(STATIC_ROPE_TYPES)})")
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    try:
+        hf = AutoConfig.for_model(**cfg)
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[kind](hf, torch.device("cpu"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{where}: rope scaling {kind!r}: transformers could not compute it: {e}") from e
+    return tuple(float(f) for f in inv_freq.float()), float(factor)
+
+
 def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> LlamaConfig:
     """``config.json`` of a Llama-family model (``SUPPORTED_MODEL_TYPES``) -> ``LlamaConfig``; rejects what our
     Llama does not compute. ``cache_len`` (default ``max_position_embeddings``) decides whether a sliding window
@@ -98,11 +127,7 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
         raise LoadError(f"{where}: model_type {kind!r} is not a Llama-family model "
                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    for src in (rope, scaling):
-        kind_r = src.get("rope_type", src.get("type", "default"))
-        if kind_r not in (None, "default"):
-            raise LoadError(f"{where}: rope scaling type {kind_r!r} is not supported (only the default RoPE)")
+    inv_freq, attention_scaling = _scaled_rope(cfg, where)
     if cfg.get("hidden_act", "silu") != "silu":
         raise LoadError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
     if kind == "mistral":
@@ -132,7 +157,8 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
         bos_id=-1 if "bos_token_id" in cfg and cfg["bos_token_id"] is None else token_id("bos_token_id", 1), eos_id=eos[0] if eos else 2, eos_ids=tuple(eos),
         head_dim=int(cfg.get("head_dim") or dim // n_heads),
         qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v bias (no config key), never o_proj's
-        o_bias=attn_bias, mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=kind == "qwen3", arch=kind)
+        o_bias=attn_bias, mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=kind == "qwen3", arch=kind,
+        rope_inv_freq=inv_freq, rope_attention_scaling=attention_scaling)
 
 
 def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
