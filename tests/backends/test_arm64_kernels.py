@@ -5,7 +5,7 @@ Kernel level: every kernel family (activation quantization, GEMV and GEMM in int
 symmetric and asymmetric, act_group 32 and 128, weight groups 32/128/256) is compiled into one library per target
 and called on fixed inputs through ``kernel_harness.cc`` under qemu (``qemu_kernels.py`` explains the choice); the
 x86 build of the same PrimFuncs runs natively on the same inputs. End to end: a random Llama sized for the presets
-(every linear fits the kernel layout), compiled fp32 / ``w4a16`` / ``w4a8`` for both Arm targets and run by the C++
+(every linear fits the kernel layout), compiled ``w4a16`` / ``w4a8`` for both Arm targets and run by the C++
 edge runner under qemu, greedy-generates the ids of the x86 ``cpu`` build (whichever of its libraries this host
 runs) and of the reference backend.
 
@@ -187,12 +187,14 @@ def llama():
     return capture(Llama(cfg).eval())
 
 
-# pipeline -> the dispatched kernels each Arm library must hold (the symbol prefix, isa-tagged for integer forms)
-E2E = {"": (), "w4a16": ("llmpress_gemv_float_b4", "llmpress_gemm_float_b4"),
+# pipeline -> the dispatched kernels each Arm library must hold (the symbol prefix, isa-tagged for integer forms).
+# fp32 end to end under qemu is test_edge_runner.py's arm64 check (stories260K, 256 tokens); its kernels are checked
+# here at kernel level, so this module spends its compile time on the quantized pipelines only.
+E2E = {"w4a16": ("llmpress_gemv_float_b4", "llmpress_gemm_float_b4"),
        "w4a8": ("llmpress_gemv_int_{isa}_b4", "llmpress_gemm_int_{isa}_b4", "llmpress_act_quant")}
 
 
-@pytest.mark.parametrize("pipeline", list(E2E), ids=["fp32", "w4a16", "w4a8"])
+@pytest.mark.parametrize("pipeline", list(E2E))
 def test_greedy_ids_under_qemu_equal_x86_and_reference(arm_runner, llama, tmp_path, pipeline):
     """The C++ runner under qemu-aarch64 generates, for both Arm targets, the greedy ids of the x86 ``cpu`` build
     and of the reference backend (prompt + 32 tokens); the Arm libraries hold the dispatched quantized kernels of
@@ -210,7 +212,5 @@ def test_greedy_ids_under_qemu_equal_x86_and_reference(arm_runner, llama, tmp_pa
         lib = (folder / "model.so").read_bytes()
         for prefix in E2E[pipeline]:
             assert prefix.format(isa=isa.replace("-", "")).encode() in lib, f"{target} {pipeline}: no {prefix}"
-        if not pipeline:
-            assert b"llmpress_gemv_" not in lib
         assert emulate.generate_ids(folder, PROMPT, max_new_tokens=NEW_TOKENS) == ref, f"{target} {pipeline}"
 

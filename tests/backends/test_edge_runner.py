@@ -115,6 +115,7 @@ def test_arm64_artifact_under_qemu_matches_x86(aarch64_runner, native_runner, cp
     arm = tmp_path / "s260-arm64"
     _save(s260, "arm64", arm)
     assert emulate.artifact_arch(arm) == "aarch64"
+    assert b"llmpress_fgemv_neon" in (arm / "model.so").read_bytes()  # decode ran the NEON fp32 kernels
     cmd = emulate.runner_command("aarch64")
     assert cmd[0] == "qemu-aarch64"
     x86_ids = emulate.generate_ids(cpu_artifact[0], [1], max_new_tokens=256)
