@@ -6,7 +6,9 @@ Accepted models:
 - a Hugging Face ``PreTrainedModel`` causal LM of another architecture, given ``example_inputs``: captured as
   ``input_ids -> logits`` without a cache (``use_cache=False``). Folders of the Llama family (llama, mistral, qwen2,
   qwen3) load as ``Llama`` instead.
-- any other ``nn.Module``: its ``forward`` on ``example_inputs``.
+- any other ``nn.Module``, including Hugging Face models that are not causal LMs (a BERT-style encoder called with
+  ``(input_ids, attention_mask)``): its own ``forward`` on ``example_inputs``, returning what it returns (a
+  ``ModelOutput`` flattened to its tensors, in field order).
 - a path (Hugging Face folder, llama2.c ``.bin``, ``.onnx`` file): loaded with ``llmpress.ir.load_model`` first.
 """
 from __future__ import annotations
@@ -98,21 +100,29 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
     ds = None
     if dynamic is True:
         first = example_inputs[0]
-        # Token ids ([batch, seq] integers) get a dynamic sequence length; Dim.AUTO lets export keep it static
-        # where the model's code needs that, instead of failing. Float inputs keep their shapes.
+        # Token ids ([batch, seq] integers) get a dynamic sequence length, and so does every other integer input of
+        # the same shape (an attention mask, token type ids); Dim.AUTO lets export keep it static where the model's
+        # code needs that, instead of failing. Float inputs keep their shapes.
         if isinstance(first, torch.Tensor) and not first.is_floating_point() and first.dim() >= 2:
-            ds = ({1: torch.export.Dim.AUTO},) + tuple(None for _ in example_inputs[1:])
+            def seq_dim(x: Any) -> Any:
+                same = (isinstance(x, torch.Tensor) and not x.is_floating_point() and x.shape == first.shape)
+                return {1: torch.export.Dim.AUTO} if same else None
+
+            ds = tuple(seq_dim(x) for x in example_inputs)
     elif dynamic is not False:
         ds = dynamic
     return _export(model, example_inputs, ds, lm=None, info=info)
 
 
 def _is_hf_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face model of one of transformers' causal-LM classes (its own table, so new architectures count);
+    encoders and other heads keep their own forward."""
     try:
         from transformers import PreTrainedModel
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # transformers is a dependency, but keep capture usable without it
         return False
-    return isinstance(model, PreTrainedModel)
+    return isinstance(model, PreTrainedModel) and type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any, *, lm: LMInfo | None, info: dict) -> Module:

@@ -60,9 +60,38 @@ def _masked_fill_scalar(node, importer):
     return importer.block_builder.emit(relax.op.where(mask, relax.const(value, dtype), x))
 
 
+def _slice_tensor(node, importer):
+    """``x[:, :s]`` with a symbolic end ``s`` along a static dimension ``N``: TVM types the result ``min(s, N)``,
+    which no later op unifies with ``s`` (an encoder's position-id slice, added to ``[.., s, ..]`` embeddings, leaves
+    an add of unknown shape that layer norm then cannot legalize). torch.export already proved the result's extent
+    (``node.meta["val"]``): where it is the plain symbol, the result is reshaped to ``s`` (a reshape, not a
+    ``match_cast``: parameter lifting refuses match_cast, and a same-size reshape costs nothing)."""
+    from tvm import relax, tirx
+
+    out = importer._slice(node)
+    val = node.meta.get("val")
+    shape = importer.shape_of(out)
+    if val is None or shape is None or len(shape) != val.dim():
+        return out
+    dims, changed = [], False
+    for have, want in zip(shape, val.shape):
+        plain_symbol = isinstance(want, torch.SymInt) and want.node.expr.is_Symbol
+        if plain_symbol and isinstance(have, tirx.Min):
+            pick = [e for e in (have.a, have.b) if isinstance(e, tirx.Var) and e.name == str(want.node.expr)]
+            if pick:
+                dims.append(pick[0])
+                changed = True
+                continue
+        dims.append(have)
+    if not changed:
+        return out
+    return importer.block_builder.emit(relax.op.reshape(out, relax.ShapeExpr(dims)))
+
+
 #: ATen op (full name) -> a converter that replaces the frontend's own (same signature as CONVERTERS).
 ATEN_OVERRIDES: dict[str, Converter] = {
     "aten.masked_fill.Scalar": _masked_fill_scalar,
+    "aten.slice.Tensor": _slice_tensor,
 }
 
 

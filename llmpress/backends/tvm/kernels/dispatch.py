@@ -98,6 +98,8 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
                 return call
             if str(w.ty.dtype) != "float32" or str(x.ty.dtype) != "float32" or len(w.ty.shape.values) != 2:
                 return call
+            if getattr(x.ty, "shape", None) is None:  # an input of unknown shape (e.g. behind a data-dependent op)
+                return call
             n, k = (_static(d) for d in w.ty.shape.values)
             if n is None or k is None or not fgemm.fits(n, k) or len(x.ty.shape.values) < 2:
                 return call
