@@ -25,10 +25,11 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _config(kind: str, **kw):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[kind]
-    return cls(**{**TINY, "bos_token_id": 1, "eos_token_id": 2, **kw})
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+           "phi3": Phi3Config}[kind]
+    return cls(**{**TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kw})
 
 
 def _save(folder, kind: str, *, dtype=torch.float32, shard: str | None = None, tokenizer: bool = False, **kw):
@@ -85,7 +86,7 @@ def _check_against_transformers(folder) -> llmpress.ir.Module:
 
 
 @pytest.mark.parametrize("kind,kw", [("qwen2", {"tie_word_embeddings": True}), ("qwen3", {"head_dim": 32}),
-                                     ("mistral", {"sliding_window": 64})])
+                                     ("mistral", {"sliding_window": 64}), ("phi3", {})])
 def test_family_matches_transformers(tmp_path, kind, kw) -> None:
     folder = _save(tmp_path / kind, kind, **kw)
     module = _check_against_transformers(folder)
@@ -100,6 +101,19 @@ def test_family_matches_transformers(tmp_path, kind, kw) -> None:
         assert m.lm_head.weight is m.model.embed_tokens.weight
     if kind == "qwen3":
         assert c.qk_norm and c.head_dim == 32 and not c.qkv_bias
+    if kind == "phi3":  # fused qkv_proj / gate_up_proj in the checkpoint, plain linears in the IR
+        from safetensors import safe_open
+
+        names = safe_open(str(folder / "model.safetensors"), "pt").keys()
+        assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+        linears = module.op_histogram()["aten.linear.default"]
+        assert linears == 2 * 7 + 1
+
+
+def test_phi3_partial_rotary_is_refused(tmp_path) -> None:
+    folder = _save(tmp_path / "phi3", "phi3", partial_rotary_factor=0.5)
+    with pytest.raises(LoadError, match=r"partial_rotary_factor=0.5 is not supported"):
+        load_model(folder)
 
 
 @pytest.mark.parametrize("kind,scaling", [

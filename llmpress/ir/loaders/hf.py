@@ -1,8 +1,9 @@
 """Hugging Face model folders -> an ``nn.Module``.
 
-The Llama-layout family (``SUPPORTED_MODEL_TYPES``: llama, mistral, qwen2, qwen3) builds our export-friendly
+The Llama-layout family (``SUPPORTED_MODEL_TYPES``: llama, mistral, qwen2, qwen3, phi3) builds our export-friendly
 ``llmpress.models.Llama`` (static KV cache) straight from ``config.json`` and the safetensors weights, whose names
-match one to one (``model.layers.0.self_attn.q_proj.weight`` ...). Every expected tensor is checked for presence
+match one to one (``model.layers.0.self_attn.q_proj.weight`` ...), or, for Phi-3's fused ``qkv_proj`` and
+``gate_up_proj``, are row slices of one checkpoint tensor (``fused_sources``). Every expected tensor is checked for presence
 and shape before loading, so a damaged file is reported with the tensor it lacks.
 
 Checkpoints are read as they come: one ``model.safetensors`` or shards listed by ``model.safetensors.index.json``;
@@ -28,7 +29,7 @@ from ...models.llama import Llama, LlamaConfig
 __all__ = ["SUPPORTED_MODEL_TYPES", "read_config", "llama_config", "load_hf", "expected_llama_shapes"]
 
 # model_type -> what its attention adds to the Llama layout (see llmpress.models.llama).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,10 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     rope = cfg.get("rope_parameters") or {}
     inv_freq, attention_scaling = _scaled_rope(cfg, where)
+    if kind == "phi3":
+        partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if float(partial) != 1.0:
+            raise LoadError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE over the whole head only)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise LoadError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
     if kind == "mistral":
@@ -223,6 +228,25 @@ def _open(path: Path):
         raise LoadError(f"{path.name}: unreadable safetensors file {path} (truncated or corrupt: {e})") from e
 
 
+def fused_sources(c: LlamaConfig) -> dict[str, tuple[str, int, int]]:
+    """Our tensor name -> (checkpoint tensor, first row, end row) where the checkpoint stores several of our linears
+    as one (Phi-3: ``qkv_proj`` = q, k, v rows in that order; ``gate_up_proj`` = gate rows then up rows, as
+    ``Phi3MLP`` chunks them). Split at load so every pass sees plain linears; ``fuse_qkv``/``fuse_gate_up`` fuse
+    them again where a backend wants one matmul."""
+    if c.arch != "phi3":
+        return {}
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    out: dict[str, tuple[str, int, int]] = {}
+    for i in range(c.n_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[a + "q_proj.weight"] = (a + "qkv_proj.weight", 0, q)
+        out[a + "k_proj.weight"] = (a + "qkv_proj.weight", q, q + kv)
+        out[a + "v_proj.weight"] = (a + "qkv_proj.weight", q + kv, q + 2 * kv)
+        out[m + "gate_proj.weight"] = (m + "gate_up_proj.weight", 0, c.hidden_dim)
+        out[m + "up_proj.weight"] = (m + "gate_up_proj.weight", c.hidden_dim, 2 * c.hidden_dim)
+    return out
+
+
 def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]:
     mapping = _weight_files(folder)
     handles: dict[Path, object] = {}
@@ -233,7 +257,13 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
         mapping = {k: single for k in h.keys()}
     out: dict[str, torch.Tensor] = {}
     dtypes: dict[str, int] = {}
-    for name, shape in expected_llama_shapes(c).items():
+    fused = fused_sources(c)
+    wanted = expected_llama_shapes(c)
+    for ours, (src, _, _) in fused.items():  # a fused checkpoint tensor is read once, whole, then split
+        rows = sum(e - b for o, (s_, b, e) in fused.items() if s_ == src)
+        wanted.pop(ours)
+        wanted[src] = (rows, c.dim)
+    for name, shape in wanted.items():
         f = mapping.get(name)
         if f is None:
             fname = "model.safetensors" if (folder / "model.safetensors").is_file() else "model.safetensors.index.json"
@@ -254,12 +284,16 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
             raise LoadError(f"{f.name}: tensor {name} has dtype {t.dtype}, expected a float tensor")
         dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
         out[name] = t.to(torch.float32)
+    for ours, (src, b, e) in fused.items():
+        out[ours] = out[src][b:e].clone()
+    for src in {src for src, _, _ in fused.values()}:
+        del out[src]
     upcast = {k: v for k, v in dtypes.items() if k != "float32"}
     if upcast:
         log.info("%s: upcast %s tensors to float32 for the IR (the checkpoint's own dtype; compression passes "
                  "and backends decide the stored precision)", folder,
                  ", ".join(f"{n} {k}" for k, n in sorted(upcast.items())))
-    extra = sorted(set(mapping) - set(out) - {"lm_head.weight"})
+    extra = sorted(set(mapping) - set(out) - {"lm_head.weight"} - {src for src, _, _ in fused.values()})
     extra = [k for k in extra if not k.endswith("rotary_emb.inv_freq")]  # recomputed from rope_theta
     if extra:
         log.warning("%s: ignoring %d tensors our Llama does not use: %s", folder, len(extra), ", ".join(extra[:5]))
