@@ -61,10 +61,23 @@ class LlamaConfig:
     # ``1 / theta^(2i/d)`` and factor 1.
     rope_inv_freq: tuple = ()
     rope_attention_scaling: float = 1.0
+    # GPT-2-style switches (``llmpress.ir.loaders.hf_gpt2``): LayerNorm with bias instead of RMSNorm, learned
+    # absolute positions (``model.embed_positions``) instead of RoPE, and the MLP's form.
+    norm: str = "rms"  # "rms" | "layer"
+    positions: str = "rope"  # "rope" | "learned"
+    mlp: str = "swiglu"  # "swiglu": down(silu(gate(x)) * up(x)) | "gelu": down(gelu_tanh(up(x)))
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        for key, allowed in (("norm", ("rms", "layer")), ("positions", ("rope", "learned")),
+                             ("mlp", ("swiglu", "gelu"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r}: expected one of {allowed}")
+
+
+def _norm(cfg: "LlamaConfig", dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(dim, cfg.norm_eps)
 
 
 class RMSNorm(nn.Module):
@@ -100,14 +113,16 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         n_kv, d = self.n_kv_heads, self.head_dim
         rep = self.n_heads // n_kv
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [t, 1, d]: one row per token, the same for every head
         q = self.q_proj(x).view(b, t, self.n_heads, d)
         k = self.k_proj(x).view(b, t, n_kv, d)
         v = self.v_proj(x).view(b, t, n_kv, d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)  # [b, n_kv, t, d]: the cache layout
+        if cos is not None:  # RoPE (absent with learned positions)
+            cos, sin = cos[:, None, :], sin[:, None, :]  # [t, 1, d]: one row per token, the same for every head
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        k = k.transpose(1, 2)  # [b, n_kv, t, d]: the cache layout
         v = v.transpose(1, 2)
         # Write the new keys/values at their positions (functional scatter: the cache is an input and an output).
         idx = positions.view(1, 1, t, 1).expand(b, n_kv, t, d)
@@ -124,20 +139,25 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gated:
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        # GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), PyTorch's tanh approximation
+        return self.down_proj(nn.functional.gelu(self.up_proj(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.input_layernorm = _norm(cfg, cfg.dim)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = _norm(cfg, cfg.dim)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
@@ -151,8 +171,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.positions == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = _norm(cfg, cfg.dim)
 
 
 class Llama(nn.Module):
@@ -170,6 +192,8 @@ class Llama(nn.Module):
         # Explicitly on the CPU: the loader builds the module under ``torch.device("meta")`` (no throwaway random
         # weights) and then assigns the checkpoint's tensors; these tables are not in the checkpoint.
         cpu = torch.device("cpu")
+        if cfg.positions != "rope":
+            return
         if cfg.rope_inv_freq:
             inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32, device=cpu)
         else:
@@ -192,11 +216,14 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, *caches: torch.Tensor):
         t = input_ids.shape[1]
         positions = start_pos + torch.arange(t, dtype=torch.int64)
-        cos = self.rope_cos[positions]
-        sin = self.rope_sin[positions]
+        rope = self.config.positions == "rope"
+        cos = self.rope_cos[positions] if rope else None
+        sin = self.rope_sin[positions] if rope else None
         key_pos = torch.arange(self.cache_len, dtype=torch.int64)
         mask = key_pos[None, :] <= positions[:, None]  # True where attention is allowed (SDPA's boolean mask)
         x = self.model.embed_tokens(input_ids)
+        if not rope:
+            x = x + self.model.embed_positions(positions)
         new_caches = []
         for i, layer in enumerate(self.model.layers):
             x, k, v = layer(x, cos, sin, positions, mask, caches[2 * i], caches[2 * i + 1])

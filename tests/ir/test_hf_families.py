@@ -25,8 +25,11 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _config(kind: str, **kw):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
+    if kind == "gpt2":  # its own key names; GPT-2 has one KV head per query head
+        return GPT2Config(**{"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                             "bos_token_id": 1, "eos_token_id": 2, **kw})
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
            "phi3": Phi3Config}[kind]
     return cls(**{**TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kw})
@@ -86,7 +89,7 @@ def _check_against_transformers(folder) -> llmpress.ir.Module:
 
 
 @pytest.mark.parametrize("kind,kw", [("qwen2", {"tie_word_embeddings": True}), ("qwen3", {"head_dim": 32}),
-                                     ("mistral", {"sliding_window": 64}), ("phi3", {})])
+                                     ("mistral", {"sliding_window": 64}), ("phi3", {}), ("gpt2", {})])
 def test_family_matches_transformers(tmp_path, kind, kw) -> None:
     folder = _save(tmp_path / kind, kind, **kw)
     module = _check_against_transformers(folder)
@@ -108,6 +111,10 @@ def test_family_matches_transformers(tmp_path, kind, kw) -> None:
         assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
         linears = module.op_histogram()["aten.linear.default"]
         assert linears == 2 * 7 + 1
+    if kind == "gpt2":  # Conv1D (transposed) weights and one c_attn, as plain linears; LayerNorm, learned positions
+        assert c.norm == "layer" and c.positions == "learned" and c.tie_embeddings
+        hist = module.op_histogram()
+        assert hist["aten.linear.default"] == 2 * 6 + 1 and hist["aten.layer_norm.default"] == 2 * 2 + 1
 
 
 def test_phi3_partial_rotary_is_refused(tmp_path) -> None:
@@ -172,12 +179,13 @@ def test_sliding_window_shorter_than_cache_is_refused(tmp_path) -> None:
 
 
 def test_other_model_types_name_the_supported_ones(tmp_path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
-        str(tmp_path / "gpt2"))
-    with pytest.raises(LlmpressError, match=r"'gpt2'.*supported model_types: llama, mistral, qwen2, qwen3"):
-        llmpress.ir.capture(tmp_path / "gpt2")
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, max_position_embeddings=32, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32)).save_pretrained(
+        str(tmp_path / "neox"))
+    with pytest.raises(LlmpressError, match=r"'gpt_neox'.*supported model_types: llama, mistral, qwen2, qwen3"):
+        llmpress.ir.capture(tmp_path / "neox")
 
 
 def test_cli_compiles_a_qwen2_folder(tmp_path) -> None:
@@ -221,3 +229,27 @@ def test_null_bos_is_no_stop_token(tmp_path) -> None:
     assert model.config.bos_id == -1
     stops = capture(model).lm.stop_ids()
     assert 1 not in stops and 2 in stops
+
+
+@pytest.mark.tvm
+def test_gpt2_exact_and_int4_through_tvm_cpu_and_onnx(tmp_path) -> None:
+    """GPT-2 (LayerNorm, learned positions, Conv1D weights split and transposed at load) through every backend:
+    ``exact`` and ``quantize(bits=4)`` for TVM ``cpu`` equal the reference graph; the int4 ONNX artifact (LayerNorm
+    as LayerNormalization) equals it in ONNX Runtime; greedy ids through the cache agree."""
+    pytest.importorskip("tvm")
+    from llmpress.api import run_pipeline
+
+    from ..backends.model_checks import cpu_build_matches_reference
+
+    model = load_model(_save(tmp_path / "gpt2", "gpt2")).model
+    cpu_build_matches_reference(llmpress.ir.capture(model))
+    quantized, _ = run_pipeline(llmpress.ir.capture(model), "quantize(bits=4,group=32)", progress=False)
+    cpu_build_matches_reference(quantized)
+    x, zero = _ids(), torch.zeros(1, dtype=torch.int64)
+    ref = llmpress.compile(quantized, target="reference", progress=False)
+    onnx = llmpress.compile(quantized, target="onnx", progress=False)
+    # ORT's MatMulNBits dequantizes and sums in its own order: 1e-5 of the logits' scale, as for the TVM build.
+    want = ref(x, zero, *model.empty_cache())[0]
+    got = torch.as_tensor(onnx(x, zero, *model.empty_cache())[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    assert onnx.generate_ids([1, 5, 9], 6) == ref.generate_ids([1, 5, 9], 6)

@@ -180,11 +180,15 @@ def test_sharded_safetensors_and_rejections(tmp_path) -> None:
     (dst / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(LoadError, match="pytorch_model.bin"):
         load_model(dst)
-    # rope scaling other than the default.
+    # rope scaling that changes with the sequence length; a scaled RoPE missing its parameters.
     cfg = json.loads((TINYSTORIES / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 8.0}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"config\.json: rope scaling type 'dynamic' is not supported"):
+        load_model(dst)
     cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0}
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match=r"config\.json: rope scaling type 'llama3'"):
+    with pytest.raises(LoadError, match=r"config\.json: rope scaling 'llama3'.*low_freq_factor"):
         load_model(dst)
 
 
@@ -263,15 +267,16 @@ def test_hf_config_variants(tmp_path) -> None:
 
 
 def test_other_hf_architectures_go_through_transformers(tmp_path) -> None:
-    """A non-llama folder (a tiny random GPT-2 written here, nothing downloaded) loads with AutoModelForCausalLM
-    and captures as input_ids -> logits."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A folder of an architecture llmpress does not build itself (a tiny random GPT-NeoX written here, nothing
+    downloaded) loads with AutoModelForCausalLM and captures as input_ids -> logits."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    ref = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
-    ref.save_pretrained(str(tmp_path / "gpt2"))
-    loaded = load_model(tmp_path / "gpt2")
-    assert loaded.kind == "hf" and loaded.config["model_type"] == "gpt2" and loaded.tokenizer is None
+    ref = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, max_position_embeddings=32, hidden_size=16,
+                                           num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).eval()
+    ref.save_pretrained(str(tmp_path / "neox"))
+    loaded = load_model(tmp_path / "neox")
+    assert loaded.kind == "hf" and loaded.config["model_type"] == "gpt_neox" and loaded.tokenizer is None
     ids = torch.randint(0, 64, (1, 6))
     module = llmpress.ir.capture(loaded.model, (ids,))
     with torch.no_grad():

@@ -221,6 +221,21 @@ def _log_softmax(ex: Any, node: fx.Node) -> str:
     return ex.b.op("LogSoftmax", [ex.b.value(x)], axis=axis(node.args[1], rank(x)))
 
 
+@_register(aten.layer_norm.default)
+def _layer_norm(ex: Any, node: fx.Node) -> str:
+    """``layer_norm(x, shape, w, b, eps)`` -> ``LayerNormalization`` (opset 17+) over the last ``len(shape)`` axes;
+    a missing weight/bias is ones/zeros (what ATen computes without them)."""
+    b = ex.b
+    x, shape = node.args[0], list(node.args[1])
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+    dt = np_dtype(val(node).dtype, node)
+    scale = b.value(w) if w is not None else b.initializer(np.ones(shape, dt), f"{node.name}.ones")
+    inputs = [b.value(x), scale] + ([b.value(bias)] if bias is not None else [])
+    return b.op("LayerNormalization", inputs, axis=-len(shape), epsilon=float(eps))
+
+
 # -- linear algebra ----------------------------------------------------------------------------------------------
 def transposed_weight(ex: Any, w: fx.Node) -> str:
     """``W^T`` as an initializer (stored weights are transposed once at export), else a Transpose node."""

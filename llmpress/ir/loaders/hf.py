@@ -1,9 +1,9 @@
 """Hugging Face model folders -> an ``nn.Module``.
 
-The Llama-layout family (``SUPPORTED_MODEL_TYPES``: llama, mistral, qwen2, qwen3, phi3) builds our export-friendly
+The Llama-layout family (``SUPPORTED_MODEL_TYPES``: llama, mistral, qwen2, qwen3, phi3, gpt2) builds our export-friendly
 ``llmpress.models.Llama`` (static KV cache) straight from ``config.json`` and the safetensors weights, whose names
 match one to one (``model.layers.0.self_attn.q_proj.weight`` ...), or, for Phi-3's fused ``qkv_proj`` and
-``gate_up_proj``, are row slices of one checkpoint tensor (``fused_sources``). Every expected tensor is checked for presence
+``gate_up_proj``, are row slices of one checkpoint tensor (``checkpoint_sources``; GPT-2: ``hf_gpt2``). Every expected tensor is checked for presence
 and shape before loading, so a damaged file is reported with the tensor it lacks.
 
 Checkpoints are read as they come: one ``model.safetensors`` or shards listed by ``model.safetensors.index.json``;
@@ -29,7 +29,7 @@ from ...models.llama import Llama, LlamaConfig
 __all__ = ["SUPPORTED_MODEL_TYPES", "read_config", "llama_config", "load_hf", "expected_llama_shapes"]
 
 # model_type -> what its attention adds to the Llama layout (see llmpress.models.llama).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,11 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
     if kind not in SUPPORTED_MODEL_TYPES:
         raise LoadError(f"{where}: model_type {kind!r} is not a Llama-family model "
                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if kind == "gpt2":
+        from .hf_gpt2 import gpt2_config
+
+        return gpt2_config(cfg, where, cache_len=cache_len,
+                           eos=_eos_ids(cfg, where.parent if where.name == "config.json" else None))
     rope = cfg.get("rope_parameters") or {}
     inv_freq, attention_scaling = _scaled_rope(cfg, where)
     if kind == "phi3":
@@ -182,6 +187,8 @@ def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
                            p + "mlp.down_proj.bias": (c.dim,)})
         if c.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if c.norm == "layer":
+            shapes.update({p + "input_layernorm.bias": (c.dim,), p + "post_attention_layernorm.bias": (c.dim,)})
         shapes.update({
             p + "input_layernorm.weight": (c.dim,),
             p + "self_attn.q_proj.weight": (c.n_heads * hd, c.dim),
@@ -189,11 +196,18 @@ def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (c.n_kv_heads * hd, c.dim),
             p + "self_attn.o_proj.weight": (c.dim, c.n_heads * hd),
             p + "post_attention_layernorm.weight": (c.dim,),
-            p + "mlp.gate_proj.weight": (c.hidden_dim, c.dim),
             p + "mlp.up_proj.weight": (c.hidden_dim, c.dim),
             p + "mlp.down_proj.weight": (c.dim, c.hidden_dim),
         })
+        if c.mlp == "swiglu":
+            shapes[p + "mlp.gate_proj.weight"] = (c.hidden_dim, c.dim)
+        elif c.mlp_bias:
+            del shapes[p + "mlp.gate_proj.bias"]
+    if c.positions == "learned":
+        shapes["model.embed_positions.weight"] = (c.max_seq_len, c.dim)
     shapes["model.norm.weight"] = (c.dim,)
+    if c.norm == "layer":
+        shapes["model.norm.bias"] = (c.dim,)
     if not c.tie_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.dim)
     return shapes
@@ -228,22 +242,31 @@ def _open(path: Path):
         raise LoadError(f"{path.name}: unreadable safetensors file {path} (truncated or corrupt: {e})") from e
 
 
-def fused_sources(c: LlamaConfig) -> dict[str, tuple[str, int, int]]:
-    """Our tensor name -> (checkpoint tensor, first row, end row) where the checkpoint stores several of our linears
-    as one (Phi-3: ``qkv_proj`` = q, k, v rows in that order; ``gate_up_proj`` = gate rows then up rows, as
-    ``Phi3MLP`` chunks them). Split at load so every pass sees plain linears; ``fuse_qkv``/``fuse_gate_up`` fuse
-    them again where a backend wants one matmul."""
+def checkpoint_sources(c: LlamaConfig, names: set[str]) -> dict[str, tuple[str, int | None, int | None, bool]]:
+    """Our tensor name -> (checkpoint tensor, first row, end row, transposed) wherever the checkpoint does not store
+    our tensor as is; names not listed are read one to one.
+
+    - Phi-3 stores several of our linears as one: ``qkv_proj`` = q, k, v rows in that order; ``gate_up_proj`` =
+      gate rows then up rows (as ``Phi3MLP`` chunks them).
+    - GPT-2 stores ``Conv1D`` weights transposed and q/k/v as one ``c_attn`` (``hf_gpt2.gpt2_sources``).
+
+    Split at load so every pass sees plain linears; ``fuse_qkv``/``fuse_gate_up`` fuse them again where a backend
+    wants one matmul."""
+    if c.arch == "gpt2":
+        from .hf_gpt2 import gpt2_sources
+
+        return gpt2_sources(c, names)
     if c.arch != "phi3":
         return {}
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    out: dict[str, tuple[str, int, int]] = {}
+    out: dict[str, tuple[str, int | None, int | None, bool]] = {}
     for i in range(c.n_layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        out[a + "q_proj.weight"] = (a + "qkv_proj.weight", 0, q)
-        out[a + "k_proj.weight"] = (a + "qkv_proj.weight", q, q + kv)
-        out[a + "v_proj.weight"] = (a + "qkv_proj.weight", q + kv, q + 2 * kv)
-        out[m + "gate_proj.weight"] = (m + "gate_up_proj.weight", 0, c.hidden_dim)
-        out[m + "up_proj.weight"] = (m + "gate_up_proj.weight", c.hidden_dim, 2 * c.hidden_dim)
+        out[a + "q_proj.weight"] = (a + "qkv_proj.weight", 0, q, False)
+        out[a + "k_proj.weight"] = (a + "qkv_proj.weight", q, q + kv, False)
+        out[a + "v_proj.weight"] = (a + "qkv_proj.weight", q + kv, q + 2 * kv, False)
+        out[m + "gate_proj.weight"] = (m + "gate_up_proj.weight", 0, c.hidden_dim, False)
+        out[m + "up_proj.weight"] = (m + "gate_up_proj.weight", c.hidden_dim, 2 * c.hidden_dim, False)
     return out
 
 
@@ -257,25 +280,21 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
         mapping = {k: single for k in h.keys()}
     out: dict[str, torch.Tensor] = {}
     dtypes: dict[str, int] = {}
-    fused = fused_sources(c)
-    wanted = expected_llama_shapes(c)
-    for ours, (src, _, _) in fused.items():  # a fused checkpoint tensor is read once, whole, then split
-        rows = sum(e - b for o, (s_, b, e) in fused.items() if s_ == src)
-        wanted.pop(ours)
-        wanted[src] = (rows, c.dim)
-    for name, shape in wanted.items():
+    sources = checkpoint_sources(c, set(mapping))
+    read: dict[str, torch.Tensor] = {}  # checkpoint tensors read so far (a fused one serves several of ours)
+
+    def checkpoint_tensor(name: str) -> tuple[torch.Tensor, Path]:
         f = mapping.get(name)
         if f is None:
             fname = "model.safetensors" if (folder / "model.safetensors").is_file() else "model.safetensors.index.json"
             raise LoadError(f"{fname}: missing tensor {name} (in {folder})")
+        if name in read:
+            return read[name], f
         if f not in handles:
             handles[f] = _open(f)
         h = handles[f]
         if name not in h.keys():
             raise LoadError(f"{f.name}: missing tensor {name} (listed in the index, absent from {f})")
-        found = tuple(h.get_slice(name).get_shape())
-        if found != shape:
-            raise LoadError(f"{f.name}: tensor {name}: shape {shape} expected, found {found}")
         try:
             t = h.get_tensor(name)  # copied out of the memory map; the half-precision copy dies right here
         except Exception as e:
@@ -283,17 +302,27 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
         if not t.is_floating_point():
             raise LoadError(f"{f.name}: tensor {name} has dtype {t.dtype}, expected a float tensor")
         dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
-        out[name] = t.to(torch.float32)
-    for ours, (src, b, e) in fused.items():
-        out[ours] = out[src][b:e].clone()
-    for src in {src for src, _, _ in fused.values()}:
-        del out[src]
+        read[name] = t.to(torch.float32)
+        return read[name], f
+
+    for name, shape in expected_llama_shapes(c).items():
+        src, b, e, transposed = sources.get(name, (name, None, None, False))
+        t, f = checkpoint_tensor(src)
+        if transposed:
+            t = t.t()
+        if b is not None:
+            t = t[b:e]
+        if tuple(t.shape) != shape:
+            how = (" transposed" if transposed else "") + (f", rows {b}:{e}" if b is not None else "")
+            found = tuple(t.shape) if src == name and not how else f"{tuple(t.shape)} from {src}{how}"
+            raise LoadError(f"{f.name}: tensor {name}: shape {shape} expected, found {found}")
+        out[name] = t.contiguous() if (transposed or b is not None) else t
     upcast = {k: v for k, v in dtypes.items() if k != "float32"}
     if upcast:
         log.info("%s: upcast %s tensors to float32 for the IR (the checkpoint's own dtype; compression passes "
                  "and backends decide the stored precision)", folder,
                  ", ".join(f"{n} {k}" for k, n in sorted(upcast.items())))
-    extra = sorted(set(mapping) - set(out) - {"lm_head.weight"} - {src for src, _, _ in fused.values()})
+    extra = sorted(set(mapping) - set(out) - set(read) - {"lm_head.weight"})
     extra = [k for k in extra if not k.endswith("rotary_emb.inv_freq")]  # recomputed from rope_theta
     if extra:
         log.warning("%s: ignoring %d tensors our Llama does not use: %s", folder, len(extra), ", ".join(extra[:5]))
