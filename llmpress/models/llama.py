@@ -16,10 +16,12 @@ causal mask ``key_pos <= query_pos``; masked scores are exactly zero after the s
 attention over the valid prefix. It is one ``scaled_dot_product_attention`` call with ``enable_gqa`` (the query
 heads of a group share their KV head; no backend has to copy the cache per query head).
 
-The same module computes the Llama-layout family (``LlamaConfig`` switches): Mistral (Llama layout; its sliding
+The same module computes the Llama-layout family and its relatives (``LlamaConfig`` switches): Mistral (Llama layout; its sliding
 window is accepted only where it covers the whole cache, so attention is exact, see ``loaders.hf``), Qwen2 (bias on
 q/k/v: ``qkv_bias``), Qwen3 (per-head RMSNorm of q and k before RoPE: ``qk_norm``), and Llama's own
-``attention_bias`` / ``mlp_bias`` options.
+``attention_bias`` / ``mlp_bias`` options; Phi-3 (fused checkpoint tensors split at load); GPT-2 (``norm="layer"``,
+``positions="learned"``, ``mlp="gelu"``); Gemma 2 (``embed_scale``, ``sandwich_norms``, ``mlp="geglu"``,
+soft-capped attention and logits). ``loaders.hf`` maps each family's config and tensors onto these switches.
 
 RoPE uses the rotate-half layout of Hugging Face; cos/sin tables are precomputed buffers
 (``cos[p, i] = cos(p * theta^(-2(i mod d/2)/d))``), which is what HF computes at run time.
@@ -65,15 +67,28 @@ class LlamaConfig:
     # absolute positions (``model.embed_positions``) instead of RoPE, and the MLP's form.
     norm: str = "rms"  # "rms" | "layer"
     positions: str = "rope"  # "rope" | "learned"
-    mlp: str = "swiglu"  # "swiglu": down(silu(gate(x)) * up(x)) | "gelu": down(gelu_tanh(up(x)))
+    mlp: str = "swiglu"  # "swiglu": down(silu(gate(x)) * up(x)) | "gelu": down(gelu_tanh(up(x))) | "geglu"
+    # Gemma-2-style switches (``llmpress.ir.loaders.hf_gemma``): embeddings times ``embed_scale``; "sandwich" norms
+    # (a norm after attention and after the MLP too, before each residual add); attention scores scaled by
+    # ``attn_scale`` (0: 1/sqrt(head_dim)) and soft-capped ``cap * tanh(s / cap)`` (0: none), and the same cap on
+    # the logits with ``final_softcap``.
+    embed_scale: float = 1.0
+    sandwich_norms: bool = False
+    attn_scale: float = 0.0
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         for key, allowed in (("norm", ("rms", "layer")), ("positions", ("rope", "learned")),
-                             ("mlp", ("swiglu", "gelu"))):
+                             ("mlp", ("swiglu", "gelu", "geglu"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r}: expected one of {allowed}")
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.gelu(x, approximate="tanh")
 
 
 def _norm(cfg: "LlamaConfig", dim: int) -> nn.Module:
@@ -96,6 +111,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _softcapped_attention(q, k, v, mask, scale: float, cap: float, rep: int) -> torch.Tensor:
+    """Gemma 2's attention: ``softmax(cap * tanh(q k^T * scale / cap), masked) v``; SDPA has no soft-capping, so the
+    scores are spelled out (each KV head repeated for the query heads of its group)."""
+    if rep > 1:  # [b, kv, S, d] -> [b, kv * rep, S, d], KV head j serving query heads j*rep .. j*rep + rep-1
+        b, kv, s, d = k.shape
+        k = k[:, :, None].expand(b, kv, rep, s, d).reshape(b, kv * rep, s, d)
+        v = v[:, :, None].expand(b, kv, rep, s, d).reshape(b, kv * rep, s, d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -105,6 +133,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
+        self.scale = cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
+        self.softcap = cfg.attn_softcap
         if cfg.qk_norm:  # Qwen3: one weight of head_dim shared by every head
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -130,8 +160,11 @@ class Attention(nn.Module):
         v_cache = torch.scatter(v_cache, 2, idx, v)
         # Grouped-query attention over the whole static cache; masked (future / empty) positions get probability
         # 0. One standard op, so each backend lowers it its own way without copying the cache per query head.
-        out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, attn_mask=mask,
-                                                         scale=1.0 / math.sqrt(d), enable_gqa=rep > 1)
+        if self.softcap:
+            out = _softcapped_attention(q.transpose(1, 2), k_cache, v_cache, mask, self.scale, self.softcap, rep)
+        else:
+            out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, attn_mask=mask,
+                                                             scale=self.scale, enable_gqa=rep > 1)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * d)
         return self.o_proj(out), k_cache, v_cache
 
@@ -139,7 +172,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gated = cfg.mlp == "swiglu"
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.act = nn.functional.silu if cfg.mlp == "swiglu" else _gelu_tanh
         if self.gated:
             self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
@@ -147,7 +181,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         # GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), PyTorch's tanh approximation
         return self.down_proj(nn.functional.gelu(self.up_proj(x), approximate="tanh"))
 
@@ -158,10 +192,18 @@ class Block(nn.Module):
         self.input_layernorm = _norm(cfg, cfg.dim)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = _norm(cfg, cfg.dim)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # Gemma 2: post_attention_layernorm normalizes the attention output instead
+            self.pre_feedforward_layernorm = _norm(cfg, cfg.dim)
+            self.post_feedforward_layernorm = _norm(cfg, cfg.dim)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
         a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, k_cache, v_cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x, k_cache, v_cache
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_cache, v_cache
@@ -222,6 +264,8 @@ class Llama(nn.Module):
         key_pos = torch.arange(self.cache_len, dtype=torch.int64)
         mask = key_pos[None, :] <= positions[:, None]  # True where attention is allowed (SDPA's boolean mask)
         x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:  # Gemma: times sqrt(dim), rounded to float32 first as HF does
+            x = x * float(torch.tensor(self.config.embed_scale, dtype=torch.float32))
         if not rope:
             x = x + self.model.embed_positions(positions)
         new_caches = []
@@ -229,4 +273,6 @@ class Llama(nn.Module):
             x, k, v = layer(x, cos, sin, positions, mask, caches[2 * i], caches[2 * i + 1])
             new_caches += [k, v]
         logits = self.lm_head(self.model.norm(x))
+        if self.config.final_softcap:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return (logits, *new_caches)

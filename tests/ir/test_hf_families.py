@@ -25,13 +25,14 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _config(kind: str, **kw):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     if kind == "gpt2":  # its own key names; GPT-2 has one KV head per query head
         return GPT2Config(**{"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64,
                              "bos_token_id": 1, "eos_token_id": 2, **kw})
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
-           "phi3": Phi3Config}[kind]
+           "phi3": Phi3Config, "gemma2": Gemma2Config}[kind]
     return cls(**{**TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kw})
 
 
@@ -89,7 +90,10 @@ def _check_against_transformers(folder) -> llmpress.ir.Module:
 
 
 @pytest.mark.parametrize("kind,kw", [("qwen2", {"tie_word_embeddings": True}), ("qwen3", {"head_dim": 32}),
-                                     ("mistral", {"sliding_window": 64}), ("phi3", {}), ("gpt2", {})])
+                                     ("mistral", {"sliding_window": 64}), ("phi3", {}), ("gpt2", {}),
+                                     ("gemma2", {"sliding_window": 64, "head_dim": 32, "query_pre_attn_scalar": 24,
+                                                 # caps small enough to bend these random models' scores
+                                                 "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.2})])
 def test_family_matches_transformers(tmp_path, kind, kw) -> None:
     folder = _save(tmp_path / kind, kind, **kw)
     module = _check_against_transformers(folder)
@@ -111,6 +115,9 @@ def test_family_matches_transformers(tmp_path, kind, kw) -> None:
         assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
         linears = module.op_histogram()["aten.linear.default"]
         assert linears == 2 * 7 + 1
+    if kind == "gemma2":  # soft-capped attention and logits, sandwich norms, scaled embeddings, 1 + w norms
+        assert c.attn_softcap == 0.5 and c.final_softcap == 0.2 and c.sandwich_norms and c.tie_embeddings
+        assert module.op_histogram()["aten.tanh.default"] == 2 + 1  # one cap per layer, one on the logits
     if kind == "gpt2":  # Conv1D (transposed) weights and one c_attn, as plain linears; LayerNorm, learned positions
         assert c.norm == "layer" and c.positions == "learned" and c.tie_embeddings
         hist = module.op_histogram()
@@ -202,23 +209,6 @@ def test_cli_compiles_a_qwen2_folder(tmp_path) -> None:
     assert 3 < len(ids) <= 7
 
 
-@pytest.mark.tvm
-def test_qwen2_tvm_cpu_matches_reference(tmp_path) -> None:
-    pytest.importorskip("tvm")
-    from llmpress.backends.tvm import TVMBackend
-
-    module = llmpress.ir.capture(load_model(_save(tmp_path / "qwen2", "qwen2")).model)
-    compiled = TVMBackend().lower(module, "cpu", progress=False)
-    x, zero = _ids(), torch.zeros(1, dtype=torch.int64)
-    caches = [torch.zeros((1, *c["shape"])) for c in module.lm.cache_specs()]
-    want = module.run(x, zero, *caches)
-    got = compiled(x, zero, *caches)
-    # fp32 on both sides; TVM's own kernels reorder sums (matmul, softmax), so 1e-4 on logits of magnitude ~1.
-    torch.testing.assert_close(torch.as_tensor(got[0]), want[0], rtol=0, atol=1e-4)
-    for g, w in zip(got[1:], want[1:]):
-        torch.testing.assert_close(torch.as_tensor(g), w, rtol=0, atol=1e-4)
-
-
 def test_null_bos_is_no_stop_token(tmp_path) -> None:
     """Qwen configs say ``bos_token_id: null``: no BOS, so generation must not stop at token 1."""
     folder = _save(tmp_path / "q2nobos", "qwen2")
@@ -231,17 +221,22 @@ def test_null_bos_is_no_stop_token(tmp_path) -> None:
     assert 1 not in stops and 2 in stops
 
 
+GEMMA2 = {"sliding_window": 64, "head_dim": 32, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.2}
+
+
 @pytest.mark.tvm
-def test_gpt2_exact_and_int4_through_tvm_cpu_and_onnx(tmp_path) -> None:
-    """GPT-2 (LayerNorm, learned positions, Conv1D weights split and transposed at load) through every backend:
-    ``exact`` and ``quantize(bits=4)`` for TVM ``cpu`` equal the reference graph; the int4 ONNX artifact (LayerNorm
-    as LayerNormalization) equals it in ONNX Runtime; greedy ids through the cache agree."""
+@pytest.mark.parametrize("kind,kw", [("qwen2", {}), ("gpt2", {}), ("gemma2", GEMMA2)])
+def test_exact_and_int4_through_tvm_cpu_and_onnx(tmp_path, kind, kw) -> None:
+    """Qwen2 (q/k/v bias), GPT-2 (LayerNorm, learned positions, Conv1D weights split and transposed at load) and Gemma 2 (soft-capped
+    attention spelled out, sandwich norms) through every backend: ``exact`` and ``quantize(bits=4)`` for TVM
+    ``cpu`` equal the reference graph; the int4 ONNX artifact equals it in ONNX Runtime; greedy ids through the
+    cache agree."""
     pytest.importorskip("tvm")
     from llmpress.api import run_pipeline
 
     from ..backends.model_checks import cpu_build_matches_reference
 
-    model = load_model(_save(tmp_path / "gpt2", "gpt2")).model
+    model = load_model(_save(tmp_path / kind, kind, **kw)).model
     cpu_build_matches_reference(llmpress.ir.capture(model))
     quantized, _ = run_pipeline(llmpress.ir.capture(model), "quantize(bits=4,group=32)", progress=False)
     cpu_build_matches_reference(quantized)

@@ -29,7 +29,7 @@ from ...models.llama import Llama, LlamaConfig
 __all__ = ["SUPPORTED_MODEL_TYPES", "read_config", "llama_config", "load_hf", "expected_llama_shapes"]
 
 # model_type -> what its attention adds to the Llama layout (see llmpress.models.llama).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2")
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,12 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
         partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
         if float(partial) != 1.0:
             raise LoadError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE over the whole head only)")
-    if cfg.get("hidden_act", "silu") != "silu":
+    extra: dict = {}
+    if kind == "gemma2":
+        from .hf_gemma import gemma_switches
+
+        extra = gemma_switches(cfg, where)
+    elif cfg.get("hidden_act", "silu") != "silu":
         raise LoadError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
     if kind == "mistral":
         for flag in ("attention_bias", "mlp_bias"):
@@ -162,13 +167,13 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
         vocab_size=int(need("vocab_size")), dim=dim, n_layers=int(need("num_hidden_layers")), n_heads=n_heads,
         n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), hidden_dim=int(need("intermediate_size")),
         max_seq_len=max_seq, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_theta=float(theta), tie_embeddings=bool(cfg.get("tie_word_embeddings", kind == "gemma2")),
         # an explicit null (Qwen) means no BOS token: -1, so generation does not stop at token 1
         bos_id=-1 if "bos_token_id" in cfg and cfg["bos_token_id"] is None else token_id("bos_token_id", 1), eos_id=eos[0] if eos else 2, eos_ids=tuple(eos),
         head_dim=int(cfg.get("head_dim") or dim // n_heads),
         qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v bias (no config key), never o_proj's
         o_bias=attn_bias, mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=kind == "qwen3", arch=kind,
-        rope_inv_freq=inv_freq, rope_attention_scaling=attention_scaling)
+        rope_inv_freq=inv_freq, rope_attention_scaling=attention_scaling, **extra)
 
 
 def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -187,6 +192,9 @@ def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
                            p + "mlp.down_proj.bias": (c.dim,)})
         if c.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if c.sandwich_norms:
+            shapes.update({p + "pre_feedforward_layernorm.weight": (c.dim,),
+                           p + "post_feedforward_layernorm.weight": (c.dim,)})
         if c.norm == "layer":
             shapes.update({p + "input_layernorm.bias": (c.dim,), p + "post_attention_layernorm.bias": (c.dim,)})
         shapes.update({
@@ -199,7 +207,7 @@ def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (c.hidden_dim, c.dim),
             p + "mlp.down_proj.weight": (c.dim, c.hidden_dim),
         })
-        if c.mlp == "swiglu":
+        if c.mlp != "gelu":  # the gated forms
             shapes[p + "mlp.gate_proj.weight"] = (c.hidden_dim, c.dim)
         elif c.mlp_bias:
             del shapes[p + "mlp.gate_proj.bias"]
@@ -317,6 +325,10 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
             found = tuple(t.shape) if src == name and not how else f"{tuple(t.shape)} from {src}{how}"
             raise LoadError(f"{f.name}: tensor {name}: shape {shape} expected, found {found}")
         out[name] = t.contiguous() if (transposed or b is not None) else t
+    if c.arch == "gemma2":
+        from .hf_gemma import add_one_to_norms
+
+        add_one_to_norms(out)
     upcast = {k: v for k, v in dtypes.items() if k != "float32"}
     if upcast:
         log.info("%s: upcast %s tensors to float32 for the IR (the checkpoint's own dtype; compression passes "
