@@ -49,7 +49,7 @@ naming the op, for any registered op without one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -178,7 +178,7 @@ def _kv_dequant(ex: Any, node: fx.Node) -> str:
 
 
 #: full op name (``Module.op_histogram`` spelling) -> its translation or ``NotExportable(why)``; one block per family.
-LLMPRESS_TRANSLATIONS: dict[str, Union[Translation, NotExportable]] = {
+LLMPRESS_TRANSLATIONS: dict[str, Translation | NotExportable] = {
     "llmpress.wq_linear.default": translate_wq_linear,
     "llmpress.w8a8_linear.default": _w8a8_linear,
     "llmpress.kv_fake_quant.default": _kv_fake_quant,

@@ -20,7 +20,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from ....errors import UnsupportedOpError
-from .common import KERNEL_ATTR, new_schedule
+from .common import KERNEL_ATTR, CpuSchedule, new_schedule
 
 __all__ = ["kv_fake_quant_te", "emit_kv_fake_quant", "convert_kv_fake_quant", "convert_kv_scale",
            "convert_kv_codes", "convert_kv_dequant", "CPU_SCHEDULES"]
@@ -134,7 +134,7 @@ def _schedule_scale_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
 
 
 #: kernel tag -> CPU schedule (found through the op table, ``table.py``).
-CPU_SCHEDULES = {
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
     "kv_fake_quant": _schedule_cpu,
     "kv_scale": _schedule_scale_cpu,
 }

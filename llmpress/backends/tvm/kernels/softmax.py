@@ -28,7 +28,7 @@ from typing import Any
 import tvm
 from tvm import relax, te, tirx, topi
 
-from .common import KERNEL_ATTR, new_schedule
+from .common import KERNEL_ATTR, CpuSchedule, new_schedule
 
 __all__ = ["softmax_te", "softmax_converter", "LANES", "CPU_SCHEDULES"]
 
@@ -94,6 +94,6 @@ def _schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
 
 
 #: kernel tag -> CPU schedule (found through the op table, ``table.py``).
-CPU_SCHEDULES = {
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
     "softmax": _schedule_cpu,
 }

@@ -24,7 +24,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from ....errors import UnsupportedOpError
-from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule
+from .common import KERNEL_ATTR, CpuSchedule, cpu_vector_lanes, new_schedule
 
 __all__ = ["quant_act_te", "w8a8_matmul_te", "emit_w8a8_linear", "convert_w8a8_linear", "CPU_SCHEDULES"]
 
@@ -133,7 +133,7 @@ def _schedule_matmul(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
 
 
 #: kernel tag -> CPU schedule (found through the op table, ``table.py``).
-CPU_SCHEDULES = {
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
     "w8a8_quant_act": _schedule_quant_act,
     "w8a8_matmul": _schedule_matmul,
 }

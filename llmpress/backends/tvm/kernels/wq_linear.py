@@ -45,7 +45,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from ....errors import UnsupportedOpError
-from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule
+from .common import KERNEL_ATTR, CpuSchedule, cpu_vector_lanes, new_schedule
 
 __all__ = ["wq_linear_te", "wq_linear_cpu_te", "wq_linear_cpu_gemm_te", "emit_wq_linear", "convert_wq_linear",
            "schedule_cpu", "act_fake_quant_te", "CPU_SCHEDULES"]
@@ -357,7 +357,7 @@ def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
 
 
 #: kernel tag -> CPU schedule (found through the op table, ``table.py``).
-CPU_SCHEDULES = {
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
     "act_fake_quant": schedule_act_fake_quant,
     "wq_linear": schedule_cpu,
 }
