@@ -54,6 +54,7 @@ _EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB: protobuf's hard limit is 2 GiB
 
 
 def _translation(node: fx.Node):
+    """The translation of ``node``'s op, or a ``NotExportable`` op table entry, or None (no entry at all)."""
     from .aten_math import MATH
     from .aten_shape import SHAPE
     from .llmpress_ops import LLMPRESS_TRANSLATIONS
@@ -78,11 +79,14 @@ def check(module: Module) -> list[Unsupported]:
     """Every live node whose op has no ONNX translation (found before any work starts)."""
     from ...ir.meta import source_line
 
+    from .llmpress_ops import NotExportable
+
     out = []
     for n in _live_nodes(module):
-        if _translation(n) is None:
+        t = _translation(n)
+        if t is None or isinstance(t, NotExportable):
             out.append(Unsupported(op=op_name(n), node=n.name, source_line=source_line(n),
-                                   reason="no ONNX translation"))
+                                   reason="no ONNX translation" if t is None else f"not exportable: {t.why}"))
     return out
 
 

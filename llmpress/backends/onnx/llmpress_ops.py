@@ -40,10 +40,16 @@ product):
 
 The int8 cache itself is written with ``ScatterElements`` on int8 (codes) and float32 (scales) tensors, which ORT's
 CPU kernel supports for every element type.
+
+:data:`LLMPRESS_TRANSLATIONS` is this backend's op table: every op of ``torch.ops.llmpress`` has an entry, a
+translation ``fn(exporter, fx_node) -> onnx value name`` or ``NotExportable(why)`` for an op refused on purpose
+(``export.check`` reports the reason before anything is written). ``tests/backends/test_op_tables.py`` fails,
+naming the op, for any registered op without one.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,9 +58,20 @@ import torch.fx as fx
 from .graph import absmax_scale, stored_weight, symmetric_codes, unsupported
 from .matmul_nbits import translate_wq_linear
 
-__all__ = ["LLMPRESS_TRANSLATIONS", "W8A8_FORMS"]
+__all__ = ["LLMPRESS_TRANSLATIONS", "W8A8_FORMS", "NotExportable", "Translation"]
 
 W8A8_FORMS = ("qdq", "integer")  # the first is the default
+
+
+@dataclass(frozen=True)
+class NotExportable:
+    """An op table entry for an op the ONNX export refuses on purpose; ``why`` is what ``export.check`` reports."""
+
+    why: str
+
+
+#: ``fn(exporter, fx_node) -> name of the ONNX value computed``.
+Translation = Callable[[Any, fx.Node], str]
 
 
 def _w8a8_linear(ex: Any, node: fx.Node) -> str:
@@ -160,7 +177,8 @@ def _kv_dequant(ex: Any, node: fx.Node) -> str:
     return b.op("Mul", [b.op("Cast", [b.value(codes)], to=1), _kv_float(b, scale, "kv_dequant scale")])
 
 
-LLMPRESS_TRANSLATIONS = {
+#: full op name (``Module.op_histogram`` spelling) -> its translation or ``NotExportable(why)``; one block per family.
+LLMPRESS_TRANSLATIONS: dict[str, Translation | NotExportable] = {
     "llmpress.wq_linear.default": translate_wq_linear,
     "llmpress.w8a8_linear.default": _w8a8_linear,
     "llmpress.kv_fake_quant.default": _kv_fake_quant,

@@ -3,7 +3,7 @@
 ``TVMBackend().lower(module, "cpu")`` translates the graph (``lower``), builds it (``build``) and returns a
 ``TVMCompiled`` (``runtime``) that follows the module's calling convention and writes ``model.so`` +
 ``weights.safetensors`` into an artifact. Targets are resolved by ``targets.resolve_target``; converters for
-llmpress custom ops live in ``converters.CONVERTERS``.
+llmpress custom ops are derived from the op table, ``kernels/table.py``.
 
 Importing this package does not import TVM; the work functions do.
 """

@@ -19,8 +19,8 @@ TVM's frontend keys its own map by ``OpOverload.__name__`` (``"wq_linear.default
 ``custom_convert_map`` below builds that map and dispatches on the namespace where a name collides with an ATen op,
 so an llmpress op can never shadow ATen's converter of the same name.
 
-Entries are added by the quantization / sparsity helpers, one line per op family, e.g.
-``CONVERTERS["llmpress.wq_linear.default"] = convert_wq_linear``.
+The llmpress entries come from the op table, ``kernels/table.py`` (``OPS``: one entry per op, naming its
+converter and the file holding its CPU schedules); add an op there, not here.
 
 ``ATEN_OVERRIDES`` (same signature) replaces the frontend's converter for a few ATen ops whose TVM 0.27 lowering
 is broken or wasteful; each entry says why.
@@ -38,7 +38,7 @@ Converter = Callable[[Any, Any], Any]  # (torch.fx.Node, ExportedProgramImporter
 #: full op name -> converter (see the module docstring for the signature).
 CONVERTERS: dict[str, Converter] = {}
 
-from .kernels import CONVERTERS as _QUANT_KERNELS  # noqa: E402 - wq_linear, w8a8_linear, kv_fake_quant (lazy)
+from .kernels import CONVERTERS as _QUANT_KERNELS  # noqa: E402 - every op of kernels/table.py's OPS (lazy)
 
 CONVERTERS.update(_QUANT_KERNELS)
 

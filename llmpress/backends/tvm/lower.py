@@ -112,7 +112,8 @@ def _unsupported(ep: ExportedProgram, conv: Mapping[str, Converter]) -> list[Uns
         if ns in (None, "aten") and short in keys:
             continue
         if ns == "llmpress":
-            reason = "no converter for this llmpress op in llmpress.backends.tvm.converters.CONVERTERS"
+            reason = ("no converter for this llmpress op in llmpress.backends.tvm.converters.CONVERTERS "
+                      "(derived from the op table: add its entry to kernels/table.py OPS)")
         else:
             reason = "TVM's PyTorch frontend has no converter for it"
         out.append(Unsupported(op=full, node=node.name, source_line=source_line(node), reason=reason))

@@ -7,8 +7,9 @@ prologue block feeding a matmul block), so that:
 
 - on GPU targets the default Relax pipeline's dlight rules (``Matmul``/``GEMV``/``Fallback``) schedule it and
   compute the dequantize prologue per tile in shared memory (no full-precision weight is ever stored);
-- on CPU targets (x86 and aarch64 LLVM) our own hand schedules apply (see each kernel file: e.g. wq_linear's GEMV
-  form decodes weights in registers, its GEMM form one column tile per thread), either as the dlight rule
+- on CPU targets (x86 and aarch64 LLVM) our own hand schedules apply (each kernel file's ``CPU_SCHEDULES``, found
+  through the op table ``table.py``: e.g. wq_linear's GEMV form decodes weights in registers, its GEMM form one
+  column tile per thread), either as the dlight rule
   :func:`kernel_rule` (first in the backend's CPU ``ApplyDefaultSchedule`` list, ``schedules.cpu_rules``) or as
   the module pass :func:`schedule_kernels` (anywhere before TIR lowering).
 
@@ -23,14 +24,16 @@ safe; without either, CPU builds are still correct, only serial and slow.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import tvm
 from tvm import tirx
 
+from .table import cpu_schedules
+
 __all__ = [
     "KERNEL_ATTR",
-    "register_cpu_schedule",
+    "CpuSchedule",
     "new_schedule",
     "cpu_kernel_schedule",
     "kernel_rule",
@@ -80,19 +83,11 @@ def _func_attr(func: tirx.PrimFunc, key: str, default=None):
     return attrs[key]
 
 
-# kernel family -> fn(func, target) -> Schedule (see register_cpu_schedule); filled by the kernel modules.
-_CPU_SCHEDULES: dict[str, Callable] = {}
-
-
-def register_cpu_schedule(kind: str) -> Callable:
-    """Register ``fn(func, target) -> tvm.s_tir.Schedule``: the CPU version of a tagged kernel. It may rebuild the
-    function from another TE formulation as long as the parameters (order, shapes, dtypes) stay the same; build the
-    schedule with :func:`new_schedule` so the function keeps its attributes."""
-    def deco(fn: Callable) -> Callable:
-        _CPU_SCHEDULES[kind] = fn
-        return fn
-
-    return deco
+#: The signature of a CPU schedule, ``fn(func, target) -> tvm.s_tir.Schedule``: the CPU version of a tagged kernel.
+#: It may rebuild the function from another TE formulation as long as the parameters (order, shapes, dtypes) stay the
+#: same; build the schedule with :func:`new_schedule` so the function keeps its attributes. Each kernel file lists
+#: its schedules in a module-level ``CPU_SCHEDULES = {tag: fn}``, found through the op table (``table.py``).
+CpuSchedule = Callable[[tirx.PrimFunc, Any], tvm.s_tir.Schedule]
 
 
 def new_schedule(new: tirx.PrimFunc, like: tirx.PrimFunc) -> tvm.s_tir.Schedule:
@@ -114,7 +109,7 @@ def cpu_kernel_schedule(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule | Non
     kind = _func_attr(func, KERNEL_ATTR)
     if kind is None or _func_attr(func, "tirx.is_scheduled", False):
         return None
-    fn = _CPU_SCHEDULES.get(str(kind))
+    fn = cpu_schedules().get(str(kind))
     if fn is None:
         log.warning("no CPU schedule for llmpress kernel %s; it builds unscheduled (serial)", kind)
         return None

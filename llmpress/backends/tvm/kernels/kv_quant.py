@@ -20,10 +20,10 @@ import tvm
 from tvm import relax, te, tirx
 
 from ....errors import UnsupportedOpError
-from .common import KERNEL_ATTR, new_schedule, register_cpu_schedule
+from .common import KERNEL_ATTR, CpuSchedule, new_schedule
 
 __all__ = ["kv_fake_quant_te", "emit_kv_fake_quant", "convert_kv_fake_quant", "convert_kv_scale",
-           "convert_kv_codes", "convert_kv_dequant"]
+           "convert_kv_codes", "convert_kv_dequant", "CPU_SCHEDULES"]
 
 
 def _qmax(bits: int) -> float:
@@ -90,7 +90,6 @@ def _rows_in_parallel(func: tirx.PrimFunc, out_block: str, *, inline_scale: bool
     return sch
 
 
-@register_cpu_schedule("kv_fake_quant")
 def _schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     return _rows_in_parallel(func, "fake_quant", inline_scale=True)
 
@@ -130,6 +129,12 @@ def convert_kv_dequant(node, importer) -> relax.Expr:
     return bb.emit(relax.op.multiply(relax.op.astype(codes, "float32"), scale))
 
 
-@register_cpu_schedule("kv_scale")
 def _schedule_scale_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     return _rows_in_parallel(func, "scale", inline_scale=False)
+
+
+#: kernel tag -> CPU schedule (found through the op table, ``table.py``).
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
+    "kv_fake_quant": _schedule_cpu,
+    "kv_scale": _schedule_scale_cpu,
+}

@@ -28,9 +28,9 @@ from typing import Any
 import tvm
 from tvm import relax, te, tirx, topi
 
-from .common import KERNEL_ATTR, new_schedule, register_cpu_schedule
+from .common import KERNEL_ATTR, CpuSchedule, new_schedule
 
-__all__ = ["softmax_te", "softmax_converter", "LANES"]
+__all__ = ["softmax_te", "softmax_converter", "LANES", "CPU_SCHEDULES"]
 
 LANES = 16
 
@@ -67,7 +67,6 @@ def softmax_converter(node: Any, importer: Any) -> relax.Expr:
                                           primfunc_attrs={KERNEL_ATTR: "softmax", "op_pattern": 8})
 
 
-@register_cpu_schedule("softmax")
 def _schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     sch = new_schedule(func, func)
     out = sch.get_sblock("softmax")
@@ -92,3 +91,9 @@ def _schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     _, inner = sch.split(sch.get_loops(sch.get_sblock(exp_name))[-1], [None, LANES])
     sch.vectorize(inner)
     return sch
+
+
+#: kernel tag -> CPU schedule (found through the op table, ``table.py``).
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
+    "softmax": _schedule_cpu,
+}

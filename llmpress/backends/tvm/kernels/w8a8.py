@@ -24,9 +24,9 @@ import tvm
 from tvm import relax, te, tirx
 
 from ....errors import UnsupportedOpError
-from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule, register_cpu_schedule
+from .common import KERNEL_ATTR, CpuSchedule, cpu_vector_lanes, new_schedule
 
-__all__ = ["quant_act_te", "w8a8_matmul_te", "emit_w8a8_linear", "convert_w8a8_linear"]
+__all__ = ["quant_act_te", "w8a8_matmul_te", "emit_w8a8_linear", "convert_w8a8_linear", "CPU_SCHEDULES"]
 
 QMAX = 127
 
@@ -95,7 +95,6 @@ def _tile(n: int, candidates: tuple[int, ...]) -> int:
     return next((c for c in candidates if n % c == 0), 1)
 
 
-@register_cpu_schedule("w8a8_quant_act")
 def _schedule_quant_act(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     """Rows in parallel; the amax reduction and the quantization of one row stay together."""
     sch = new_schedule(func, func)
@@ -109,7 +108,6 @@ def _schedule_quant_act(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     return sch
 
 
-@register_cpu_schedule("w8a8_matmul")
 def _schedule_matmul(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     """Output tiles in parallel, token loop inside, int32 reduction vectorized via rfactor, rescale per output."""
     sch = new_schedule(func, func)
@@ -132,3 +130,10 @@ def _schedule_matmul(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     sch.parallel(sch.get_loops(rf)[0])
     sch.decompose_reduction(rf, sch.get_loops(rf)[3])
     return sch
+
+
+#: kernel tag -> CPU schedule (found through the op table, ``table.py``).
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
+    "w8a8_quant_act": _schedule_quant_act,
+    "w8a8_matmul": _schedule_matmul,
+}

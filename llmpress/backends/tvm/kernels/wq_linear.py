@@ -45,10 +45,10 @@ import tvm
 from tvm import relax, te, tirx
 
 from ....errors import UnsupportedOpError
-from .common import KERNEL_ATTR, cpu_vector_lanes, new_schedule, register_cpu_schedule
+from .common import KERNEL_ATTR, CpuSchedule, cpu_vector_lanes, new_schedule
 
 __all__ = ["wq_linear_te", "wq_linear_cpu_te", "wq_linear_cpu_gemm_te", "emit_wq_linear", "convert_wq_linear",
-           "schedule_cpu", "act_fake_quant_te"]
+           "schedule_cpu", "act_fake_quant_te", "CPU_SCHEDULES"]
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,6 @@ def convert_wq_linear(node, importer) -> relax.Expr:
                           int(a["act_group"]))
 
 
-@register_cpu_schedule("act_fake_quant")
 def schedule_act_fake_quant(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     """Rows in parallel, each row's block maxima and its quantized values computed together."""
     sch = new_schedule(func, func)
@@ -323,7 +322,6 @@ def _vectorize_reduction(sch: tvm.s_tir.Schedule, blk, n_lead: int, lanes: int, 
     return outer
 
 
-@register_cpu_schedule("wq_linear")
 def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
     """The CPU kernel. Decode call sites (``llmpress.decode``, see ``common.specialize_decode``) get the GEMV form
     (:func:`wq_linear_cpu_te`: every weight decoded in registers where it is used, nothing stored; output tiles in
@@ -356,3 +354,10 @@ def schedule_cpu(func: tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
         vec = cpu_vector_lanes(target)
         _schedule_gemm(sch, n_lead, _pick_tile(out_f, tuple(v for v in (32, 16, 8, 4, 2) if v <= vec)))
     return sch
+
+
+#: kernel tag -> CPU schedule (found through the op table, ``table.py``).
+CPU_SCHEDULES: dict[str, CpuSchedule] = {
+    "act_fake_quant": schedule_act_fake_quant,
+    "wq_linear": schedule_cpu,
+}
