@@ -21,7 +21,8 @@ window is accepted only where it covers the whole cache, so attention is exact, 
 q/k/v: ``qkv_bias``), Qwen3 (per-head RMSNorm of q and k before RoPE: ``qk_norm``), and Llama's own
 ``attention_bias`` / ``mlp_bias`` options; Phi-3 (fused checkpoint tensors split at load); GPT-2 (``norm="layer"``,
 ``positions="learned"``, ``mlp="gelu"``); Gemma 2 (``embed_scale``, ``sandwich_norms``, ``mlp="geglu"``,
-soft-capped attention and logits). ``loaders.hf`` maps each family's config and tensors onto these switches.
+soft-capped attention and logits); Gemma 3 (also ``qk_norm`` and a second RoPE table for ``local_layers``).
+``loaders.hf`` maps each family's config and tensors onto these switches.
 
 RoPE uses the rotate-half layout of Hugging Face; cos/sin tables are precomputed buffers
 (``cos[p, i] = cos(p * theta^(-2(i mod d/2)/d))``), which is what HF computes at run time.
@@ -73,6 +74,9 @@ class LlamaConfig:
     # ``attn_scale`` (0: 1/sqrt(head_dim)) and soft-capped ``cap * tanh(s / cap)`` (0: none), and the same cap on
     # the logits with ``final_softcap``.
     embed_scale: float = 1.0
+    # Gemma 3: layers with their own RoPE table (the sliding-window layers: another theta, no scaling); empty = none
+    local_layers: tuple = ()
+    rope_local_inv_freq: tuple = ()
     sandwich_norms: bool = False
     attn_scale: float = 0.0
     attn_softcap: float = 0.0
@@ -240,10 +244,13 @@ class Llama(nn.Module):
             inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32, device=cpu)
         else:
             inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=cpu).float() / d))
-        freqs = torch.outer(torch.arange(self.cache_len, dtype=torch.int64, device=cpu).float(), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("rope_cos", emb.cos() * cfg.rope_attention_scaling, persistent=False)
-        self.register_buffer("rope_sin", emb.sin() * cfg.rope_attention_scaling, persistent=False)
+        positions = torch.arange(self.cache_len, dtype=torch.int64, device=cpu).float()
+        for suffix, freq, factor in [("", inv_freq, cfg.rope_attention_scaling)] + (
+                [("_local", torch.tensor(cfg.rope_local_inv_freq, dtype=torch.float32, device=cpu), 1.0)]
+                if cfg.local_layers else []):
+            emb = torch.cat((torch.outer(positions, freq),) * 2, dim=-1)
+            self.register_buffer("rope_cos" + suffix, emb.cos() * factor, persistent=False)
+            self.register_buffer("rope_sin" + suffix, emb.sin() * factor, persistent=False)
 
     # -- the calling convention -------------------------------------------------------------------
     def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -269,8 +276,10 @@ class Llama(nn.Module):
         if not rope:
             x = x + self.model.embed_positions(positions)
         new_caches = []
+        local = (self.rope_cos_local[positions], self.rope_sin_local[positions]) if self.config.local_layers else None
         for i, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, cos, sin, positions, mask, caches[2 * i], caches[2 * i + 1])
+            c, s = local if i in self.config.local_layers else (cos, sin)
+            x, k, v = layer(x, c, s, positions, mask, caches[2 * i], caches[2 * i + 1])
             new_caches += [k, v]
         logits = self.lm_head(self.model.norm(x))
         if self.config.final_softcap:

@@ -25,14 +25,14 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _config(kind: str, **kw):
-    from transformers import (Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     if kind == "gpt2":  # its own key names; GPT-2 has one KV head per query head
         return GPT2Config(**{"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64,
                              "bos_token_id": 1, "eos_token_id": 2, **kw})
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
-           "phi3": Phi3Config, "gemma2": Gemma2Config}[kind]
+           "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig}[kind]
     return cls(**{**TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kw})
 
 
@@ -93,7 +93,11 @@ def _check_against_transformers(folder) -> llmpress.ir.Module:
                                      ("mistral", {"sliding_window": 64}), ("phi3", {}), ("gpt2", {}),
                                      ("gemma2", {"sliding_window": 64, "head_dim": 32, "query_pre_attn_scalar": 24,
                                                  # caps small enough to bend these random models' scores
-                                                 "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.2})])
+                                                 "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.2}),
+                                     # a sliding layer (RoPE theta 1e4) and a global one (theta 1e6, linear x8)
+                                     ("gemma3_text", {"sliding_window": 64, "head_dim": 32,
+                                                      "layer_types": ["sliding_attention", "full_attention"],
+                                                      "rope_scaling": {"rope_type": "linear", "factor": 8.0}})])
 def test_family_matches_transformers(tmp_path, kind, kw) -> None:
     folder = _save(tmp_path / kind, kind, **kw)
     module = _check_against_transformers(folder)
@@ -118,6 +122,8 @@ def test_family_matches_transformers(tmp_path, kind, kw) -> None:
     if kind == "gemma2":  # soft-capped attention and logits, sandwich norms, scaled embeddings, 1 + w norms
         assert c.attn_softcap == 0.5 and c.final_softcap == 0.2 and c.sandwich_norms and c.tie_embeddings
         assert module.op_histogram()["aten.tanh.default"] == 2 + 1  # one cap per layer, one on the logits
+    if kind == "gemma3_text":  # q/k norms, one RoPE table per layer type
+        assert c.qk_norm and c.local_layers == (0,) and c.rope_local_inv_freq != c.rope_inv_freq
     if kind == "gpt2":  # Conv1D (transposed) weights and one c_attn, as plain linears; LayerNorm, learned positions
         assert c.norm == "layer" and c.positions == "learned" and c.tie_embeddings
         hist = module.op_histogram()

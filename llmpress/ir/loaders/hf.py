@@ -29,7 +29,7 @@ from ...models.llama import Llama, LlamaConfig
 __all__ = ["SUPPORTED_MODEL_TYPES", "read_config", "llama_config", "load_hf", "expected_llama_shapes"]
 
 # model_type -> what its attention adds to the Llama layout (see llmpress.models.llama).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2", "gemma3_text")
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,18 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
         return gpt2_config(cfg, where, cache_len=cache_len,
                            eos=_eos_ids(cfg, where.parent if where.name == "config.json" else None))
     rope = cfg.get("rope_parameters") or {}
-    inv_freq, attention_scaling = _scaled_rope(cfg, where)
+    gemma = kind in ("gemma2", "gemma3_text")
+    # Gemma 3's rope_parameters hold one entry per layer type: hf_gemma computes both tables
+    inv_freq, attention_scaling = _scaled_rope(cfg, where) if kind != "gemma3_text" else ((), 1.0)
     if kind == "phi3":
         partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
         if float(partial) != 1.0:
             raise LoadError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE over the whole head only)")
-    extra: dict = {}
-    if kind == "gemma2":
+    extra: dict = {"rope_inv_freq": inv_freq, "rope_attention_scaling": attention_scaling}
+    if gemma:
         from .hf_gemma import gemma_switches
 
-        extra = gemma_switches(cfg, where)
+        extra.update(gemma_switches(cfg, where))
     elif cfg.get("hidden_act", "silu") != "silu":
         raise LoadError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
     if kind == "mistral":
@@ -167,13 +169,13 @@ def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> Lla
         vocab_size=int(need("vocab_size")), dim=dim, n_layers=int(need("num_hidden_layers")), n_heads=n_heads,
         n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), hidden_dim=int(need("intermediate_size")),
         max_seq_len=max_seq, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta), tie_embeddings=bool(cfg.get("tie_word_embeddings", kind == "gemma2")),
+        rope_theta=float(theta), tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
         # an explicit null (Qwen) means no BOS token: -1, so generation does not stop at token 1
         bos_id=-1 if "bos_token_id" in cfg and cfg["bos_token_id"] is None else token_id("bos_token_id", 1), eos_id=eos[0] if eos else 2, eos_ids=tuple(eos),
         head_dim=int(cfg.get("head_dim") or dim // n_heads),
         qkv_bias=kind == "qwen2" or attn_bias,  # Qwen2 always has q/k/v bias (no config key), never o_proj's
-        o_bias=attn_bias, mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=kind == "qwen3", arch=kind,
-        rope_inv_freq=inv_freq, rope_attention_scaling=attention_scaling, **extra)
+        o_bias=attn_bias, mlp_bias=bool(cfg.get("mlp_bias", False)), arch=kind,
+        **{"qk_norm": kind == "qwen3", **extra})
 
 
 def expected_llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -325,7 +327,7 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
             found = tuple(t.shape) if src == name and not how else f"{tuple(t.shape)} from {src}{how}"
             raise LoadError(f"{f.name}: tensor {name}: shape {shape} expected, found {found}")
         out[name] = t.contiguous() if (transposed or b is not None) else t
-    if c.arch == "gemma2":
+    if c.arch in ("gemma2", "gemma3_text"):
         from .hf_gemma import add_one_to_norms
 
         add_one_to_norms(out)
