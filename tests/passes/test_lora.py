@@ -157,7 +157,8 @@ def test_merge_equals_peft_merge_and_unload(tiny, tmp_path, variant) -> None:
 
 def test_merge_into_int4_requantizes_and_reports_the_error(tiny) -> None:
     """On ``llmpress::wq_linear`` layers: dequantize, merge, RTN-requantize on the same bits/group. The stored codes
-    are exactly ``RTN(dequant(q) + s B A)``, the op keeps its arguments, and both errors are reported."""
+    are exactly ``RTN(dequant(q) + s B A)``, the op keeps its arguments, and both errors are reported per layer:
+    ``rel_error = ||W' - W'_hat|| / ||W'||`` and ``delta_error``, the part of the update ``s B A`` rounding lost."""
     q, _ = _run(tiny["module"].clone(), "quantize(bits=4,group=32,exclude=lm_head)")
     old = q.weights()["model.layers.0.self_attn.q_proj.qweight"]
     old_scales = q.weights()["model.layers.0.self_attn.q_proj.scales"]
@@ -166,7 +167,10 @@ def test_merge_into_int4_requantizes_and_reports_the_error(tiny) -> None:
     assert st["merged"] == st["requantized"] == 6
     layer = st["layers"]["model.layers.0.self_attn.q_proj"]
     assert layer["bits"] == 4 and layer["group"] == 32 and layer["method"] == "rtn"
-    assert 0 < layer["rel_error"] < 0.2 and 0 < layer["delta_error"] <= 1.5
+    # Measured on every layer: rel_error 0.091-0.098 (int4 g32 RTN of a random weight), delta_error 0.11-0.13 (this
+    # adapter's update is large against the grid; the reference model's, smaller, loses 58%: see the floor test).
+    for path, v in st["layers"].items():
+        assert 0.05 < v["rel_error"] < 0.15 and 0 < v["delta_error"] < 0.3, (path, v)
     assert st["requant_rel_error_max"] == max(v["rel_error"] for v in st["layers"].values())
     assert "requantized (RTN, same bits/group)" in st["requant"]
     adapter = read_adapter(tiny["adapter"])
@@ -323,9 +327,10 @@ def test_real_model_merge_and_attach_equal_peft(real) -> None:
 
 @pytest.mark.slow
 def test_real_model_int4_merge_floor(real) -> None:
-    """Int4 (RTN g128, lm_head float) with the adapter, against PEFT's float merged logits, SQNR on a held-out
-    sentence. Measured: quantized base without the adapter 7.6 dB; merged into the int4 layers (dequantize, merge,
-    requantize) 24.7 dB; attached as a float branch 26.4 dB; merged before quantizing 28.2 dB. Floors 2 dB under."""
+    """Int4 (RTN g128, lm_head float) with the adapter, against PEFT's float merged logits, SQNR on the held-out
+    sentence. Measured: the int4 base without the adapter 12.1 dB (the adapter matters); merged into the int4 layers
+    (dequantize, merge, requantize: 58% of the update lost to rounding on average) 27.3 dB; attached as a float
+    branch 29.3 dB. Floors 2 dB under those; the exact branch must beat the requantized merge."""
     q, _ = _run(real["module"].clone(), "quantize(bits=4,group=128,exclude=lm_head)")
     qm, rec = _run(q.clone(), f"lora_merge(adapter={real['adapter']})")
     qa, _ = _run(q.clone(), f"lora_attach(adapter={real['adapter']})")
@@ -334,4 +339,4 @@ def test_real_model_int4_merge_floor(real) -> None:
     s = {name: sqnr_db(real["merged"], _prefill(m, real["ids"])) for name, m in
          (("base", q), ("merge", qm), ("attach", qa))}
     print({k: f"{v:.1f} dB" for k, v in s.items()}, st["requant"])
-    assert s["base"] < 10 and s["merge"] > 22.7 and s["attach"] > 24.4, s
+    assert s["base"] < 14.1 and s["merge"] > 25.3 and s["attach"] > 27.3 and s["attach"] > s["merge"], s
