@@ -31,13 +31,14 @@ import torch
 import torch.fx as fx
 
 from ..errors import ConfigError
-from ..ir.meta import source_path
+from ..ir.meta import compression, source_path
 from ..ir.module import Module
 from ..ir.ops.wq_linear import packed_in_features, wq_args
 from .base import PassOptions
 from .select import linear_nodes
 
-__all__ = ["LoraOptions", "LoraLayer", "LoraAdapter", "read_adapter", "match_layers", "layer_shape", "WQ_LINEAR"]
+__all__ = ["LoraOptions", "LoraLayer", "LoraAdapter", "read_adapter", "match_layers", "layer_shape", "WQ_LINEAR",
+           "adapter_tag", "attached_adapters"]
 
 _LINEAR = torch.ops.aten.linear.default
 WQ_LINEAR = "llmpress::wq_linear"
@@ -100,6 +101,21 @@ class LoraAdapter:
     @property
     def use_rslora(self) -> bool:
         return bool(self.config.get("use_rslora", False))
+
+
+def adapter_tag(adapter: LoraAdapter) -> str:
+    """How the passes record an adapter in compression metadata: its folder, resolved."""
+    return str(adapter.folder.resolve())
+
+
+def attached_adapters(module: Module) -> dict[str, set[str]]:
+    """Layer path -> the adapters (``adapter_tag``) ``lora_attach`` gave it a branch of."""
+    out: dict[str, set[str]] = {}
+    for n in module.graph.nodes:
+        spec = compression(n) or {}
+        if spec.get("pass") == "lora_attach" and spec.get("branch") == "A":
+            out.setdefault(spec["layer"], set()).add(spec.get("adapter", ""))
+    return out
 
 
 def _pattern_value(patterns: dict, path: str, default: Any) -> Any:

@@ -23,7 +23,8 @@ and then most of it rounds away; ``lora_attach`` keeps it exactly instead). Merg
 Order: before ``fuse_qkv``/``fuse_gate_up`` (``forbids``; merging first then fusing is exact, and the fused layer
 no longer has a ``q_proj`` to merge into); before ``factorize`` (a factorized layer is reported as such). A layer
 whose weight is also read elsewhere (tied) gets its own merged copy; the other readers keep the original. A layer
-that already holds this adapter (compression metadata) is skipped with the reason, so a second run changes nothing.
+that already holds this adapter (compression metadata), merged or attached by ``lora_attach``, is skipped with the
+reason, so a second run changes nothing.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from ..ir.ops.wq_linear import dequantize, pack_weight, wq_args
 from .base import Pass, PassContext, PassResult
-from .lora_common import WQ_LINEAR, LoraLayer, LoraOptions, match_layers, read_adapter
+from .lora_common import WQ_LINEAR, LoraLayer, LoraOptions, adapter_tag, attached_adapters, match_layers, read_adapter
 from .quant_common import SPARSITY_KEYS, QuantizedWeight, relative_error, rtn_quantize
 
 __all__ = ["LoraMerge", "LoraMergeOptions"]
@@ -78,7 +79,8 @@ class LoraMerge(Pass):
         o.validate()
         adapter = read_adapter(o.adapter, pass_name=self.name)
         pairs = match_layers(module, adapter, pass_name=self.name)  # every check before any edit
-        tag = str(adapter.folder.resolve())
+        tag = adapter_tag(adapter)
+        attached = attached_adapters(module)
         skipped: list[tuple[str, str]] = []
         # One merge per stored weight: a module called twice shares its weight placeholder.
         groups: dict[fx.Node, tuple[LoraLayer, list[fx.Node]]] = {}
@@ -86,6 +88,10 @@ class LoraMerge(Pass):
             path = source_path(node) or node.name
             if tag in ((compression(node) or {}).get("lora") or {}).get("adapters", []):
                 skipped.append((path, "already holds this adapter (lora_merge ran before)"))
+                continue
+            if tag in attached.get(path, ()):
+                skipped.append((path, "already has this adapter as a lora_attach branch; merging too would apply "
+                                      "it twice"))
                 continue
             key = wq_args(node.args, node.kwargs)["qweight"] if _is_wq(node) else node.args[1]
             groups.setdefault(key, (layer, []))[1].append(node)

@@ -121,7 +121,9 @@ def test_attach_adds_a_plain_low_rank_branch(tiny) -> None:
     torch.testing.assert_close(_prefill(module, tiny["ids"]), tiny["unmerged"], rtol=0, atol=1e-5)
     again = LoraAttach(LoraAttachOptions(adapter=str(tiny["adapter"]))).run(module, CTX)
     assert not again.modified and len(again.stats["skipped"]) == 6 and module.op_histogram() == after
-    assert "already has a lora branch" in again.stats["skipped"][0][1]
+    assert "already has this adapter's lora branch" in again.stats["skipped"][0][1]
+    merged = LoraMerge(LoraMergeOptions(adapter=str(tiny["adapter"]))).run(module, CTX)  # would apply it twice
+    assert not merged.modified and "merging too would apply it twice" in merged.stats["skipped"][0][1]
 
 
 @pytest.mark.parametrize("variant", [{}, {"use_rslora": True}, {"alpha_pattern": {"v_proj": 2}}])
@@ -278,7 +280,7 @@ def test_order_after_fusion_is_refused_before_any_pass_runs(tiny) -> None:
 def test_registered_and_prints_back(tiny) -> None:
     text = f"quantize(bits=4,group=32),lora_attach(adapter={tiny['adapter']})"
     assert print_pipeline(parse(text)) == text
-    assert isinstance(build("lora_merge(adapter=x)")[0], LoraMerge) and LoraAttach.exact
+    assert isinstance(build("lora_merge(adapter=x)")[0], LoraMerge) and not LoraAttach.exact
 
 
 # -- the reference model ---------------------------------------------------------------------------------------------
