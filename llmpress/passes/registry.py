@@ -19,6 +19,8 @@ def _all() -> list[type[Pass]]:
     from .fuse_qkv import FuseQKV
     from .gptq import GPTQ
     from .kv_quant import KVQuant
+    from .lora_attach import LoraAttach
+    from .lora_merge import LoraMerge
     from .quantize import Quantize
     from .smoothquant import SmoothQuant
     from .sparsify import Sparsify
@@ -34,6 +36,8 @@ def _all() -> list[type[Pass]]:
         FuseQKV,
         GPTQ,
         KVQuant,
+        LoraAttach,
+        LoraMerge,
         Quantize,
         SmoothQuant,
         Sparsify,
