@@ -58,10 +58,13 @@ def _gemma3_rope(cfg: dict, where: Path) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"{where}: Gemma 3 RoPE: transformers could not compute it: {e}") from e
     local = tuple(i for i, t in enumerate(hf.layer_types) if t == "sliding_attention")
-    return dict(rope_inv_freq=tuple(float(f) for f in rope.full_attention_inv_freq),
-                rope_attention_scaling=float(rope.full_attention_attention_scaling),
-                local_layers=local,
-                rope_local_inv_freq=tuple(float(f) for f in rope.sliding_attention_inv_freq) if local else ())
+    out: dict = {"local_layers": local}
+    if len(local) < len(hf.layer_types):  # some global layers (a model of only sliding layers has no such table)
+        out.update(rope_inv_freq=tuple(float(f) for f in rope.full_attention_inv_freq),
+                   rope_attention_scaling=float(rope.full_attention_attention_scaling))
+    if local:
+        out["rope_local_inv_freq"] = tuple(float(f) for f in rope.sliding_attention_inv_freq)
+    return out
 
 
 def add_one_to_norms(weights: dict[str, torch.Tensor]) -> None:
