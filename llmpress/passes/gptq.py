@@ -27,11 +27,9 @@ objective ``H = 2 X^T X / n``:
 The layer's reconstruction error on the calibration activations is ``||X (W - W_hat)^T||_F / ||X W^T||_F =
 sqrt(tr(D H D^T) / tr(W H W^T))`` with ``D = W - W_hat`` (undamped ``H``); it is recorded per layer.
 
-Sequential, block by block (``layer_rewrite.rewrite_linears`` with ``hessian.block_statistics``): the Hessians of
-block i are collected on the graph in which blocks ``< i`` are already quantized, so each block corrects for the
-error of the blocks before it; layers that read the same activation (``q/k/v_proj``, ``gate/up_proj``) share one
-Hessian, collected layer by layer by ``calibration.BlockRunner`` (about two forward passes over the calibration set),
-with graph prefix re-runs as the fallback (see ``hessian``).
+Sequential, block by block (``layer_rewrite``, ``hessian``): the Hessians of block i are collected on the graph in
+which blocks ``< i`` are already quantized, so each block corrects for the error of the blocks before it; layers
+reading one activation (``q/k/v_proj``) share one Hessian.
 
 Measured on the reference model (tinystories-llama, all linears but ``lm_head``, perplexity on all of
 ``valid.txt``, 32 calibration windows of 256 tokens from ``calib.txt``): int3 g128 1.0040x fp32 (RTN 1.0282x),
@@ -189,10 +187,8 @@ class GPTQ(Pass):
             raise ConfigError(NO_CALIBRATION)
         nodes, skipped = select_linears(module, o)
         groups: dict[fx.Node, int] = group_sizes(module, nodes, o.group, o.bits, pass_name=self.name)  # before any work
-        sparse_kept = 0
 
         def rewrite(layer: Layer) -> Rewritten:
-            nonlocal sparse_kept
             w, h, g = layer.weight, layer.stats.hessian(), groups[layer.node]
             mask = sparsity_mask(layer.node, w)
             qw = gptq_quantize(w, h, bits=o.bits, group=g, sym=o.sym, damp=o.damp, block=o.block,
@@ -206,13 +202,13 @@ class GPTQ(Pass):
             record = {"bits": o.bits, "group": g, "rel_error": rel, "output_error": out_err}
             if mask is not None:
                 record["sparsity"] = compression(new)["sparsity"]
-                sparse_kept += 1
             return Rewritten.replaced(new, wnode, record)
 
         done = rewrite_linears(module, ctx, nodes, rewrite, skipped=skipped, who=self.name, collect=self._hessians)
         log.info("gptq: %d linears to %d bits in %.1fs (%d calibration batches), skipped %d", len(done.layers),
                  o.bits, done.seconds, calib.samples, len(skipped))
         stats = {**done.stats(module, "quantized", self.name), "seconds": done.seconds, "calibration": repr(calib)}
+        sparse_kept = sum("sparsity" in v for v in done.layers.values())
         if sparse_kept:
             stats["sparse_layers"] = (f"{sparse_kept} sparsified layer(s): pruned weights fixed at 0 and their error "
                                       "compensated (SparseGPT-style)")

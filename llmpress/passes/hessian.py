@@ -31,7 +31,7 @@ from ..ir.meta import source_path
 from ..ir.module import Module
 from .calibration import BlockRunner, BlocksNotIsolated
 
-__all__ = ["GramStats", "hessian_stats", "gram_stats_with_abs", "collect_stats", "block_statistics", "block_key",
+__all__ = ["GramStats", "gram_stats_with_abs", "collect_stats", "block_statistics", "block_key",
            "numbered_block", "damped_cholesky", "output_error", "BlockCollector"]
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,9 @@ class GramStats:
     """Running ``G = X^T X`` (and optionally ``sum_t |x_t|``) of one linear input, in ``dtype``; ``tokens`` rows."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, *, abs_sum: bool = False) -> None:
-        self.dtype = dtype
-        self.track_abs = abs_sum
+        self.dtype, self.track_abs, self.tokens = dtype, abs_sum, 0
         self.gram: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
-        self.tokens = 0
 
     def update(self, x2d: torch.Tensor) -> None:
         x = x2d.detach().to(self.dtype)
@@ -71,9 +69,10 @@ class GramStats:
         return (self.abs_sum / max(self.tokens, 1)).to(torch.float32)
 
 
-def hessian_stats() -> GramStats:
-    """The accumulator of ``gptq`` and ``sparsify``: float32 ``X^T X``."""
-    return GramStats(torch.float32)
+def gram_stats_with_abs() -> GramStats:
+    """The accumulator of ``factorize`` and ``awq``: float64 ``X^T X`` and ``sum |x|`` (``gptq`` and ``sparsify``
+    use the float32 ``GramStats()``)."""
+    return GramStats(torch.float64, abs_sum=True)
 
 
 # (module, calibration, members, *, runner=None, key="") -> {input activation: statistics}
@@ -81,7 +80,7 @@ BlockCollector = Callable[..., dict]
 
 
 def collect_stats(module: Module, calib, members: list[fx.Node], *, runner: BlockRunner | None = None,
-                  key: str = "", new: Callable[[], GramStats] = hessian_stats) -> dict[fx.Node, GramStats]:
+                  key: str = "", new: Callable[[], GramStats] = GramStats) -> dict[fx.Node, GramStats]:
     """Statistics per distinct input activation of ``members`` (keyed by ``node.args[0]``; layers reading one
     activation share them), from ``runner`` for block ``key`` or by re-running the graph prefix."""
     rep: dict[fx.Node, fx.Node] = {}
@@ -192,9 +191,3 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
     num = float(((d @ h) * d).sum())  # tr(D H D^T)
     den = float(((w @ h) * w).sum())
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
-
-
-def gram_stats_with_abs() -> GramStats:
-    """The accumulator of ``factorize`` and ``awq``: float64 ``X^T X`` and ``sum |x|``."""
-    return GramStats(torch.float64, abs_sum=True)
-

@@ -1,20 +1,17 @@
-"""The layer-rewrite driver: the skeleton shared by the passes that rewrite selected linears one at a time
-(``quantize``, ``gptq``, ``awq``, ``sparsify``, ``factorize``), so each of them supplies only its own math.
+"""The layer-rewrite driver: the skeleton of the passes that rewrite selected linears one at a time (``quantize``,
+``gptq``, ``awq``, ``sparsify``, ``factorize``), so each supplies only its own math.
 
-A pass selects and checks its layers (``select.select_linears`` plus its own filters; every option and layer
-checked before any work), then calls ``rewrite_linears(module, ctx, nodes, rewrite, ...)``, which
+A pass selects and checks its layers (every option and layer before any work), then ``rewrite_linears``:
 
-1. with ``collect`` (a ``hessian.BlockCollector``), goes block by block (``hessian.block_statistics``): block i's
-   input statistics are collected on the graph in which blocks ``< i`` are already rewritten; without it, all
-   layers form one batch and nothing is collected;
-2. calls ``rewrite(Layer)`` for each layer (with a progress bar): the callback rewrites that one layer and returns
-   a ``Rewritten`` (its stats record, bytes before/after, the weight placeholder it may have left unread) or a
-   string, the reason it left the layer alone (recorded in ``skipped``);
-3. after each block (without ``collect``: after all layers, and after ``finish()``, the pass's own last edit),
-   drops the weights the rewrites left unread (``Module.remove_unused_weights(only=...)``: no others) and
-   recompiles once, so the next block's statistics see the rewritten graph;
-4. returns ``Rewrites``: per-layer records by source path, the skipped list, byte totals and the seconds taken,
-   which the pass turns into its stats (``Rewrites.stats`` gives the common part).
+1. with ``collect`` (a ``hessian.BlockCollector``) goes block by block (``hessian.block_statistics``), block i's
+   input statistics taken on the graph whose blocks ``< i`` are rewritten; without it, all layers are one batch;
+2. calls ``rewrite(Layer)`` per layer (with a progress bar), which rewrites that layer and returns a ``Rewritten``
+   (its stats record, bytes before/after, the weight placeholder it may have left unread) or a string: the reason
+   it left the layer alone (added to ``skipped``);
+3. after each block (without ``collect``: after ``finish()``, the pass's last edit) drops the weights the rewrites
+   left unread (``Module.remove_unused_weights(only=...)``: no others) and recompiles once;
+4. returns ``Rewrites`` (per-layer records by source path, skipped, byte totals, seconds); ``Rewrites.stats`` gives
+   the common part of the pass's stats.
 """
 from __future__ import annotations
 
