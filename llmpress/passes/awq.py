@@ -39,9 +39,12 @@ import torch
 import torch.fx as fx
 
 from ..errors import ConfigError
-from ..ir.meta import compression, source_path
+from ..ir.meta import source_path
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
+from .hessian import gram_stats_with_abs
+from .hessian import output_error as relative_output_error
+from .layer_rewrite import Layer, Rewritten, rewrite_linears
 from .quant_common import (
     QuantizedWeight,
     check_bits,
@@ -49,7 +52,6 @@ from .quant_common import (
     fake_quant,
     find_params,
     group_sizes,
-    linear_weight,
     relative_error,
     replace_with_wq_linear,
     rtn_quantize,
@@ -142,30 +144,6 @@ def clip_search(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sym:
     return clipped.reshape(out_f, in_f), float(best_r.mean())
 
 
-@dataclass
-class _HStats:
-    """Running ``X^T X`` and ``sum |X|`` of one linear input (float64 sums over every calibration token)."""
-
-    h: torch.Tensor | None = None
-    abs_sum: torch.Tensor | None = None
-    tokens: int = 0
-
-    def update(self, x2d: torch.Tensor) -> None:
-        x = x2d.detach().to(torch.float64)
-        if self.h is None:
-            self.h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-            self.abs_sum = torch.zeros(x.shape[1], dtype=torch.float64)
-        self.h += x.T @ x
-        self.abs_sum += x.abs().sum(0)
-        self.tokens += x.shape[0]
-
-    def mean_h(self) -> torch.Tensor:
-        return (self.h / max(self.tokens, 1)).to(torch.float32)
-
-    def mean_abs(self) -> torch.Tensor:
-        return (self.abs_sum / max(self.tokens, 1)).to(torch.float32)
-
-
 class AWQ(Pass):
     name: ClassVar[str] = "awq"
     Options: ClassVar[type[AWQOptions]] = AWQOptions
@@ -188,7 +166,7 @@ class AWQ(Pass):
             return PassResult(module, False, {"reason": why_none_selected(module, skipped, self.name), "quantized": 0,
                                               "scaled": 0, "skipped": skipped})
         sites, not_scaled = find_sites(module, selected)
-        hstats, reps = collect_input_stats(module, ctx, selected, _HStats)
+        hstats, reps = collect_input_stats(module, ctx, selected, gram_stats_with_abs)
         unseen = [x for x, st in hstats.items() if st.tokens == 0]
         if unseen:
             raise ConfigError(f"awq: the calibration data never reached the input of "
@@ -206,7 +184,7 @@ class AWQ(Pass):
         for site in it:
             st = hstats[site.x]
             ws = [module.weight(c.args[1]).to(torch.float32) for c in site.selected]
-            s, a, losses = search_scale(ws, [group_of[c] for c in site.selected], st.mean_h(), st.mean_abs(),
+            s, a, losses = search_scale(ws, [group_of[c] for c in site.selected], st.mean_gram(), st.mean_abs(),
                                         bits=o.bits, sym=o.sym, n_grid=o.n_grid)
             edits.fold(site, s)
             scale_of[site.x] = s
@@ -216,19 +194,9 @@ class AWQ(Pass):
                                          "loss_awq": min(losses),
                                          "consumers": [source_path(c) or c.name for c in site.consumers]}
 
-        layers: dict[str, dict] = {}
-        before = after = 0
-        dead = []
-        it = selected
-        if ctx.progress:
-            from tqdm import tqdm
-
-            it = tqdm(selected, desc="awq quantize", unit="layer", leave=False)
-        for n in it:
-            path = source_path(n) or n.name
-            g = group_of[n]
-            x = n.args[0]
-            h = hstats[x].mean_h()
+        def rewrite(layer: Layer) -> Rewritten:
+            n, x, g = layer.node, layer.x, group_of[layer.node]
+            h = hstats[x].mean_gram()
             if x in scale_of:
                 inv = 1.0 / scale_of[x]
                 h = h * inv[:, None] * inv[None, :]
@@ -240,29 +208,24 @@ class AWQ(Pass):
             q, scales, zeros = rtn_quantize(wc, o.bits, g, o.sym)
             qw = QuantizedWeight(q, scales, zeros, o.bits, g)
             w_hat = qw.dequantize()
-            ref = output_error(w, h)
-            out_err = (output_error(w - w_hat, h) / ref) ** 0.5 if ref > 0 else 0.0
+            out_err = relative_output_error(w, w_hat, h)
             # RTN on the unscaled, unclipped weight in the same coordinates, for comparison.
-            w0 = module.weight(n.args[1]).to(torch.float32)
-            h0 = hstats[x].mean_h()
-            ref0 = output_error(w0, h0)
-            rtn_err = (output_error(w0 - _fake_rtn(w0, o.bits, g, o.sym), h0) / ref0) ** 0.5 if ref0 > 0 else 0.0
+            w0 = layer.weight.to(torch.float32)
+            rtn_err = relative_output_error(w0, _fake_rtn(w0, o.bits, g, o.sym), hstats[x].mean_gram())
             info = {"pass": self.name, "method": "awq", "alpha": alpha_of.get(n), "scaled": x in scale_of,
                     "clip_ratio_mean": clip_ratio, "rel_error": relative_error(w, w_hat), "out_error": out_err,
                     "rtn_out_error": rtn_err}
             new, wnode = replace_with_wq_linear(module, n, qw, spec=info)
-            dead.append(wnode)
-            before += compression(new)["bytes_before"]
-            after += compression(new)["bytes_after"]
-            layers[path] = {k: info[k] for k in ("alpha", "scaled", "clip_ratio_mean", "rel_error", "out_error",
-                                                 "rtn_out_error")}
-        written = edits.commit()
-        module.remove_unused_weights(only=dead)
-        module.recompile()
-        log.info("awq: %d linears to %d bits (group %s), %d inputs scaled, %d layers unscaled", len(layers), o.bits,
-                 o.group, len(site_stats), len(not_scaled))
-        stats = {"quantized": len(layers), "scaled": len(site_stats), "weights_rescaled": written,
+            return Rewritten.replaced(new, wnode, {k: info[k] for k in (
+                "alpha", "scaled", "clip_ratio_mean", "rel_error", "out_error", "rtn_out_error")})
+
+        # The scales reach the producers (norms, rows of earlier linears) once every layer is quantized.
+        done = rewrite_linears(module, ctx, selected, rewrite, skipped=skipped, who=self.name, desc="awq quantize",
+                               finish=edits.commit)
+        log.info("awq: %d linears to %d bits (group %s), %d inputs scaled, %d layers unscaled", len(done.layers),
+                 o.bits, o.group, len(site_stats), len(not_scaled))
+        stats = {"quantized": len(done.layers), "scaled": len(site_stats), "weights_rescaled": done.finished,
                  "skipped": skipped, "not_scaled": [(source_path(n) or n.name, why) for n, why in not_scaled],
-                 "bytes_before": before, "bytes_after": after, "sites": site_stats, "layers": layers,
-                 "calibration_tokens": max(st.tokens for st in hstats.values())}
+                 "bytes_before": done.bytes_before, "bytes_after": done.bytes_after, "sites": site_stats,
+                 "layers": done.layers, "calibration_tokens": max(st.tokens for st in hstats.values())}
         return PassResult(module, True, stats)

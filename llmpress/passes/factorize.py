@@ -55,9 +55,9 @@ tokens from ``calib.txt``): see ``tests/passes/test_factorize.py`` and the READM
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -68,7 +68,8 @@ from ..errors import ConfigError, PassError
 from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
-from .gptq import _block_key, _block_runner, _output_error
+from .hessian import collect_stats, damped_cholesky, gram_stats_with_abs, output_error
+from .layer_rewrite import Layer, Rewritten, rewrite_linears
 from .quant_common import linear_weight, relative_error, weight_stem
 from .select import select_linears
 
@@ -149,23 +150,6 @@ class Factors:
         return self.u @ self.v
 
 
-def _cholesky_lower(gram: torch.Tensor, damp: float, *, layer: str) -> torch.Tensor:
-    """Lower Cholesky factor of ``gram + lambda I``, ``lambda = damp * mean(diag)``, retried 10x larger when the
-    factorization fails."""
-    mean_diag = float(torch.diagonal(gram).mean())
-    if mean_diag <= 0:
-        raise PassError(f"factorize: the inputs of {layer!r} are all zero on the calibration data")
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    for attempt in range(5):
-        lam = damp * (10.0 ** attempt) * mean_diag
-        chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
-        if int(info) == 0:
-            return chol
-        log.warning("factorize: %s: Cholesky failed with dampening %.3g; retrying with %.3g", layer, lam, lam * 10)
-    raise PassError(f"factorize: the Gram matrix of {layer!r} is not positive definite even with dampening "
-                    f"{damp * 1e4:g} x mean(diag); use more calibration data")
-
-
 def factorize_weight(w: torch.Tensor, *, method: str = "svd", rank: int | None = None, ratio: float | None = None,
                      energy: float | None = None, multiple: int = 32, absmean: torch.Tensor | None = None,
                      gram: torch.Tensor | None = None, alpha: float = 0.5, damp: float = 0.01,
@@ -185,7 +169,7 @@ def factorize_weight(w: torch.Tensor, *, method: str = "svd", rank: int | None =
     elif method == "svd_llm":
         if gram is None:
             raise PassError(f"factorize: svd_llm needs activation statistics for {layer!r}")
-        L = _cholesky_lower(gram.detach().to(torch.float64), damp, layer=layer)
+        L = damped_cholesky(gram.detach().to(torch.float64), damp, layer=layer, who="factorize", what="Gram matrix")
         scaled = W @ L
     else:
         raise ConfigError(f"factorize: unknown method {method!r}")
@@ -201,44 +185,6 @@ def factorize_weight(w: torch.Tensor, *, method: str = "svd", rank: int | None =
         v = torch.linalg.solve_triangular(L, v, upper=False, left=False)  # v L^-1
     kept = float(s2[:r].sum() / s2.sum()) if float(s2.sum()) > 0 else 1.0
     return Factors(u.to(w.dtype).contiguous(), v.to(w.dtype).contiguous(), r, kept)
-
-
-class _Stats:
-    """Per-input calibration statistics: ``gram = X^T X`` (float64) and ``abssum = sum_t |x_t|``."""
-
-    def __init__(self, n: int) -> None:
-        self.gram = torch.zeros(n, n, dtype=torch.float64)
-        self.abssum = torch.zeros(n, dtype=torch.float64)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        xd = x.to(torch.float64)
-        self.gram.addmm_(xd.T, xd)
-        self.abssum += xd.abs().sum(0)
-        self.count += x.shape[0]
-
-
-def _collect(module: Module, calib, members: list[fx.Node], *, runner=None, key: str = "") -> dict[fx.Node, _Stats]:
-    """Statistics per distinct input of ``members`` (layers reading one activation share them), through the same
-    machinery as ``gptq``'s Hessians: ``runner.collect`` for a block, ``calib.collect`` otherwise."""
-    rep: dict[fx.Node, fx.Node] = {}
-    for n in members:
-        rep.setdefault(n.args[0], n)
-    stats: dict[fx.Node, _Stats] = {}
-
-    def observe(node: fx.Node, x: torch.Tensor) -> None:
-        k = node.args[0]
-        if rep[k] is not node:
-            return
-        if k not in stats:
-            stats[k] = _Stats(x.shape[1])
-        stats[k].add(x)
-
-    if runner is not None:
-        runner.collect(key, members, observe)
-    else:
-        calib.collect(module, members, observe)
-    return stats
 
 
 def _extend_source(node: fx.Node, path: str) -> None:
@@ -286,68 +232,36 @@ class Factorize(Pass):
                     todo.append(node)
             else:
                 todo.append(node)
-        blocks: dict[str, list[fx.Node]] = {}
-        for node in todo:  # graph order, so blocks come in execution order
-            blocks.setdefault(_block_key(source_path(node) or node.name), []).append(node)
-        t0 = time.perf_counter()
-        layers: dict[str, dict] = {}
-        before = after = 0
-        bar = None
-        if ctx.progress and todo:
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"factorize {o.method}", unit="layer", leave=False)
+        def rewrite(layer: Layer) -> Rewritten | str:
+            w, st = layer.weight, layer.stats
+            m, n = w.shape
+            f = factorize_weight(
+                w, method=o.method, rank=o.rank, ratio=o.ratio, energy=o.energy, multiple=o.multiple,
+                absmean=None if st is None else st.abs_sum / st.tokens,
+                gram=None if st is None else st.gram, alpha=o.alpha, damp=o.damp, layer=layer.path)
+            if f.rank * (m + n) >= m * n:
+                return _not_smaller(f.rank, m, n)
+            w_hat = f.weight().float()
+            info = {"rank": f.rank, "params_before": m * n, "params_after": f.rank * (m + n),
+                    "kept": round(f.rank * (m + n) / (m * n), 4), "energy": round(f.energy, 6),
+                    "rel_error": relative_error(w, w_hat)}
+            if st is not None:
+                info["output_error"] = output_error(w.float(), w_hat, st.gram.float())
+            wnode = self._replace(module, layer.node, f, method=o.method, info=info)
+            return Rewritten(info, w.numel() * w.element_size(), (f.u.numel() + f.v.numel()) * f.u.element_size(),
+                             wnode)
+
         calibrated = o.method != "svd"
-        runner = _block_runner(module, calib, blocks) if calibrated and todo else None
-        with torch.no_grad():
-            for key, members in blocks.items():
-                stats: dict[fx.Node, _Stats] = {}
-                if calibrated:
-                    if runner is not None and key in runner.keys:
-                        stats = _collect(module, calib, members, runner=runner, key=key)
-                    else:
-                        stats = _collect(module, calib, members)
-                dead = []
-                for node in members:
-                    path = source_path(node) or node.name
-                    _, w = linear_weight(module, node)
-                    m, n = w.shape
-                    st = stats.get(node.args[0])
-                    f = factorize_weight(
-                        w, method=o.method, rank=o.rank, ratio=o.ratio, energy=o.energy, multiple=o.multiple,
-                        absmean=None if st is None else st.abssum / st.count,
-                        gram=None if st is None else st.gram, alpha=o.alpha, damp=o.damp, layer=path)
-                    if f.rank * (m + n) >= m * n:
-                        skipped.append((path, _not_smaller(f.rank, m, n)))
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    w_hat = f.weight().float()
-                    info = {"rank": f.rank, "params_before": m * n, "params_after": f.rank * (m + n),
-                            "kept": round(f.rank * (m + n) / (m * n), 4), "energy": round(f.energy, 6),
-                            "rel_error": relative_error(w, w_hat)}
-                    if st is not None:
-                        info["output_error"] = _output_error(w.float(), w_hat, st.gram.float())
-                    wnode = self._replace(module, node, f, method=o.method, info=info)
-                    dead.append(wnode)
-                    before += w.numel() * w.element_size()
-                    after += (f.u.numel() + f.v.numel()) * f.u.element_size()
-                    layers[path] = info
-                    if bar is not None:
-                        bar.update(1)
-                if dead:
-                    module.remove_unused_weights(only=dead)
-                    module.recompile()
-                del stats
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        log.info("factorize: %d linears (%s), skipped %d, %.1fs", len(layers), o.method, len(skipped), seconds)
-        result = {"factorized": len(layers), "method": o.method, "skipped": skipped, "bytes_before": before,
-                  "bytes_after": after, "layers": layers, "seconds": seconds}
+        collect = functools.partial(collect_stats, new=gram_stats_with_abs) if calibrated else None
+        done = rewrite_linears(module, ctx, todo, rewrite, skipped=skipped, who=self.name,
+                               desc=f"factorize {o.method}", collect=collect)
+        log.info("factorize: %d linears (%s), skipped %d, %.1fs", len(done.layers), o.method, len(skipped),
+                 done.seconds)
+        result = {**done.stats(module, "factorized", self.name), "method": o.method, "seconds": done.seconds}
         if calibrated:
             result["calibration"] = repr(calib)
-        return PassResult(module, bool(layers), result)
+        return PassResult(module, bool(done.layers), result)
 
     def _replace(self, module: Module, node: fx.Node, f: Factors, *, method: str, info: dict) -> fx.Node:
         """``linear(x, W, b)`` -> ``linear(linear(x, A), B, b)``; returns the old weight placeholder."""

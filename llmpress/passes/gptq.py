@@ -27,17 +27,9 @@ objective ``H = 2 X^T X / n``:
 The layer's reconstruction error on the calibration activations is ``||X (W - W_hat)^T||_F / ||X W^T||_F =
 sqrt(tr(D H D^T) / tr(W H W^T))`` with ``D = W - W_hat`` (undamped ``H``); it is recorded per layer.
 
-Sequential, block by block: layers are grouped by transformer block (the source path up to its first numeric
-segment, ``model.layers.3``), and blocks are quantized in graph order. The Hessians of block i are collected on the
-graph in which blocks ``< i`` are already quantized, so each block corrects for the error of the blocks before it;
-every layer of block i sees the block's unquantized weights. Layers that read the same activation
-(``q/k/v_proj``, ``gate/up_proj``) share one Hessian. Calibration is layer by layer (``calibration.BlockRunner``):
-the graph runs once up to block 0 and keeps, per batch, the values block 0 reads from outside itself (residual
-stream, RoPE rows, mask); block i then runs alone on those values to give its Hessians and, once quantized, runs
-again to give block i+1's inputs. Memory: one block boundary's values for every batch plus one block's Hessians;
-cost: about two forward passes over the calibration set, with the same statistics bit for bit as re-running the
-graph prefix per block (``Calibration.collect``), which remains the fallback, with the reason logged, for graphs
-whose blocks cannot be run alone and for layers outside the blocks (``lm_head``).
+Sequential, block by block (``layer_rewrite``, ``hessian``): the Hessians of block i are collected on the graph in
+which blocks ``< i`` are already quantized, so each block corrects for the error of the blocks before it; layers
+reading one activation (``q/k/v_proj``) share one Hessian.
 
 Measured on the reference model (tinystories-llama, all linears but ``lm_head``, perplexity on all of
 ``valid.txt``, 32 calibration windows of 256 tokens from ``calib.txt``): int3 g128 1.0040x fp32 (RTN 1.0282x),
@@ -47,18 +39,18 @@ int2 g64 1.0308x symmetric / 1.0229x asymmetric (RTN 1.654x / 1.083x). int4 g128
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
-from ..errors import ConfigError, PassError
-from ..ir.meta import compression, source_path
+from ..errors import ConfigError
+from ..ir.meta import compression
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
-from .calibration import BlockRunner, BlocksNotIsolated
+from .hessian import collect_stats, damped_cholesky, output_error
+from .layer_rewrite import Layer, Rewritten, rewrite_linears
 from .quant_common import (
     QuantizedWeight,
     check_bits,
@@ -66,15 +58,14 @@ from .quant_common import (
     dequantize_codes,
     find_params,
     group_sizes,
-    linear_weight,
     quantize_codes,
     relative_error,
     replace_with_wq_linear,
     sparsity_mask,
 )
-from .select import select_linears, why_none_selected
+from .select import select_linears
 
-__all__ = ["GPTQ", "GPTQOptions", "gptq_quantize", "block_hessians", "layer_hessians", "NO_CALIBRATION"]
+__all__ = ["GPTQ", "GPTQOptions", "gptq_quantize", "NO_CALIBRATION"]
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +94,6 @@ class GPTQOptions(SelectOptions):
             raise ConfigError(f"pass 'gptq': damp={self.damp} must be in (0, 1)")
         if self.block < 1:
             raise ConfigError(f"pass 'gptq': block={self.block} must be positive")
-
-
-def _inverse_cholesky(h: torch.Tensor, damp: float, *, layer: str, who: str = "gptq") -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + lambda I)^-1``, retrying with 10x the dampening when H is not positive
-    definite enough for float32. ``who``: the pass named in messages (``sparsify`` reuses this)."""
-    mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    for attempt in range(5):
-        lam = damp * (10.0 ** attempt) * mean_diag
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info2) == 0:
-                return upper
-        log.warning("%s: %s: Cholesky failed with dampening %.3g; retrying with %.3g", who, layer, lam, lam * 10)
-    raise PassError(f"{who}: the Hessian of {layer!r} is not positive definite even with dampening "
-                    f"{damp * 1e4:g} x mean(diag(H)); use more calibration data")
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sym: bool, damp: float = 0.01,
@@ -159,7 +132,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sy
         if keep is not None:
             keep = keep[:, perm]
         col_group = (perm // group).tolist()
-    U = _inverse_cholesky(H, damp, layer=layer)
+    U = damped_cholesky(H, damp, layer=layer, who="gptq", inverse=True)
     # Blocks aligned to groups: every group starts and ends inside one block, so its grid is computed on weights
     # that already carry every earlier column's update.
     bsz = group if group >= block else (block // group) * group
@@ -199,16 +172,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, sy
     return QuantizedWeight(Q.to(torch.int32), scales, zeros, bits, group)
 
 
-def _block_key(path: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``model.layers.3``; a path without a numeric segment is its own
-    block."""
-    segs = path.split(".")
-    for i, s in enumerate(segs):
-        if s.isdigit():
-            return ".".join(segs[: i + 1])
-    return path
-
-
 class GPTQ(Pass):
     name: ClassVar[str] = "gptq"
     Options: ClassVar[type[GPTQOptions]] = GPTQOptions
@@ -223,155 +186,35 @@ class GPTQ(Pass):
         if calib is None:
             raise ConfigError(NO_CALIBRATION)
         nodes, skipped = select_linears(module, o)
-        if not nodes:  # before the calibration run: nothing would use it
-            return PassResult(module, False, {"reason": why_none_selected(module, skipped, self.name), "quantized": 0,
-                                              "skipped": skipped})
         groups: dict[fx.Node, int] = group_sizes(module, nodes, o.group, o.bits, pass_name=self.name)  # before any work
-        t0 = time.perf_counter()
-        layers: dict[str, dict] = {}
-        before = after = sparse_kept = 0
-        bar = None
-        if ctx.progress and nodes:
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(nodes), desc="gptq", unit="layer", leave=False)
-        with torch.no_grad():
-            for _, members, hessians in block_hessians(module, calib, nodes, collect=self._hessians):
-                dead = []
-                # Inputs as collected: a member reading another member's output (the factors of a factorized
-                # layer) sees that input replaced by its wq_linear once the first is quantized.
-                inputs = {node: node.args[0] for node in members}
-                for node in members:
-                    path = source_path(node) or node.name
-                    _, w = linear_weight(module, node)
-                    h = hessians[inputs[node]]
-                    mask = sparsity_mask(node, w)
-                    qw = gptq_quantize(w, h, bits=o.bits, group=groups[node], sym=o.sym, damp=o.damp,
-                                       block=o.block, act_order=o.act_order, clip_search=o.clip_search, layer=path,
-                                       mask=mask)
-                    w_hat = qw.dequantize()
-                    rel = relative_error(w, w_hat)
-                    out_err = _output_error(w.float(), w_hat, h)
-                    new, wnode = replace_with_wq_linear(module, node, qw, spec={
-                        "pass": self.name, "method": "gptq", "rel_error": rel, "output_error": out_err,
-                        "damp": o.damp, "act_order": o.act_order})
-                    dead.append(wnode)
-                    spec = compression(new)
-                    before += spec["bytes_before"]
-                    after += spec["bytes_after"]
-                    layers[path] = {"bits": o.bits, "group": groups[node], "rel_error": rel, "output_error": out_err}
-                    if mask is not None:
-                        layers[path]["sparsity"] = spec["sparsity"]
-                        sparse_kept += 1
-                    if bar is not None:
-                        bar.update(1)
-                module.remove_unused_weights(only=dead)
-                module.recompile()
-                del hessians
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        log.info("gptq: %d linears to %d bits in %.1fs (%d calibration batches), skipped %d", len(nodes), o.bits,
-                 seconds, calib.samples, len(skipped))
-        stats = {"quantized": len(nodes), "skipped": skipped, "bytes_before": before, "bytes_after": after,
-                 "layers": layers, "seconds": seconds, "calibration": repr(calib)}
+        def rewrite(layer: Layer) -> Rewritten:
+            w, h, g = layer.weight, layer.stats.hessian(), groups[layer.node]
+            mask = sparsity_mask(layer.node, w)
+            qw = gptq_quantize(w, h, bits=o.bits, group=g, sym=o.sym, damp=o.damp, block=o.block,
+                               act_order=o.act_order, clip_search=o.clip_search, layer=layer.path, mask=mask)
+            w_hat = qw.dequantize()
+            rel = relative_error(w, w_hat)
+            out_err = output_error(w.float(), w_hat, h)
+            new, wnode = replace_with_wq_linear(module, layer.node, qw, spec={
+                "pass": self.name, "method": "gptq", "rel_error": rel, "output_error": out_err, "damp": o.damp,
+                "act_order": o.act_order})
+            record = {"bits": o.bits, "group": g, "rel_error": rel, "output_error": out_err}
+            if mask is not None:
+                record["sparsity"] = compression(new)["sparsity"]
+            return Rewritten.replaced(new, wnode, record)
+
+        done = rewrite_linears(module, ctx, nodes, rewrite, skipped=skipped, who=self.name, collect=self._hessians)
+        log.info("gptq: %d linears to %d bits in %.1fs (%d calibration batches), skipped %d", len(done.layers),
+                 o.bits, done.seconds, calib.samples, len(skipped))
+        stats = {**done.stats(module, "quantized", self.name), "seconds": done.seconds, "calibration": repr(calib)}
+        sparse_kept = sum("sparsity" in v for v in done.layers.values())
         if sparse_kept:
             stats["sparse_layers"] = (f"{sparse_kept} sparsified layer(s): pruned weights fixed at 0 and their error "
                                       "compensated (SparseGPT-style)")
-        return PassResult(module, bool(nodes), stats)
+        return PassResult(module, bool(done.layers), stats)
 
     @staticmethod
-    def _hessians(module: Module, calib, members: list[fx.Node], *, runner: BlockRunner | None = None,
-                  key: str = "") -> dict[fx.Node, torch.Tensor]:
-        return layer_hessians(module, calib, members, runner=runner, key=key)
-
-
-def layer_hessians(module: Module, calib, members: list[fx.Node], *, runner: BlockRunner | None = None,
-                   key: str = "") -> dict[fx.Node, torch.Tensor]:
-    """``H = 2 X^T X / n`` per distinct input activation of the block's layers (keyed by that activation,
-    ``node.args[0]``), from ``runner`` for block ``key`` or by re-running the graph prefix."""
-    rep: dict[fx.Node, fx.Node] = {}
-    for n in members:
-        rep.setdefault(n.args[0], n)
-    sums: dict[fx.Node, torch.Tensor] = {}
-    counts: dict[fx.Node, int] = {}
-
-    def observe(node: fx.Node, x: torch.Tensor) -> None:
-        key = node.args[0]
-        if rep[key] is not node:
-            return
-        if key not in sums:
-            sums[key] = torch.zeros(x.shape[1], x.shape[1])
-            counts[key] = 0
-        sums[key].addmm_(x.T, x)
-        counts[key] += x.shape[0]
-
-    if runner is not None:
-        runner.collect(key, members, observe)
-    else:
-        calib.collect(module, members, observe)
-    return {k: 2.0 * v / counts[k] for k, v in sums.items()}
-
-
-def block_hessians(module: Module, calib, nodes: list[fx.Node], *, who: str = "gptq", collect=layer_hessians):
-    """Sequential calibration for passes that rewrite layers block by block (``gptq``, ``sparsify``).
-
-    Yields ``(block key, the block's selected nodes, {input activation: H})`` per transformer block, in graph order.
-    Each block's Hessians are collected on the graph as the caller left it after the previous blocks (the caller
-    rewrites the block and recompiles before asking for the next), layer by layer with a ``BlockRunner`` when the
-    graph allows, else by graph prefix re-runs (see the module docstring). ``collect`` gathers one block's
-    statistics (``layer_hessians``' signature).
-    """
-    blocks: dict[str, list[fx.Node]] = {}
-    for node in nodes:  # graph order, so blocks come in execution order
-        blocks.setdefault(_block_key(source_path(node) or node.name), []).append(node)
-    runner = _block_runner(module, calib, blocks, who)
-    for key, members in blocks.items():
-        if runner is not None and key in runner.keys:
-            yield key, members, collect(module, calib, members, runner=runner, key=key)
-        else:
-            yield key, members, collect(module, calib, members)
-
-
-def _numbered(path: str) -> bool:
-    return any(s.isdigit() for s in path.split("."))
-
-
-def _numbered_block(node: fx.Node) -> str | None:
-    """The transformer block of a node (``model.layers.3``), or ``None`` for a node outside every block (a path
-    without a numeric segment: embedding, final norm, ``lm_head``, the RoPE/mask prelude)."""
-    path = source_path(node)
-    return _block_key(path) if path and _numbered(path) else None
-
-
-def _block_runner(module: Module, calib, blocks: dict[str, list[fx.Node]], who: str = "gptq") -> BlockRunner | None:
-    """A layer-by-layer runner over the numbered blocks, or ``None`` (with the reason logged) when the graph's
-    blocks cannot be run in isolation; the caller then re-runs the graph prefix per block with ``collect``."""
-    keys = list(blocks)
-    numbered = [i for i, k in enumerate(keys) if _numbered(k)]
-    if not numbered:
-        return None
-    # Layers outside the numbered blocks (lm_head) use collect(); they must all come after the blocks: quantizing
-    # one before or between them would change values the runner already holds.
-    early = [k for i, k in enumerate(keys) if i < numbered[-1] and i not in numbered]
-    if early:
-        log.info("%s: layers %s come before transformer blocks; calibrating by graph prefix re-runs", who,
-                 ", ".join(early))
-        return None
-    try:
-        runner = BlockRunner(module, calib, _numbered_block)
-    except BlocksNotIsolated as e:
-        log.info("%s: blocks cannot be run one at a time (%s); calibrating by graph prefix re-runs", who, e)
-        return None
-    lost = [keys[i] for i in numbered if keys[i] not in runner.keys]
-    if lost:  # a selected layer's path is numbered but its node is not found in a block
-        log.info("%s: blocks %s not found in the graph; calibrating by graph prefix re-runs", who, ", ".join(lost))
-        return None
-    return runner
-
-
-def _output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    d = w - w_hat
-    num = float(((d @ h) * d).sum())  # tr(D H D^T)
-    den = float(((w @ h) * w).sum())
-    return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+    def _hessians(module: Module, calib, members: list[fx.Node], **where) -> dict:
+        """One block's Hessian accumulators (``hessian.collect_stats``); a seam the interrupt test replaces."""
+        return collect_stats(module, calib, members, **where)

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..ir.meta import compression, source_path
+from ..ir.meta import compression
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .quant_common import (
@@ -27,12 +27,12 @@ from .quant_common import (
     check_bits,
     check_group_option,
     group_sizes,
-    linear_weight,
     relative_error,
     replace_with_wq_linear,
     rtn_quantize,
 )
-from .select import select_linears, why_none_selected
+from .layer_rewrite import Layer, Rewritten, rewrite_linears
+from .select import select_linears
 
 __all__ = ["Quantize", "QuantizeOptions"]
 
@@ -64,39 +64,23 @@ class Quantize(Pass):
         nodes, skipped = select_linears(module, o)
         # Check every layer before rewriting any, so a bad option leaves the module untouched.
         groups = group_sizes(module, nodes, o.group, o.bits, pass_name=self.name)
-        plan = [(node, source_path(node) or node.name, groups[node]) for node in nodes]
-        layers: dict[str, dict] = {}
-        before = after = 0
-        dead = []
-        it = plan
-        if ctx.progress and plan:
-            from tqdm import tqdm
 
-            it = tqdm(plan, desc="quantize", unit="layer", leave=False)
-        for node, path, g in it:
-            _, w = linear_weight(module, node)
-            w = w.detach()
+        def rewrite(layer: Layer) -> Rewritten:
+            w, g = layer.weight.detach(), groups[layer.node]
             q, scales, zeros = rtn_quantize(w, o.bits, g, o.sym)
             qw = QuantizedWeight(q, scales, zeros, o.bits, g)
             err = relative_error(w, qw.dequantize())
-            new, wnode = replace_with_wq_linear(module, node, qw,
+            new, wnode = replace_with_wq_linear(module, layer.node, qw,
                                                 spec={"pass": self.name, "method": "rtn", "rel_error": err})
-            dead.append(wnode)
-            spec = compression(new)
-            before += spec["bytes_before"]
-            after += spec["bytes_after"]
-            layers[path] = {"bits": o.bits, "group": g, "rel_error": err}
-            if "sparsify_method" in spec:  # sparsified earlier: its zeros stay exact
-                layers[path]["sparsity"] = spec["sparsity"]
-        if plan:
-            module.remove_unused_weights(only=dead)
-            module.recompile()
-        log.info("quantize: %d linears to %d bits, skipped %d", len(plan), o.bits, len(skipped))
-        stats = {"quantized": len(plan), "skipped": skipped, "bytes_before": before, "bytes_after": after,
-                 "layers": layers}
-        if not plan:
-            stats = {"reason": why_none_selected(module, skipped, self.name), **stats}
-        sparse = sum("sparsity" in v for v in layers.values())
+            record = {"bits": o.bits, "group": g, "rel_error": err}
+            if "sparsify_method" in compression(new):  # sparsified earlier: its zeros stay exact
+                record["sparsity"] = compression(new)["sparsity"]
+            return Rewritten.replaced(new, wnode, record)
+
+        done = rewrite_linears(module, ctx, nodes, rewrite, skipped=skipped, who=self.name)
+        log.info("quantize: %d linears to %d bits, skipped %d", len(done.layers), o.bits, len(skipped))
+        stats = done.stats(module, "quantized", self.name)
+        sparse = sum("sparsity" in v for v in done.layers.values())
         if sparse:
             stats["sparse_layers"] = f"{sparse} sparsified layer(s): zeros round to the code of 0 and stay exact"
-        return PassResult(module, bool(plan), stats)
+        return PassResult(module, bool(done.layers), stats)

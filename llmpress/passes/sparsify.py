@@ -12,7 +12,7 @@ Patterns: ``unstructured`` removes the fraction ``sparsity`` (default 0.5) of th
 the layout sparse tensor cores run. ``in_features`` must be a multiple of M.
 
 Methods, with ``X [n, in]`` the layer's calibration inputs and ``H = 2 X^T X / n`` (GPTQ's Hessian, collected by
-the same machinery: ``gptq.block_hessians``, block by block on the graph in which earlier blocks are pruned):
+the same machinery: ``hessian.block_statistics``, block by block on the graph in which earlier blocks are pruned):
 
 - ``magnitude``: score ``|W_ij|``, compared across the whole layer (unstructured) or within each group of M.
   No calibration.
@@ -20,7 +20,7 @@ the same machinery: ``gptq.block_hessians``, block by block on the graph in whic
   ``|W_ij| * ||X_j||_2`` (``||X_j||^2 = n H_jj / 2``), compared within each output row (unstructured: each row loses
   the same fraction) or within each group of M. The kept weights are not changed.
 - ``sparsegpt`` (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot"):
-  with ``U = chol((H + lambda I)^-1)^T`` (upper; ``lambda = damp * mean(diag H)``, ``gptq._inverse_cholesky``),
+  with ``U = chol((H + lambda I)^-1)^T`` (upper; ``lambda = damp * mean(diag H)``, ``hessian.damped_cholesky``),
   columns are visited left to right in blocks of ``block`` (128). The mask is chosen adaptively per block, on the
   weights as updated so far: OBS saliency ``W_ij^2 / U_jj^2``, the lowest ``sparsity`` fraction of the block's
   ``[out, block]`` scores pruned (unstructured), or the lowest ``M - N`` of each row's group of M columns, chosen
@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -48,7 +47,8 @@ from ..errors import ConfigError
 from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
-from .gptq import _inverse_cholesky, _output_error, block_hessians
+from .hessian import collect_stats, damped_cholesky, output_error
+from .layer_rewrite import Layer, Rewritten, rewrite_linears
 from .quant_common import linear_weight
 from .select import select_linears
 
@@ -163,7 +163,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, 
     dead = torch.diagonal(H) == 0  # an input that never fires: its weights are free to prune (as in GPTQ)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U = _inverse_cholesky(H, damp, layer=layer, who="sparsify")
+    U = damped_cholesky(H, damp, layer=layer, who="sparsify", inverse=True)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
@@ -237,58 +237,37 @@ class Sparsify(Pass):
         if self.needs_calibration and calib is None and nodes:
             raise ConfigError(f"sparsify(method={o.method}) needs calibration data (--calib FILE or calibration=...)")
         nm, target = o.nm, o.target
-        t0 = time.perf_counter()
-        layers: dict[str, dict] = {}
         zeros = total = 0
-        bar = None
-        if ctx.progress and nodes:
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(nodes), desc="sparsify", unit="layer", leave=False)
-
-        def done(node: fx.Node, w: torch.Tensor, new: torch.Tensor, h: torch.Tensor | None) -> None:
+        def rewrite(layer: Layer) -> Rewritten:
             nonlocal zeros, total
-            path = source_path(node) or node.name
+            w, node = layer.weight, layer.node
+            h = None if layer.stats is None else layer.stats.hessian()
+            if o.method == "magnitude":
+                new = magnitude_prune(w, sparsity=target, nm=nm)
+            elif o.method == "wanda":
+                new = wanda_prune(w, h, sparsity=target, nm=nm)
+            else:
+                new = sparsegpt_prune(w, h, sparsity=target, nm=nm, damp=o.damp, block=o.block, layer=layer.path)
             _store(module, node, new.to(w.dtype))
             nz = int((new == 0).sum())
             zeros += nz
             total += new.numel()
-            achieved = nz / new.numel()
-            layers[path] = {"sparsity": achieved, "pattern": o.pattern}
+            record = {"sparsity": nz / new.numel(), "pattern": o.pattern}
             if h is not None:
-                layers[path]["output_error"] = _output_error(w.float(), new.float(), h)
-            set_compression(node, {"pass": self.name, "method": o.method, "sparsity": round(achieved, 4),
+                record["output_error"] = output_error(w.float(), new.float(), h)
+            set_compression(node, {"pass": self.name, "method": o.method, "sparsity": round(nz / new.numel(), 4),
                                    "pattern": o.pattern, "weight": module.weight_name(node.args[1])})
-            if bar is not None:
-                bar.update(1)
+            return Rewritten(record)
 
-        with torch.no_grad():
-            if o.method == "magnitude":
-                for node in nodes:
-                    w = linear_weight(module, node)[1]
-                    done(node, w, magnitude_prune(w, sparsity=target, nm=nm), None)
-            elif nodes:
-                for _, members, hessians in block_hessians(module, calib, nodes, who=self.name):
-                    for node in members:
-                        w = linear_weight(module, node)[1]
-                        h = hessians[node.args[0]]
-                        if o.method == "wanda":
-                            new = wanda_prune(w, h, sparsity=target, nm=nm)
-                        else:
-                            new = sparsegpt_prune(w, h, sparsity=target, nm=nm, damp=o.damp, block=o.block,
-                                                  layer=source_path(node) or node.name)
-                        done(node, w, new, h)
-                    module.recompile()  # a tied weight may have been split off (_store): the next block sees it
-        if nodes:
-            module.recompile()
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - t0
+        # A tied weight split off by _store is in the graph for the next block: the driver recompiles per block.
+        done = rewrite_linears(module, ctx, nodes, rewrite, skipped=skipped, who=self.name,
+                               collect=collect_stats if self.needs_calibration else None)
         log.info("sparsify: %d linears to %s sparsity %.3f by %s in %.1fs, skipped %d", len(nodes), o.pattern,
-                 zeros / total if total else 0.0, o.method, seconds, len(skipped))
-        stats = {"sparsified": len(nodes), "skipped": skipped, "method": o.method, "pattern": o.pattern,
-                 "target_sparsity": target, "sparsity": zeros / total if total else 0.0, "layers": layers,
-                 "storage": STORAGE, "seconds": seconds}
+                 zeros / total if total else 0.0, o.method, done.seconds, len(skipped))
+        stats = done.stats(module, "sparsified", self.name, byte_counts=False)
+        stats.update(method=o.method, pattern=o.pattern, target_sparsity=target,
+                     sparsity=zeros / total if total else 0.0, storage=STORAGE, seconds=done.seconds)
         if self.needs_calibration and nodes:
             stats["calibration"] = repr(calib)
         return PassResult(module, bool(nodes), stats)

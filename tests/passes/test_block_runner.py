@@ -8,7 +8,7 @@ import torch
 from llmpress.errors import PassError
 from llmpress.ir.capture import capture
 from llmpress.ir.meta import source_path
-from llmpress.passes import gptq as gptq_mod
+from llmpress.passes import hessian as hessian_mod
 from llmpress.passes.base import PassContext
 from llmpress.passes.calibration import BlockRunner, BlocksNotIsolated, Calibration
 from llmpress.passes.gptq import GPTQ, GPTQOptions
@@ -27,7 +27,7 @@ def tiny():
 
 def _linears(module, key):
     return [n for n in module.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
-            and gptq_mod._numbered_block(n) == key]
+            and hessian_mod.numbered_block(n) == key]
 
 
 def _record(store):
@@ -39,7 +39,7 @@ def _record(store):
 def test_runner_sees_exactly_what_collect_sees(tiny) -> None:
     module, calib = tiny
     module = module.clone()
-    runner = BlockRunner(module, calib, gptq_mod._numbered_block)
+    runner = BlockRunner(module, calib, hessian_mod.numbered_block)
     assert runner.keys == ["model.layers.0", "model.layers.1", "model.layers.2"]
     for key in runner.keys[::2]:  # skipping block 1: the runner must pass through it on its own
         nodes = _linears(module, key)
@@ -59,8 +59,8 @@ def test_gptq_layer_by_layer_equals_prefix_reruns(tiny, monkeypatch) -> None:
     fast = module.clone()
     GPTQ(opts).run(fast, PassContext(calibration=calib, progress=False))
     used = []
-    real = gptq_mod._block_runner
-    monkeypatch.setattr(gptq_mod, "_block_runner", lambda *a: used.append(real(*a)) or None)
+    real = hessian_mod._block_runner
+    monkeypatch.setattr(hessian_mod, "_block_runner", lambda *a: used.append(real(*a)) or None)
     slow = module.clone()
     GPTQ(opts).run(slow, PassContext(calibration=calib, progress=False))
     assert used and used[0] is not None  # the runner was available, and the second run declined it
@@ -77,7 +77,7 @@ def test_block_read_from_outside_every_block_is_not_isolated(tiny) -> None:
     residual = next(n for n in module.graph.nodes if n.op == "call_function" and source_path(n) == "model.layers.0")
 
     def block_of(n):
-        return None if n is residual else gptq_mod._numbered_block(n)
+        return None if n is residual else hessian_mod.numbered_block(n)
 
     with pytest.raises(BlocksNotIsolated, match=residual.name):
         BlockRunner(module, calib, block_of)
