@@ -305,21 +305,32 @@ def test_pipeline_text_round_trips_and_registered() -> None:
 # at ratio 0.7 (68.8%): svd 1.0223x, asvd 1.0220x, svd_llm 1.0101x. Quantizing the factors costs more than
 # quantizing dense weights: svd_llm 0.7 then RTN int4 g32 1.0371x (plain svd 0.7 then the same: 1.0558x).
 @functools.cache
-def _factorized_ppl(method: str, ratio: float, then: str = "") -> float:
+def _factorized(method: str, ratio: float):
+    """The reference model factorized once per (method, ratio); later pipelines run on a clone (weights shared)."""
     from llmpress.api import run_pipeline
 
     from .test_gptq import real_calibration
-    from .test_quantize import perplexity_of, real_model
+    from .test_quantize import real_model
 
-    text = f"factorize(method={method},ratio={ratio},exclude=lm_head)" + (f",{then}" if then else "")
-    t0 = time.perf_counter()
+    text = f"factorize(method={method},ratio={ratio},exclude=lm_head)"
     module, records = run_pipeline(capture(real_model()[0]), text,
                                    calibration=real_calibration() if method != "svd" else None, progress=False)
-    stats = records[0].stats if hasattr(records[0], "stats") else None
+    assert records[0].stats["factorized"] == 56
+    return module
+
+
+@functools.cache
+def _factorized_ppl(method: str, ratio: float, then: str = "") -> float:
+    from llmpress.api import run_pipeline
+
+    from .test_quantize import perplexity_of
+
+    t0 = time.perf_counter()
+    module = _factorized(method, ratio)
+    if then:
+        module, _ = run_pipeline(module.clone(), then, progress=False)
     ppl = perplexity_of(module)
-    print(f"{text}: ppl {ppl:.4f} ({time.perf_counter() - t0:.1f}s)")
-    if stats is not None:
-        assert stats["factorized"] == 56
+    print(f"factorize({method}, {ratio}){',' + then if then else ''}: ppl {ppl:.4f} ({time.perf_counter() - t0:.1f}s)")
     return ppl
 
 
