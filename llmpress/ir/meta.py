@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["source_path", "node_id", "set_node_id", "source_line", "compression", "set_compression", "LMInfo"]
+__all__ = ["source_path", "set_source_path", "node_id", "set_node_id", "source_line", "compression", "set_compression", "LMInfo"]
 
 _ID = "llmpress_id"
 _COMPRESSION = "llmpress_compression"
@@ -25,6 +25,17 @@ def source_path(node: fx.Node) -> str:
     path = list(stack.values())[-1][0]
     # torch.export spells ModuleList indices as "layers.0" but sometimes as "layers[0]" / "L['self']..." forms.
     return path.replace("[", ".").replace("]", "").replace("L['self'].", "")
+
+
+def set_source_path(node: fx.Node, path: str) -> None:
+    """Give ``node`` the source path ``path`` (a new child of its module, e.g. a factor or an adapter branch): as a
+    module stack entry when the node has a stack, so ``source_path`` and include/exclude globs see it."""
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    if stack:
+        stack[f"L__self__{path}"] = (path, "torch.nn.modules.linear.Linear")
+        node.meta["nn_module_stack"] = stack
+    else:
+        node.meta["llmpress_source"] = path
 
 
 def node_id(node: fx.Node) -> str:

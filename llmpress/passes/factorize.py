@@ -65,7 +65,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ConfigError, PassError
-from ..ir.meta import compression, set_compression, source_path
+from ..ir.meta import compression, set_compression, set_source_path, source_path
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .hessian import collect_stats, damped_cholesky, gram_stats_with_abs, output_error
@@ -187,16 +187,6 @@ def factorize_weight(w: torch.Tensor, *, method: str = "svd", rank: int | None =
     return Factors(u.to(w.dtype).contiguous(), v.to(w.dtype).contiguous(), r, kept)
 
 
-def _extend_source(node: fx.Node, path: str) -> None:
-    """Give ``node`` the source path ``path`` (a child of its own), as a module stack entry when it has one."""
-    stack = dict(node.meta.get("nn_module_stack") or {})
-    if stack:
-        stack[f"L__self__{path}"] = (path, "torch.nn.modules.linear.Linear")
-        node.meta["nn_module_stack"] = stack
-    else:
-        node.meta["llmpress_source"] = path
-
-
 class Factorize(Pass):
     name: ClassVar[str] = "factorize"
     Options: ClassVar[type[FactorizeOptions]] = FactorizeOptions
@@ -275,7 +265,7 @@ class Factorize(Pass):
         h = module.call(_LINEAR, (x, vnode), like=node)
         y = module.call(_LINEAR, (h, unode) if bias is None else (h, unode, bias), like=node)
         for new, leaf, weight in ((h, "factor_v", f.v), (y, "factor_u", f.u)):
-            _extend_source(new, f"{path}.{leaf}")
+            set_source_path(new, f"{path}.{leaf}")
             # bytes_before on the first factor only, so sums over nodes count the dense weight once
             set_compression(new, {"pass": self.name, "method": method, "rank": f.rank, "factor": leaf[-1],
                                   "layer": path, "weight": wname, "kept": info["kept"],

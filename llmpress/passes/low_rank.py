@@ -23,22 +23,12 @@ import torch
 import torch.fx as fx
 
 from ..errors import ConfigError
-from ..ir.meta import set_compression, source_path
+from ..ir.meta import set_compression, set_source_path, source_path
 from ..ir.module import Module
 
 __all__ = ["attach_low_rank", "branch_weight_name"]
 
 _LINEAR = torch.ops.aten.linear.default
-
-
-def _extend_source(node: fx.Node, path: str) -> None:
-    """Give ``node`` the source path ``path`` (a child of its own), as a module stack entry when it has one."""
-    stack = dict(node.meta.get("nn_module_stack") or {})
-    if stack:
-        stack[f"L__self__{path}"] = (path, "torch.nn.modules.linear.Linear")
-        node.meta["nn_module_stack"] = stack
-    else:
-        node.meta["llmpress_source"] = path
 
 
 def branch_weight_name(layer: str, name: str, which: str) -> str:
@@ -71,10 +61,10 @@ def attach_low_rank(module: Module, linear_node: fx.Node, A: torch.Tensor, B: to
     if scale != 1.0:
         d = module.call(torch.ops.aten.mul.Tensor, (d, float(scale)), like=linear_node, before=anchor)
     y = module.call(torch.ops.aten.add.Tensor, (linear_node, d), like=linear_node, before=anchor)
-    _extend_source(h, f"{layer}.{name}_A")
-    _extend_source(d.args[0] if scale != 1.0 else d, f"{layer}.{name}_B")
+    set_source_path(h, f"{layer}.{name}_A")
+    set_source_path(d.args[0] if scale != 1.0 else d, f"{layer}.{name}_B")
     if scale != 1.0:
-        _extend_source(d, f"{layer}.{name}_B")
+        set_source_path(d, f"{layer}.{name}_B")
     rank = int(A.shape[0])
     for node, which in ((h, "A"), (d.args[0] if scale != 1.0 else d, "B")):
         set_compression(node, {**(spec or {}), "branch": which, "rank": rank, "scale": float(scale), "layer": layer})

@@ -114,14 +114,19 @@ def _scaled_rope(cfg: dict, where: Path) -> tuple[tuple, float]:
     return tuple(float(f) for f in inv_freq.float()), float(factor)
 
 
+def need_key(cfg: dict, key: str, where: Path):
+    """``cfg[key]``, or a LoadError naming the file and the missing key."""
+    if key not in cfg:
+        raise LoadError(f"{where}: missing key {key!r}")
+    return cfg[key]
+
+
 def llama_config(cfg: dict, where: Path, *, cache_len: int | None = None) -> LlamaConfig:
     """``config.json`` of a Llama-family model (``SUPPORTED_MODEL_TYPES``) -> ``LlamaConfig``; rejects what our
     Llama does not compute. ``cache_len`` (default ``max_position_embeddings``) decides whether a sliding window
     is exact."""
     def need(key: str):
-        if key not in cfg:
-            raise LoadError(f"{where}: missing key {key!r}")
-        return cfg[key]
+        return need_key(cfg, key, where)
 
     kind = cfg.get("model_type", "llama")
     if kind not in SUPPORTED_MODEL_TYPES:

@@ -22,10 +22,10 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 def gpt2_config(cfg: dict, where: Path, *, cache_len: int | None, eos: list[int]) -> LlamaConfig:
+    from .hf import need_key
+
     def need(key: str):
-        if key not in cfg:
-            raise LoadError(f"{where}: missing key {key!r}")
-        return cfg[key]
+        return need_key(cfg, key, where)
 
     act = cfg.get("activation_function", "gelu_new")
     if act not in _TANH_GELU:
