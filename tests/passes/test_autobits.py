@@ -16,7 +16,9 @@ from llmpress.eval.size import weight_bytes_by_name
 from llmpress.ir.capture import capture
 from llmpress.ir.meta import compression
 from llmpress.passes.autobits import solve_budget
+from llmpress.passes.manager import PassRecord, resolved_pipeline
 from llmpress.passes.pipeline import build, parse, print_pipeline
+from llmpress.passes.presets import PRESETS
 
 from ..conftest import random_calibration
 from .test_gptq import real_calibration
@@ -146,3 +148,14 @@ def test_real_model_autobits_beats_a_uniform_mix_at_the_same_bits(shared) -> Non
           f"mix blocks 0,4 int4 {r_mix:.5f}x fp32")
     assert r_auto <= FLOOR, f"autobits(budget=3.5): {r_auto:.5f}x fp32 (floor {FLOOR}x)"
     assert r_auto < r_mix, f"autobits {r_auto:.5f}x is not better than the int3/int4 mix {r_mix:.5f}x"
+
+
+@pytest.mark.parametrize("text", [*PRESETS, "scope(include=mlp)[quantize(bits=3,group=64,sym=false)],kv_quant",
+                                  "sparsify(method=wanda,pattern=2:4,exclude=lm_head),gptq(bits=4,group=128)",
+                                  "factorize(method=svd_llm,ratio=0.7,exclude=lm_head|*.down_proj)"])
+def test_resolved_pipeline_rebuilds_every_pass_with_its_options(text: str) -> None:
+    # What the manifest records for pipelines without autobits: presets expanded, scopes applied, same passes.
+    passes = build(text)
+    records = [PassRecord(p.name, p.options.all_dict(), True, {}) for p in passes]
+    again = build(resolved_pipeline(records))
+    assert [(p.name, p.options) for p in again] == [(p.name, p.options) for p in passes]
