@@ -148,6 +148,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     art = _open(a.model, progress=False)
     rows = art.manifest.get("layers", [])
     info = {"target": art.manifest["target"], "pipeline": art.manifest.get("pipeline", ""),
+            "resolved_pipeline": art.manifest.get("resolved_pipeline"),
             "parameter_bytes": art.manifest.get("parameter_bytes"), "passes": art.passes, "layers": rows}
     if art.lm is not None:
         specs = art.lm.cache_specs()
@@ -158,6 +159,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         return 0
     print(f"target {info['target']['name']}   pipeline {info['pipeline'] or '(none)'}   "
           f"parameter bytes {info['parameter_bytes']}")
+    resolved = art.manifest.get("resolved_pipeline")
+    if resolved and any("resolved_pipeline" in (r.get("stats") or {}) for r in art.passes):  # autobits's plan
+        print(f"resolved pipeline {resolved}")
     if "kv_cache" in info:
         kv = info["kv_cache"]
         print(f"KV cache: {kv['bytes']:,} bytes for {kv['cache_len']} positions, {kv['tensors']} tensors "

@@ -147,7 +147,7 @@ def compress_layers(module: Module, candidate: str, ctx: PassContext) -> tuple[l
             raise ConfigError(f"layer {path!r} is called {len(nodes)} times: sensitivity needs one node per layer")
         base = nodes[0]
         if len(now) != 1 or now[0].target not in (_LINEAR, torch.ops.llmpress.wq_linear.default):
-            ops = ", ".join(_op_name(n) for n in now) or "nothing"
+            ops = ", ".join(_op_name(n) for n in now) or "ops that no longer carry its name"
             raise ConfigError(f"candidate {candidate!r} turned layer {path!r} into {ops}: sensitivity measures "
                               "rewrites of a linear into one linear or llmpress::wq_linear")
         new = now[0]
