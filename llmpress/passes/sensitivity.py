@@ -163,7 +163,12 @@ def compress_layers(module: Module, candidate: str, ctx: PassContext) -> tuple[l
 
 class SensitivityProbe:
     """The uncompressed module's outputs on ``samples`` calibration windows (of at most ``seq_len`` tokens; 0:
-    whole windows), and ``score(node, weight)``: the metric with that one linear's weight swapped."""
+    whole windows), and ``score(node, weight)``: the metric with that one linear's weight swapped.
+
+    Nothing before a linear depends on its weight, so the reference run keeps, at every ``aten.linear``, the values
+    that are still to be read after it (residual stream, RoPE tables, mask, caches written so far, weights), and a
+    score replays the graph from that linear on (an FX interpreter over the same nodes): the last layers cost a
+    fraction of a forward, the first a whole one. Memory: about one forward's activations per window."""
 
     def __init__(self, module: Module, calibration: Calibration, *, metric: Metric = "kl", samples: int = 4,
                  seq_len: int = 128) -> None:
@@ -178,22 +183,43 @@ class SensitivityProbe:
         self.module, self.calibration, self.metric = module, calibration, metric
         self.batches = [b[:, :seq_len] if seq_len else b for b in calibration.batches[:samples]]
         self.tokens = sum(int(b.shape[1]) - (metric == "ppl") for b in self.batches)
-        self.placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-        self._slot = {n: i for i, n in enumerate(self.placeholders)}
+        self.order = list(module.graph.nodes)
+        self._pos = {n: i for i, n in enumerate(self.order)}
+        last = {n: max([self._pos[u] for u in n.users], default=i) for i, n in enumerate(self.order)}
+        at = {i: n for i, n in enumerate(self.order) if n.op == "call_function" and n.target is _LINEAR}
+        self._snapshots: dict[fx.Node, list[dict]] = {n: [] for n in at.values()}
+        self.reference = []
         with torch.no_grad():
-            self.reference = [torch.log_softmax(self._logits(b, {}), -1) for b in self.batches]
+            for b in self.batches:
+                env = self._bind(b)
+                self.reference.append(torch.log_softmax(self._run(env, 0, snap=(at, last)), -1))
         self.base_nll = self._nll(self.reference) if metric == "ppl" else 0.0
 
-    def _logits(self, batch: torch.Tensor, swap: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _bind(self, batch: torch.Tensor) -> dict:
         weights = self.module.weights()
         user = iter(self.calibration._inputs(self.module, batch))
-        args = [next(user) if s.kind == InputKind.USER_INPUT else weights[s.target]
-                for s in self.module.signature.input_specs]
-        for i, t in swap.items():
-            args[i] = t
-        out = self.module.graph_module(*args)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return out.reshape(-1, out.shape[-1]).float()
+        placeholders = [n for n in self.order if n.op == "placeholder"]
+        return {n: next(user) if s.kind == InputKind.USER_INPUT else weights[s.target]
+                for n, s in zip(placeholders, self.module.signature.input_specs)}
+
+    def _run(self, env: dict, start: int, *, snap: tuple | None = None) -> torch.Tensor:
+        """Run nodes ``start..`` on ``env``; return the first output as float32 ``[tokens, vocab]``. With ``snap``
+        = (linears by position, last use of each node), keep the live values at each linear."""
+        interp = fx.Interpreter(self.module.graph_module)
+        interp.extra_traceback = False
+        interp.env = env
+        for i in range(start, len(self.order)):
+            n = self.order[i]
+            if snap is not None and i in snap[0]:
+                self._snapshots[snap[0][i]].append({k: v for k, v in env.items() if snap[1][k] >= i})
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                out = n.args[0]
+                out = env[out[0] if isinstance(out, (tuple, list)) else out]
+                return out.reshape(-1, out.shape[-1]).float()
+            env[n] = interp.run_node(n)
+        raise ConfigError("the graph has no output")
 
     def _nll(self, logprobs: Sequence[torch.Tensor]) -> float:
         total = sum(float(-lp[:-1].gather(1, b[0, 1:, None]).sum()) for lp, b in zip(logprobs, self.batches))
@@ -205,9 +231,14 @@ class SensitivityProbe:
 
     def score(self, node: fx.Node, weight: torch.Tensor) -> float:
         """The metric with ``node``'s weight replaced by ``weight`` (see the module docstring)."""
-        slot = self._slot[node.args[1]]
+        if node not in self._snapshots:
+            raise ConfigError(f"{node.name} is not an aten.linear of the module this probe ran")
+        logprobs = []
         with torch.no_grad():
-            logprobs = [torch.log_softmax(self._logits(b, {slot: weight}), -1) for b in self.batches]
+            for snapshot in self._snapshots[node]:
+                env = dict(snapshot)
+                env[node.args[1]] = weight
+                logprobs.append(torch.log_softmax(self._run(env, self._pos[node]), -1))
         if self.metric == "ppl":
             return self._nll(logprobs) - self.base_nll
         kl = sum(float((ref.exp() * (ref - lp)).sum()) for ref, lp in zip(self.reference, logprobs))
