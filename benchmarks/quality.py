@@ -19,7 +19,8 @@ activation quantization costs on top of the same weights; and the ONNX Runtime p
 ORT, ORT's own 4-bit quantizer (``MatMulNBitsQuantizer``, block 128, symmetric, ``lm_head`` excluded like ours) on
 that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``; low-rank factorization (``factorize``:
 plain SVD, ASVD, SVD-LLM at 50% and 70% of each linear's parameters, and SVD-LLM 70% then RTN int4 g32,
-``FACTORIZE_ROWS``). Methods whose pass is not registered are absent. Calibration (GPTQ, AWQ, SmoothQuant, ASVD,
+``FACTORIZE_ROWS``); mixed precision (``autobits`` at 3.5 bits per weight beside hand-made int3/int4 mixes of the
+same size, ``AUTOBITS_ROWS``). Methods whose pass is not registered are absent. Calibration (GPTQ, AWQ, SmoothQuant, ASVD,
 SVD-LLM) comes only from ``../shared/data/tinystories/calib.txt``. Perplexity of llmpress rows is computed by the reference interpreter (the IR run in PyTorch), of ORT rows by an ONNX Runtime
 session over the same windows.
 """
@@ -92,6 +93,24 @@ FACTORIZE_ROWS = [
       for r in (0.5, 0.7) for m in ("svd", "asvd", "svd_llm")],
     ("factorize svd_llm + RTN", "ratio 0.7, int4 g32",
      "factorize(method=svd_llm,ratio=0.7,exclude=lm_head),quantize(bits=4,group=32,exclude=lm_head)", True),
+]
+
+
+# (method, config, pipeline): mixed precision (``autobits``, issue 14) at 3.5 bits per weight, scales included, over
+# every linear but lm_head, against hand-made mixes of the same two widths (RTN int3/int4 g128: 3.25 and 4.25 bits
+# per weight) at the same 3.5: a quarter of the parameters at int4, as two of the eight blocks or as every attention
+# layer (a quarter of each block). autobits calibrates on calib.txt (its first 4 windows, 128 tokens each).
+def _blocks(*blocks: int) -> str:
+    return "|".join(f"model.layers.{b}" for b in blocks)
+
+
+AUTOBITS_ROWS = [
+    ("autobits", "3.5 b/w of int3|int4 g128", "autobits(budget=3.5,candidates=3g128|4g128,exclude=lm_head)"),
+    ("autobits", "3.5 b/w of int2 g64..int8", "autobits(budget=3.5,exclude=lm_head)"),
+    *[(f"mix: {what} int4, rest int3", "3.5 b/w, g128",
+       f"scope(include={inc})[quantize(bits=4,group=128)],quantize(bits=3,group=128,exclude=lm_head)")
+      for what, inc in [("blocks 0-1", _blocks(0, 1)), ("blocks 6-7", _blocks(6, 7)), ("blocks 0, 4", _blocks(0, 4)),
+                        ("attention", "self_attn")]],
 ]
 
 
@@ -302,6 +321,8 @@ class Bench:
         if "factorize" in names:
             for label, config, pipe, calib in FACTORIZE_ROWS:
                 self.llmpress_row(label, config, pipe, needs_calib=calib)
+        for label, config, pipe in AUTOBITS_ROWS if "autobits" in names else ():
+            self.llmpress_row(label, config, pipe, needs_calib=pipe.startswith("autobits"))
         self.ort_rows(keep.get("module"))
         self.total_s = time.perf_counter() - self.t_start
         self.write(final=True)

@@ -123,6 +123,7 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
     """
     from .backends import backend_for_target
     from .eval.size import parameter_bytes
+    from .passes.manager import resolved_pipeline
     from .preflight import check_compile
 
     t0 = time.perf_counter()
@@ -146,6 +147,7 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
         "backend": backend.name,
         "target": compiled.target_json(),
         "pipeline": str(pipeline) if pipeline is not None else "",
+        "resolved_pipeline": resolved_pipeline(records),  # what ran, with data-driven choices (autobits) explicit
         "passes": [r.to_json() if hasattr(r, "to_json") else r for r in records],
         "lm": module.lm.to_json() if module.lm else None,
         "signature": _signature(module),

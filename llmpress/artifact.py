@@ -2,7 +2,8 @@
 
 An artifact is a folder (or one ``.tar`` of that folder) holding:
 
-- ``manifest.json``: format version; llmpress / torch / TVM versions; the target; the exact pipeline text and
+- ``manifest.json``: format version; llmpress / torch / TVM versions; the target; the exact pipeline text, the
+  resolved text that redoes it without data-driven choices (``autobits``'s per-layer plan written out), and
   every pass's options and stats; the LM calling convention and input/output signature; the tokenizer file;
   a per-layer summary (for ``llmpress inspect``); and the sha256 and size of every other file;
 - the backend's payload (``program.pt2`` for ``reference``; ``model.so`` + ``weights.safetensors`` for TVM);

@@ -6,6 +6,7 @@ These forms are a contract other tools rely on:
     llmpress run MODEL_OR_DIR [--prompt TEXT] [--max-new-tokens N] [--emulate]
     llmpress eval MODEL_OR_DIR --data FILE [--context 256] [--pipeline TEXT] [--json]
     llmpress inspect MODEL_OR_DIR [--json]
+    llmpress inspect --sensitivity PIPELINE MODEL --calib FILE [--metric kl|ppl] [--plot FILE.png] [--json]
     llmpress passes
     llmpress --version
 
@@ -140,9 +141,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
+    if a.sensitivity is not None:
+        from .report import cmd_sensitivity
+
+        return cmd_sensitivity(a)
     art = _open(a.model, progress=False)
     rows = art.manifest.get("layers", [])
     info = {"target": art.manifest["target"], "pipeline": art.manifest.get("pipeline", ""),
+            "resolved_pipeline": art.manifest.get("resolved_pipeline"),
             "parameter_bytes": art.manifest.get("parameter_bytes"), "passes": art.passes, "layers": rows}
     if art.lm is not None:
         specs = art.lm.cache_specs()
@@ -153,6 +159,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         return 0
     print(f"target {info['target']['name']}   pipeline {info['pipeline'] or '(none)'}   "
           f"parameter bytes {info['parameter_bytes']}")
+    resolved = art.manifest.get("resolved_pipeline")
+    if resolved and any("resolved_pipeline" in (r.get("stats") or {}) for r in art.passes):  # autobits's plan
+        print(f"resolved pipeline {resolved}")
     if "kv_cache" in info:
         kv = info["kv_cache"]
         print(f"KV cache: {kv['bytes']:,} bytes for {kv['cache_len']} positions, {kv['tensors']} tensors "
@@ -251,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", help="recipe file (TOML or YAML) with the pipeline and calibration settings")
     c.add_argument("--target", default="reference",
                    help="reference | cpu | arm64 | cuda | onnx (= onnx:qdq) | onnx:integer | TVM target JSON")
-    c.add_argument("--calib", help="calibration text file (gptq, awq, smoothquant; sparsify wanda/sparsegpt; factorize asvd/svd_llm)")
+    c.add_argument("--calib", help="calibration text file (gptq, awq, smoothquant, autobits; sparsify wanda/sparsegpt; factorize asvd/svd_llm)")
     c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
     c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")
     c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")
@@ -288,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer shapes, bytes and what the pipeline did", parents=common)
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--sensitivity", metavar="PIPELINE", help="measure each layer's effect on the output when this "
+                   "candidate compression (e.g. 'quantize(bits=3,group=128)') is applied to it alone (needs --calib)")
+    i.add_argument("--calib", help="calibration text for --sensitivity")
+    i.add_argument("--metric", choices=["kl", "ppl"], default="kl", help="--sensitivity score: KL to the float "
+                   "model's next-token distribution, or the NLL increase (default kl)")
+    i.add_argument("--samples", type=int, default=4, help="--sensitivity calibration windows (default 4)")
+    i.add_argument("--seq-len", type=int, default=128, help="--sensitivity tokens per window (default 128)")
+    i.add_argument("--plot", help="write the --sensitivity scores as a PNG bar chart (needs matplotlib)")
+    i.add_argument("--tokenizer")
     i.set_defaults(func=cmd_inspect)
 
     ps = sub.add_parser("passes", help="list registered passes and presets", parents=common)

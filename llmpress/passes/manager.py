@@ -32,7 +32,7 @@ from ..ir.module import Module, VerifyError
 from .base import Pass, PassContext, PassResult
 
 __all__ = ["PassManager", "PassRecord", "Instrument", "TimingInstrument", "IRDumpInstrument", "PrintOnChange",
-           "properties_of", "check_order"]
+           "properties_of", "check_order", "resolved_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,25 @@ class PassRecord:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options, "modified": self.modified,
                 "stats": _jsonable(self.stats), "seconds": round(self.seconds, 6)}
+
+
+def resolved_pipeline(records: Sequence[PassRecord]) -> str:
+    """Pipeline text that redoes what ``records`` did without deciding anything again: every pass with its options
+    (presets expanded, scopes applied), except a pass that chose its work from data (``autobits``), which stands
+    for the explicit text it ran (``stats["resolved_pipeline"]``)."""
+    from .pipeline import Element, Pipeline, print_pipeline
+    from .registry import get_pass
+
+    parts = []
+    for r in records:
+        if "resolved_pipeline" in r.stats:
+            if r.stats["resolved_pipeline"]:
+                parts.append(r.stats["resolved_pipeline"])
+            continue
+        opts = get_pass(r.name).Options.from_mapping(r.options, pass_name=r.name).to_dict()
+        items = tuple((k, "|".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in opts.items())
+        parts.append(print_pipeline(Pipeline((Element(r.name, items),))))
+    return ",".join(parts)
 
 
 def _jsonable(x: Any) -> Any:

@@ -10,6 +10,7 @@ __all__ = ["PASSES", "get_pass", "pass_names"]
 def _all() -> list[type[Pass]]:
     # One import per pass file. Keep the list sorted by module name.
     from .act_quant import ActQuant
+    from .autobits import AutoBits
     from .awq import AWQ
     from .dce import DeadCodeElimination
     from .factorize import Factorize
@@ -27,6 +28,7 @@ def _all() -> list[type[Pass]]:
 
     return [
         ActQuant,
+        AutoBits,
         AWQ,
         DeadCodeElimination,
         Factorize,
