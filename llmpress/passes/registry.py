@@ -19,6 +19,7 @@ def _all() -> list[type[Pass]]:
     from .fuse_qkv import FuseQKV
     from .gptq import GPTQ
     from .kv_quant import KVQuant
+    from .prune import Prune
     from .quantize import Quantize
     from .smoothquant import SmoothQuant
     from .sparsify import Sparsify
@@ -34,6 +35,7 @@ def _all() -> list[type[Pass]]:
         FuseQKV,
         GPTQ,
         KVQuant,
+        Prune,
         Quantize,
         SmoothQuant,
         Sparsify,

@@ -1,0 +1,301 @@
+"""``prune``: structured pruning of gated-MLP channels: the weights shrink, so every backend runs a smaller model.
+
+Match (structure first, as ``fuse_gate_up`` does): ``down(act(gate(x)) * up(x))`` with ``act`` silu/gelu and
+``gate``, ``up``, ``down`` plain ``aten.linear`` nodes on stored 2-D float weights; the product's only reader is
+``down`` (as its input), the gate's only reader the activation, and no weight is read elsewhere (tied). Which
+linear is which is read from the graph, not from names; ``include``/``exclude`` globs only filter (a triple is
+pruned when all three linears are selected).
+
+Rewrite, with ``W_g, W_u: [inter, d]``, ``W_d: [d, inter]`` and ``K`` the kept intermediate channels (sorted)::
+
+    down(silu(x W_g^T) * (x W_u^T))  ==>  silu(x W_g[K]^T) * (x W_u[K]^T) W_d[:, K]^T
+
+Channel ``j`` of the intermediate activation ``h = act(gate(x)) * up(x)`` reaches the output only through column
+``j`` of ``W_d``, so dropping it removes exactly ``h_j W_d[:, j]^T`` from the MLP's output; the kept channels
+compute what they did before. Gate/up biases lose the same rows; ``down``'s bias is unchanged. The new weights
+keep their names (``model.layers.0.mlp.gate_proj.weight`` is now ``[|K|, d]``); the shapes of the nodes in
+between follow, so nothing downstream (no kernel, no runtime) needs to know the model was pruned.
+
+Importance of channel ``j`` (``score=``), ranked within each MLP (each loses the same fraction, so every block
+keeps one shape: one kernel schedule and one tuning record serve them all, and no block is hollowed out):
+
+- ``wanda`` (default; Wanda's ``|W| ||x||`` taken per channel): ``s_j = ||h_j||_2 ||W_d[:, j]||_2`` with ``h_j``
+  over every calibration token. ``||h_j W_d[:, j]^T||_F = s_j`` exactly: the norm of the output error that
+  removing channel ``j`` alone causes on the calibration data. Blocks are calibrated in graph order
+  (``calibration.BlockRunner``, as ``gptq``), so block i's statistics see blocks ``< i`` already pruned.
+- ``magnitude``: ``s_j = ||W_g[j]|| ||W_u[j]|| ||W_d[:, j]||`` (no calibration data).
+- ``random``: a seeded random order (``ctx.seed``): the baseline that shows what a score is worth.
+
+Size: ``mlp=p`` removes the fraction ``p`` of each MLP's ``inter`` channels, the kept count rounded to a multiple
+of ``multiple`` (default 32): ``|K| = multiple * round((1 - p) inter / multiple)``, at least one multiple. ``|K|`` is
+``down``'s ``in_features``, so a later weight quantizer's ``group`` must divide it (``mlp=0.25`` of 1024 keeps 768,
+which ``group=128`` divides; of 768 it keeps 576, which takes ``group=64`` or ``multiple=128``). An MLP where the
+rounding keeps every channel is skipped with the reason.
+
+Attention heads are not pruned by this pass yet: removing KV groups also has to rewrite the ``view``/``reshape``
+nodes that carry head counts, the cache placeholders and ``LMInfo.caches``; ``stats["attention"]`` says so.
+
+Order: before ``fuse_qkv`` / ``fuse_gate_up`` (after them gate and up are one linear and a split; ``forbids``
+``qkv_fused`` because ``fuse_qkv(all_siblings=true)``, the ``fuse`` preset, fuses gate/up too) and before any
+quantizer (it slices float weights only). ``factorize`` and ``sparsify`` may run after it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ..errors import ConfigError
+from ..ir.meta import compression, set_compression, source_path
+from ..ir.module import Module
+from .base import Pass, PassContext, PassResult, SelectOptions
+from .fuse_gate_up import gated_pairs
+from .gptq import _block_key, _block_runner
+from .select import select_linears
+
+__all__ = ["Prune", "PruneOptions", "MLPTriple", "find_mlps", "channel_scores", "kept_channels", "kept_count"]
+
+log = logging.getLogger(__name__)
+
+_LINEAR = torch.ops.aten.linear.default
+ATTENTION = "not pruned: only gated-MLP channels are (head pruning must also rewrite head-count views and LMInfo.caches)"
+
+
+@dataclass(frozen=True)
+class PruneOptions(SelectOptions):
+    """``mlp``: fraction of each gated MLP's intermediate channels removed; ``score``: wanda | magnitude | random;
+    ``multiple``: the kept channel count is rounded to a multiple of it."""
+
+    mlp: float = 0.25
+    score: Literal["wanda", "magnitude", "random"] = "wanda"
+    multiple: int = 32
+
+    def validate(self) -> None:
+        if not 0.0 < self.mlp < 1.0:
+            raise ConfigError(f"pass 'prune': mlp={self.mlp} must be in (0, 1) (the fraction of MLP channels "
+                              "removed)")
+        if self.multiple < 1:
+            raise ConfigError(f"pass 'prune': multiple={self.multiple} must be positive")
+
+
+@dataclass
+class MLPTriple:
+    """One gated MLP found in the graph: ``down(mul(act(gate(x)), up(x)))``."""
+
+    path: str  # the MLP's source path (``model.layers.0.mlp``)
+    gate: fx.Node
+    up: fx.Node
+    down: fx.Node
+    act: fx.Node
+    mul: fx.Node
+
+    @property
+    def linears(self) -> tuple[fx.Node, fx.Node, fx.Node]:
+        return self.gate, self.up, self.down
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else path
+
+
+def _bias(node: fx.Node):
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
+def find_mlps(module: Module) -> tuple[list[MLPTriple], list[tuple[str, str]]]:
+    """Every gated MLP whose channels can be pruned, and (path, reason) for each near miss."""
+    found, skipped = [], []
+    for mul, gate, up in gated_pairs(module):
+        act = next(iter(mul.args)) if mul.args[0] is not up else mul.args[1]
+        path = _parent(source_path(gate) or gate.name)
+        downs = list(mul.users)
+        why = None
+        if gate.target is not _LINEAR or up.target is not _LINEAR:
+            why = "gate/up already quantized; put prune before the quantizer"
+        elif len(downs) != 1 or downs[0].op != "call_function" or downs[0].target is not _LINEAR \
+                or downs[0].args[0] is not mul:
+            why = f"act(gate) * up is read by {[u.name for u in downs]}, not by one down projection alone"
+        elif len(gate.users) != 1 or len(act.users) != 1 or len(up.users) != 1:
+            why = "gate, up or the activation has readers besides the gated product"
+        else:
+            for lin in (gate, up, downs[0]):
+                w = lin.args[1]
+                if module.weight(w) is None or module.weight(w).dim() != 2:
+                    why = f"{source_path(lin) or lin.name}'s weight is not a stored 2-D tensor"
+                elif not module.weight(w).is_floating_point():
+                    why = f"{source_path(lin) or lin.name}'s weight is not float"
+                elif len(w.users) > 1:
+                    why = f"{source_path(lin) or lin.name}'s weight is also read elsewhere (tied)"
+                if why:
+                    break
+        if why:
+            skipped.append((path, why))
+        else:
+            found.append(MLPTriple(path, gate, up, downs[0], act, mul))
+    return found, skipped
+
+
+def kept_count(inter: int, fraction: float, multiple: int) -> int:
+    """``multiple * round((1 - fraction) * inter / multiple)``, at least ``multiple``, at most ``inter``."""
+    k = multiple * int((1.0 - fraction) * inter / multiple + 0.5)
+    return min(inter, max(multiple, k))
+
+
+def channel_scores(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *, score: str,
+                   sumsq: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """Importance ``[inter]`` of each intermediate channel (see the module docstring); ``sumsq``: ``sum_t h_tj^2``
+    over the calibration tokens (``wanda``)."""
+    down_norm = w_down.detach().float().norm(dim=0)
+    if score == "wanda":
+        if sumsq is None:
+            raise ConfigError("prune(score=wanda) needs calibration data (--calib FILE or calibration=...)")
+        return sumsq.double().clamp_min(0).sqrt().float() * down_norm
+    if score == "magnitude":
+        return w_gate.detach().float().norm(dim=1) * w_up.detach().float().norm(dim=1) * down_norm
+    if score == "random":
+        return torch.rand(down_norm.shape[0], generator=torch.Generator().manual_seed(seed))
+    raise ConfigError(f"pass 'prune': unknown score {score!r}")
+
+
+def kept_channels(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest scores, in ascending channel order (the kept channels keep their order)."""
+    return torch.sort(torch.topk(scores, keep).indices).values
+
+
+def _replace_weight(module: Module, old: fx.Node, tensor: torch.Tensor) -> fx.Node:
+    """Put ``tensor`` (a new shape) behind the weight ``old`` under the same name; returns the new placeholder.
+    ``set_weight`` keeps shapes fixed, so the old placeholder is swapped for a new one: first under a temporary
+    name (the old one still exists), then under the original name once the old one is gone."""
+    name = module.weight_name(old)
+    tmp = module.add_weight(module.fresh_weight_name(f"{name}.pruning"), tensor)
+    old.replace_all_uses_with(tmp)
+    module.remove_unused_weights(only=[old])
+    new = module.add_weight(name, tensor)
+    tmp.replace_all_uses_with(new)
+    module.remove_unused_weights(only=[tmp])
+    return new
+
+
+class Prune(Pass):
+    name: ClassVar[str] = "prune"
+    Options: ClassVar[type[PruneOptions]] = PruneOptions
+    establishes: ClassVar[frozenset[str]] = frozenset({"mlp_pruned"})
+    # It slices float gate/up/down linears: after a quantizer they are packed, after a fusion gate/up are one.
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "gate_up_fused", "qkv_fused"})
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override] - only the wanda score reads activations
+        return self.options.score == "wanda"
+
+    def _plan(self, module: Module) -> tuple[list[MLPTriple], list[tuple[str, str]]]:
+        o: PruneOptions = self.options
+        mlps, skipped = find_mlps(module)
+        selected, _ = select_linears(module, o)
+        chosen, todo = set(selected), []
+        for t in mlps:
+            spec = compression(t.down) or {}
+            out = [source_path(n) or n.name for n in t.linears if n not in chosen]
+            inter = module.weight(t.down.args[1]).shape[1]
+            if out:
+                skipped.append((t.path, f"{', '.join(out)} not selected"))
+            elif spec.get("pass") == self.name:
+                skipped.append((t.path, f"already pruned (kept {spec.get('kept')} of {spec.get('channels')} "
+                                        "channels)"))
+            elif kept_count(inter, o.mlp, o.multiple) >= inter:
+                skipped.append((t.path, f"mlp={o.mlp} of {inter} channels rounded to a multiple of "
+                                        f"{o.multiple} keeps them all"))
+            else:
+                todo.append(t)
+        return todo, skipped
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        o: PruneOptions = self.options
+        o.validate()
+        todo, skipped = self._plan(module)
+        calib = ctx.calibration
+        if self.needs_calibration and calib is None and todo:
+            raise ConfigError("prune(score=wanda) needs calibration data (--calib FILE or calibration=...)")
+        t0 = time.perf_counter()
+        blocks: dict[str, list[MLPTriple]] = {}
+        for t in todo:  # graph order, so blocks come in execution order
+            blocks.setdefault(_block_key(source_path(t.down) or t.down.name), []).append(t)
+        runner = None
+        if self.needs_calibration and todo:
+            runner = _block_runner(module, calib, {k: [t.down for t in ts] for k, ts in blocks.items()},
+                                   who=self.name)
+        bar = None
+        if ctx.progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"prune {o.score}", unit="mlp", leave=False)
+        layers: dict[str, dict] = {}
+        before = after = 0
+        with torch.no_grad():
+            for key, triples in blocks.items():
+                sums = self._collect(module, calib, triples, runner, key) if self.needs_calibration else {}
+                for t in triples:
+                    info = self._prune_one(module, t, sums.get(t.down), seed=ctx.seed + len(layers))
+                    before += info.pop("bytes_before")
+                    after += info.pop("bytes_after")
+                    layers[t.path] = info
+                    if bar is not None:
+                        bar.update(1)
+                module.recompile()  # the next block's statistics run on this block pruned
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        log.info("prune: %d MLPs to %.0f%% of their channels by %s in %.1fs, skipped %d", len(layers),
+                 100 * (1 - o.mlp), o.score, seconds, len(skipped))
+        stats = {"pruned": len(layers), "score": o.score, "mlp": o.mlp, "skipped": skipped, "layers": layers,
+                 "bytes_before": before, "bytes_after": after, "attention": ATTENTION, "seconds": seconds}
+        if self.needs_calibration and layers:
+            stats["calibration"] = repr(calib)
+        return PassResult(module, bool(layers), stats)
+
+    @staticmethod
+    def _collect(module: Module, calib, triples: list[MLPTriple], runner, key: str) -> dict[fx.Node, torch.Tensor]:
+        """``sum_t h_tj^2`` of each down projection's input on the calibration data (float64)."""
+        downs = [t.down for t in triples]
+        sums: dict[fx.Node, torch.Tensor] = {}
+
+        def observe(node: fx.Node, x: torch.Tensor) -> None:
+            sq = x.to(torch.float64).square().sum(0)
+            sums[node] = sums[node] + sq if node in sums else sq
+
+        if runner is not None and key in runner.keys:
+            runner.collect(key, downs, observe)
+        else:
+            calib.collect(module, downs, observe)
+        return sums
+
+    def _prune_one(self, module: Module, t: MLPTriple, sumsq: torch.Tensor | None, *, seed: int) -> dict:
+        o: PruneOptions = self.options
+        wg, wu, wd = (module.weight(n.args[1]) for n in t.linears)
+        inter = wd.shape[1]
+        keep = kept_count(inter, o.mlp, o.multiple)
+        scores = channel_scores(wg, wu, wd, score=o.score, sumsq=sumsq, seed=seed)
+        idx = kept_channels(scores, keep)
+        before = sum(w.numel() * w.element_size() for w in (wg, wu, wd))
+        new = {t.gate: wg[idx], t.up: wu[idx], t.down: wd[:, idx]}
+        for lin in (t.gate, t.up):
+            b = _bias(lin)
+            if isinstance(b, fx.Node):
+                _replace_weight(module, b, module.weight(b)[idx].contiguous())
+        for lin, w in new.items():
+            _replace_weight(module, lin.args[1], w.contiguous())
+        for n in (t.gate, t.up, t.act, t.mul, t.down):  # shapes follow: [.., inter] -> [.., keep]
+            module.infer_meta(n)
+            if "tensor_meta" in n.meta:  # export's copy of the shape; a frontend may read it instead of "val"
+                n.meta["tensor_meta"] = _extract_tensor_metadata(n.meta["val"])
+        info = {"channels": inter, "kept": keep, "removed": inter - keep,
+                "score_kept": round(float(scores[idx].sum() / scores.sum().clamp_min(1e-30)), 6)}
+        for lin in t.linears:
+            set_compression(lin, {"pass": self.name, "score": o.score, "kept": keep, "channels": inter,
+                                  "layer": t.path})
+        after = sum(w.numel() * w.element_size() for w in new.values())
+        return {**info, "bytes_before": before, "bytes_after": after}
