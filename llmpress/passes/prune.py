@@ -218,7 +218,7 @@ class Prune(Pass):
         o.validate()
         todo, skipped = self._plan(module)
         calib = ctx.calibration
-        if self.needs_calibration and calib is None and todo:
+        if self.needs_calibration and calib is None:
             raise ConfigError("prune(score=wanda) needs calibration data (--calib FILE or calibration=...)")
         t0 = time.perf_counter()
         blocks: dict[str, list[MLPTriple]] = {}
