@@ -63,7 +63,8 @@ __all__ = ["Prune", "PruneOptions", "MLPTriple", "find_mlps", "channel_scores", 
 log = logging.getLogger(__name__)
 
 _LINEAR = torch.ops.aten.linear.default
-ATTENTION = "not pruned: only gated-MLP channels are (head pruning must also rewrite head-count views and LMInfo.caches)"
+ATTENTION = ("not pruned: only gated-MLP channels are (head pruning must also rewrite head-count views and "
+             "LMInfo.caches)")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ def test_kept_count_rounds_to_the_multiple() -> None:
 
 
 def test_wanda_score_is_the_output_error_of_removing_the_channel() -> None:
-    """``s_j = ||h_j|| ||W_d[:, j]||`` equals ``||h_j W_d[:, j]^T||_F``, the change of down's output without channel j."""
+    """``s_j = ||h_j|| ||W_d[:, j]||`` equals ``||h_j W_d[:, j]^T||_F``: how much down's output changes without
+    channel j."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(50, 16, generator=g) * torch.linspace(0.1, 3.0, 16)
     wd = torch.randn(8, 16, generator=g)
@@ -231,9 +232,10 @@ def test_prune_then_quantize_on_the_smaller_shapes(tiny) -> None:
 # -- the real model --------------------------------------------------------------------------------------------------
 # 25% of every MLP's 768 channels (576 kept, a multiple of 32 and 64), calibration as test_sparsify's (32 windows of
 # 256 tokens from calib.txt), perplexity on test_quantize's 16K-token valid prefix (fp32 24.881). Measured: wanda
-# 25.360 (1.0193x), random channels 27.780 (1.1165x), magnitude 25.427 (1.0219x) (20-45 s each on a busy machine, half of it the perplexity on
-# one thread). The floor sits a little above the measurement.
+# 25.360 (1.0193x), random channels 27.780 (1.1165x), magnitude 25.427 (1.0219x) (20-45 s each on a busy machine,
+# about half of it the perplexity on one thread). The floor sits a little above the measurement.
 FLOOR = 1.025
+
 @functools.cache
 def pruned_perplexity(score: str) -> float:
     module, records = run_pipeline(capture(real_model()[0]), f"prune(mlp=0.25,score={score})",
