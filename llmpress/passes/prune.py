@@ -1,4 +1,5 @@
-"""``prune``: structured pruning of gated-MLP channels: the weights shrink, so every backend runs a smaller model.
+"""``prune``: structured pruning of gated-MLP channels and KV-head groups: the weights shrink, so every backend runs a
+smaller model.
 
 Match (structure first, as ``fuse_gate_up`` does): ``down(act(gate(x)) * up(x))`` with ``act`` silu/gelu and
 ``gate``, ``up``, ``down`` plain ``aten.linear`` nodes on stored 2-D float weights; the product's only reader is
@@ -32,12 +33,15 @@ of ``multiple`` (default 32): ``|K| = multiple * round((1 - p) inter / multiple)
 which ``group=128`` divides; of 768 it keeps 576, which takes ``group=64`` or ``multiple=128``). An MLP where the
 rounding keeps every channel is skipped with the reason.
 
-Attention heads are not pruned by this pass yet: removing KV groups also has to rewrite the ``view``/``reshape``
-nodes that carry head counts, the cache placeholders and ``LMInfo.caches``; ``stats["attention"]`` says so.
+``heads=p`` removes ``round(p n_kv)`` whole KV groups of every attention (each keeps the same count, so
+``LMInfo.n_kv_heads`` and the KV cache inputs shrink with them): see ``prune_heads`` for the match, the rewrite, the
+scores and why whole groups.
 
 Order: before ``fuse_qkv`` / ``fuse_gate_up`` (after them gate and up are one linear and a split; ``forbids``
 ``qkv_fused`` because ``fuse_qkv(all_siblings=true)``, the ``fuse`` preset, fuses gate/up too) and before any
-quantizer (it slices float weights only). ``factorize`` and ``sparsify`` may run after it.
+quantizer (it slices float weights only), and before ``kv_quant`` (whose int8 cache writes the head match does not
+follow). ``factorize`` and ``sparsify`` may run after it. Calibration statistics of a block (o's and down's inputs)
+are taken together, before any of the block is pruned.
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .fuse_gate_up import gated_pairs
 from .gptq import _block_key, _block_runner
+from .prune_heads import AttentionGroup, find_attentions, group_scores, prune_attention, update_lm
 from .select import select_linears
 
 __all__ = ["Prune", "PruneOptions", "MLPTriple", "find_mlps", "channel_scores", "kept_channels", "kept_count"]
@@ -63,23 +68,26 @@ __all__ = ["Prune", "PruneOptions", "MLPTriple", "find_mlps", "channel_scores", 
 log = logging.getLogger(__name__)
 
 _LINEAR = torch.ops.aten.linear.default
-ATTENTION = ("not pruned: only gated-MLP channels are (head pruning must also rewrite head-count views and "
-             "LMInfo.caches)")
 
 
 @dataclass(frozen=True)
 class PruneOptions(SelectOptions):
-    """``mlp``: fraction of each gated MLP's intermediate channels removed; ``score``: wanda | magnitude | random;
-    ``multiple``: the kept channel count is rounded to a multiple of it."""
+    """``mlp``: fraction of each gated MLP's intermediate channels removed (0: none); ``heads``: fraction of each
+    attention's KV groups removed (0: none); ``score``: wanda | magnitude | random; ``multiple``: the kept MLP
+    channel count is rounded to a multiple of it."""
 
     mlp: float = 0.25
+    heads: float = 0.0
     score: Literal["wanda", "magnitude", "random"] = "wanda"
     multiple: int = 32
 
     def validate(self) -> None:
-        if not 0.0 < self.mlp < 1.0:
-            raise ConfigError(f"pass 'prune': mlp={self.mlp} must be in (0, 1) (the fraction of MLP channels "
-                              "removed)")
+        for key in ("mlp", "heads"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"pass 'prune': {key}={v} must be in [0, 1) (the fraction removed)")
+        if self.mlp == 0.0 and self.heads == 0.0:
+            raise ConfigError("pass 'prune': mlp=0 and heads=0 remove nothing")
         if self.multiple < 1:
             raise ConfigError(f"pass 'prune': multiple={self.multiple} must be positive")
 
@@ -185,83 +193,116 @@ def _replace_weight(module: Module, old: fx.Node, tensor: torch.Tensor) -> fx.No
 class Prune(Pass):
     name: ClassVar[str] = "prune"
     Options: ClassVar[type[PruneOptions]] = PruneOptions
-    establishes: ClassVar[frozenset[str]] = frozenset({"mlp_pruned"})
+    establishes: ClassVar[frozenset[str]] = frozenset({"pruned"})
     # It slices float gate/up/down linears: after a quantizer they are packed, after a fusion gate/up are one.
-    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "gate_up_fused", "qkv_fused"})
+    forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "gate_up_fused", "qkv_fused", "kv_quantized"})
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override] - only the wanda score reads activations
         return self.options.score == "wanda"
 
-    def _plan(self, module: Module) -> tuple[list[MLPTriple], list[tuple[str, str]]]:
+    def _plan(self, module: Module) -> tuple[list[MLPTriple | AttentionGroup], list[tuple[str, str]]]:
+        """What to prune, in graph order, and (path, reason) for what is left alone."""
         o: PruneOptions = self.options
-        mlps, skipped = find_mlps(module)
         selected, _ = select_linears(module, o)
-        chosen, todo = set(selected), []
-        for t in mlps:
-            spec = compression(t.down) or {}
+        chosen = set(selected)
+        todo: list[MLPTriple | AttentionGroup] = []
+        skipped: list[tuple[str, str]] = []
+        found: list[MLPTriple | AttentionGroup] = []
+        if o.mlp > 0:
+            mlps, miss = find_mlps(module)
+            found += mlps
+            skipped += miss
+        if o.heads > 0:
+            attns, miss = find_attentions(module)
+            found += attns
+            skipped += miss
+        for t in found:
+            spec = compression(t.linears[-1]) or {}
             out = [source_path(n) or n.name for n in t.linears if n not in chosen]
-            inter = module.weight(t.down.args[1]).shape[1]
             if out:
                 skipped.append((t.path, f"{', '.join(out)} not selected"))
-            elif spec.get("pass") == self.name:
-                skipped.append((t.path, f"already pruned (kept {spec.get('kept')} of {spec.get('channels')} "
-                                        "channels)"))
-            elif kept_count(inter, o.mlp, o.multiple) >= inter:
-                skipped.append((t.path, f"mlp={o.mlp} of {inter} channels rounded to a multiple of "
-                                        f"{o.multiple} keeps them all"))
+            elif spec.get("pass") == self.name and (("groups" in spec) == isinstance(t, AttentionGroup)):
+                what = "KV groups" if isinstance(t, AttentionGroup) else "channels"
+                skipped.append((t.path, f"already pruned (kept {spec.get('kept')} of {spec.get('of')} {what})"))
+            elif isinstance(t, AttentionGroup):
+                if round(o.heads * t.n_kv) == 0 or round(o.heads * t.n_kv) >= t.n_kv:
+                    skipped.append((t.path, f"heads={o.heads} of {t.n_kv} KV groups rounds to "
+                                            f"{round(o.heads * t.n_kv)} removed: must leave between 1 and all"))
+                else:
+                    todo.append(t)
             else:
-                todo.append(t)
+                inter = module.weight(t.down.args[1]).shape[1]
+                if kept_count(inter, o.mlp, o.multiple) >= inter:
+                    skipped.append((t.path, f"mlp={o.mlp} of {inter} channels rounded to a multiple of "
+                                            f"{o.multiple} keeps them all"))
+                else:
+                    todo.append(t)
+        order = {n: i for i, n in enumerate(module.graph.nodes)}
+        todo.sort(key=lambda t: order[t.linears[-1]])
         return todo, skipped
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         o: PruneOptions = self.options
         o.validate()
-        todo, skipped = self._plan(module)
         calib = ctx.calibration
         if self.needs_calibration and calib is None:
             raise ConfigError("prune(score=wanda) needs calibration data (--calib FILE or calibration=...)")
+        todo, skipped = self._plan(module)
         t0 = time.perf_counter()
-        blocks: dict[str, list[MLPTriple]] = {}
+        blocks: dict[str, list[MLPTriple | AttentionGroup]] = {}
         for t in todo:  # graph order, so blocks come in execution order
-            blocks.setdefault(_block_key(source_path(t.down) or t.down.name), []).append(t)
+            blocks.setdefault(_block_key(source_path(t.linears[-1]) or t.linears[-1].name), []).append(t)
         runner = None
         if self.needs_calibration and todo:
-            runner = _block_runner(module, calib, {k: [t.down for t in ts] for k, ts in blocks.items()},
+            runner = _block_runner(module, calib, {k: [t.linears[-1] for t in ts] for k, ts in blocks.items()},
                                    who=self.name)
         bar = None
         if ctx.progress and todo:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"prune {o.score}", unit="mlp", leave=False)
+            bar = tqdm(total=len(todo), desc=f"prune {o.score}", unit="layer", leave=False)
         layers: dict[str, dict] = {}
+        pruned_attn: list[AttentionGroup] = []
+        kv_kept = 0
         before = after = 0
         with torch.no_grad():
-            for key, triples in blocks.items():
-                sums = self._collect(module, calib, triples, runner, key) if self.needs_calibration else {}
-                for t in triples:
-                    info = self._prune_one(module, t, sums.get(t.down), seed=ctx.seed + len(layers))
+            for key, items in blocks.items():
+                # statistics of o's and down's inputs, both on the block before any of it is pruned
+                sums = self._collect(module, calib, items, runner, key) if self.needs_calibration else {}
+                for t in items:
+                    last = t.linears[-1]
+                    seed = ctx.seed + len(layers)
+                    if isinstance(t, AttentionGroup):
+                        info = self._prune_heads(module, t, sums.get(last), seed=seed)
+                        pruned_attn.append(t)
+                        kv_kept = info["kept"]
+                    else:
+                        info = self._prune_one(module, t, sums.get(last), seed=seed)
                     before += info.pop("bytes_before")
                     after += info.pop("bytes_after")
                     layers[t.path] = info
                     if bar is not None:
                         bar.update(1)
                 module.recompile()  # the next block's statistics run on this block pruned
+        update_lm(module, pruned_attn, kv_kept)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
-        log.info("prune: %d MLPs to %.0f%% of their channels by %s in %.1fs, skipped %d", len(layers),
-                 100 * (1 - o.mlp), o.score, seconds, len(skipped))
-        stats = {"pruned": len(layers), "score": o.score, "mlp": o.mlp, "skipped": skipped, "layers": layers,
-                 "bytes_before": before, "bytes_after": after, "attention": ATTENTION, "seconds": seconds}
+        log.info("prune: %d layers (mlp=%g, heads=%g) by %s in %.1fs, skipped %d", len(layers), o.mlp, o.heads,
+                 o.score, seconds, len(skipped))
+        stats = {"pruned": len(layers), "score": o.score, "mlp": o.mlp, "heads": o.heads, "skipped": skipped,
+                 "layers": layers, "bytes_before": before, "bytes_after": after, "seconds": seconds}
+        if pruned_attn and module.lm is not None:
+            stats["cache_specs"] = module.lm.cache_specs()
         if self.needs_calibration and layers:
             stats["calibration"] = repr(calib)
         return PassResult(module, bool(layers), stats)
 
     @staticmethod
-    def _collect(module: Module, calib, triples: list[MLPTriple], runner, key: str) -> dict[fx.Node, torch.Tensor]:
-        """``sum_t h_tj^2`` of each down projection's input on the calibration data (float64)."""
-        downs = [t.down for t in triples]
+    def _collect(module: Module, calib, items: list, runner, key: str) -> dict[fx.Node, torch.Tensor]:
+        """``sum_t x_tj^2`` of each item's last linear's input (o, down) on the calibration data (float64)."""
+        lasts = [t.linears[-1] for t in items]
         sums: dict[fx.Node, torch.Tensor] = {}
 
         def observe(node: fx.Node, x: torch.Tensor) -> None:
@@ -269,10 +310,27 @@ class Prune(Pass):
             sums[node] = sums[node] + sq if node in sums else sq
 
         if runner is not None and key in runner.keys:
-            runner.collect(key, downs, observe)
+            runner.collect(key, lasts, observe)
         else:
-            calib.collect(module, downs, observe)
+            calib.collect(module, lasts, observe)
         return sums
+
+    def _prune_heads(self, module: Module, a: AttentionGroup, sumsq: torch.Tensor | None, *, seed: int) -> dict:
+        o: PruneOptions = self.options
+        keep = a.n_kv - round(o.heads * a.n_kv)
+        scores = group_scores(module, a, score=o.score, sumsq=sumsq, seed=seed)
+        groups = kept_channels(scores, keep)
+        ws = [module.weight(n.args[1]) for n in a.linears]
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        prune_attention(module, a, groups, _replace_weight)
+        ws = [module.weight(n.args[1]) for n in a.linears]
+        for lin in a.linears:
+            set_compression(lin, {"pass": self.name, "score": o.score, "kept": keep, "of": a.n_kv,
+                                  "groups": groups.tolist(), "layer": a.path})
+        return {"kv_groups": a.n_kv, "kept": keep, "removed": a.n_kv - keep, "kept_groups": groups.tolist(),
+                "heads": a.n_heads, "kept_heads": keep * (a.n_heads // a.n_kv),
+                "score_kept": round(float(scores[groups].sum() / scores.sum().clamp_min(1e-30)), 6),
+                "bytes_before": nbytes, "bytes_after": sum(w.numel() * w.element_size() for w in ws)}
 
     def _prune_one(self, module: Module, t: MLPTriple, sumsq: torch.Tensor | None, *, seed: int) -> dict:
         o: PruneOptions = self.options
@@ -296,7 +354,7 @@ class Prune(Pass):
         info = {"channels": inter, "kept": keep, "removed": inter - keep,
                 "score_kept": round(float(scores[idx].sum() / scores.sum().clamp_min(1e-30)), 6)}
         for lin in t.linears:
-            set_compression(lin, {"pass": self.name, "score": o.score, "kept": keep, "channels": inter,
+            set_compression(lin, {"pass": self.name, "score": o.score, "kept": keep, "of": inter,
                                   "layer": t.path})
         after = sum(w.numel() * w.element_size() for w in new.values())
         return {**info, "bytes_before": before, "bytes_after": after}

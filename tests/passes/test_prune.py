@@ -87,7 +87,7 @@ def test_mlp_weights_shrink_and_the_graph_computes_the_dense_model_without_those
     assert st["layers"]["model.layers.0.mlp"] == {**st["layers"]["model.layers.0.mlp"], "channels": 64, "kept": 48,
                                                    "removed": 16}
     assert st["bytes_after"] == st["bytes_before"] * 48 // 64
-    assert "not pruned" in st["attention"]
+    assert "cache_specs" not in st and module.lm == captured.lm  # heads=0: attention and caches untouched
     weights, dense = module.weights(), captured.weights()
     eager = copy.deepcopy(model)
     for i in range(2):
@@ -105,7 +105,7 @@ def test_mlp_weights_shrink_and_the_graph_computes_the_dense_model_without_those
         with torch.no_grad():
             eager.model.layers[i].mlp.down_proj.weight[:, removed] = 0.0
         node = next(n for n in module.graph.nodes if n.target is LINEAR and source_path(n) == f"{p}.down_proj")
-        assert compression(node) == {"pass": "prune", "score": score, "kept": 48, "channels": 64, "layer": p}
+        assert compression(node) == {"pass": "prune", "score": score, "kept": 48, "of": 64, "layer": p}
         assert node.args[0].meta["val"].shape[-1] == 48  # the product's shape followed
     # The pruned graph equals the dense model with the removed channels' down columns zeroed: the channels are gone
     # exactly, the kept ones compute what they did (fp32, only GEMM lengths differ: 1e-5).
@@ -186,7 +186,7 @@ def test_near_miss_product_read_elsewhere_is_not_pruned() -> None:
 
 
 def test_order_prune_before_fusion_and_quantizers() -> None:
-    for first in ("fuse_gate_up", "fuse_qkv", "quantize(bits=4,group=16)"):
+    for first in ("fuse_gate_up", "fuse_qkv", "quantize(bits=4,group=16)", "kv_quant(bits=8)"):
         with pytest.raises(PassError, match="pass 'prune' cannot run after"):
             check_order(build(f"{first},prune(score=magnitude)"))
     check_order(build("prune(score=magnitude),fuse,quantize(bits=4,group=16),act_quant(bits=8)"))
@@ -201,8 +201,10 @@ def test_wanda_needs_calibration(tiny) -> None:
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"mlp": 0.0}, r"mlp=0.0 must be in \(0, 1\)"),
-    ({"mlp": 1.0}, r"mlp=1.0 must be in \(0, 1\)"),
+    ({"mlp": -0.1}, r"mlp=-0.1 must be in \[0, 1\)"),
+    ({"mlp": 1.0}, r"mlp=1.0 must be in \[0, 1\)"),
+    ({"heads": 1.0}, r"heads=1.0 must be in \[0, 1\)"),
+    ({"mlp": 0.0}, "mlp=0 and heads=0 remove nothing"),
     ({"multiple": 0}, "multiple=0 must be positive"),
     ({"score": "norm"}, "is not one of"),
 ])
@@ -227,6 +229,80 @@ def test_prune_then_quantize_on_the_smaller_shapes(tiny) -> None:
     fused = next(n for n in module.graph.nodes if source_path(n) == "model.layers.0.mlp.gate_up_proj")
     assert fused.meta["val"].shape[-1] == 2 * 48  # gate_up_proj fused the two pruned projections
     assert module.run(*lm_inputs(tiny[0], 5))[0].isfinite().all()
+
+
+# -- KV-group (head) pruning -----------------------------------------------------------------------------------------
+def _zero_removed(eager, module, dense, stats) -> None:
+    """In the eager model, zero o_proj's columns of the removed KV groups and down_proj's removed columns."""
+    cfg = eager.config
+    rep, d = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    with torch.no_grad():
+        for i, layer in enumerate(eager.model.layers):
+            attn = stats["layers"].get(f"model.layers.{i}.self_attn")
+            if attn is not None:
+                for g in sorted(set(range(cfg.n_kv_heads)) - set(attn["kept_groups"])):
+                    layer.self_attn.o_proj.weight[:, g * rep * d:(g + 1) * rep * d] = 0.0
+            p = f"model.layers.{i}.mlp"
+            if p in stats["layers"]:
+                wg = dense[f"{p}.gate_proj.weight"]
+                kept = [int((wg == row).all(1).nonzero()) for row in module.weights()[f"{p}.gate_proj.weight"]]
+                layer.mlp.down_proj.weight[:, sorted(set(range(wg.shape[0])) - set(kept))] = 0.0
+
+
+@pytest.mark.parametrize("score", ["wanda", "magnitude"])
+def test_heads_whole_kv_groups_shrink_weights_caches_and_lm_info(tiny, score: str) -> None:
+    model, captured, calib = tiny
+    module = captured.clone()
+    res = _prune(module, calib, mlp=0.25, multiple=8, heads=0.5, score=score)
+    module.verify()
+    st = res.stats
+    assert st["pruned"] == 4 and st["skipped"] == []
+    attn = st["layers"]["model.layers.1.self_attn"]
+    assert {k: attn[k] for k in ("kv_groups", "kept", "removed", "heads", "kept_heads")} == {
+        "kv_groups": 2, "kept": 1, "removed": 1, "heads": 4, "kept_heads": 2}
+    w = module.weights()
+    for i in range(2):
+        a = f"model.layers.{i}.self_attn"
+        assert w[f"{a}.q_proj.weight"].shape == (16, 32) and w[f"{a}.o_proj.weight"].shape == (32, 16)
+        assert w[f"{a}.k_proj.weight"].shape == (8, 32) and w[f"{a}.v_proj.weight"].shape == (8, 32)
+    # the KV cache follows: LMInfo, the cache inputs, and what a runner allocates from cache_specs()
+    assert module.lm.n_kv_heads == 1 and captured.lm.n_kv_heads == 2
+    assert [c["shape"] for c in module.lm.cache_specs()] == [[1, 32, 8]] * 4 == [c["shape"] for c in st["cache_specs"]]
+    caches = module.user_inputs()[2:]
+    assert [tuple(c.meta["val"].shape) for c in caches] == [(1, 1, 32, 8)] * 4
+    # exact: prefill and decode equal the dense model with the removed heads' o columns (and channels) zeroed
+    eager = copy.deepcopy(model)
+    _zero_removed(eager, module, captured.weights(), st)
+    x = lm_inputs(model, 7)
+    ids, pos = x[:2]
+    got = module.run(ids, pos, *(torch.zeros(1, 1, 32, 8) for _ in range(4)))
+    with torch.no_grad():
+        want = eager(ids, pos, *model.empty_cache())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    step = module.run(torch.tensor([[3]]), torch.tensor([7]), *got[1:])
+    with torch.no_grad():
+        want_step = eager(torch.tensor([[3]]), torch.tensor([7]), *want[1:])
+    torch.testing.assert_close(step[0], want_step[0], rtol=1e-5, atol=1e-5)
+    again = _prune(module, calib, mlp=0.25, multiple=8, heads=0.5, score=score)
+    assert not again.modified
+    assert ("model.layers.0.self_attn", "already pruned (kept 1 of 2 KV groups)") in again.stats["skipped"]
+
+
+def test_heads_near_misses_keep_their_reason() -> None:
+    from llmpress.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=16,
+                      qk_norm=True)
+    module = capture(Llama(cfg).eval())
+    res = _prune(module, heads=0.5, mlp=0.0, score="magnitude")
+    assert not res.modified and module.lm.n_kv_heads == 2
+    (path, why), = res.stats["skipped"]
+    assert path == "model.layers.0.self_attn" and "q/k/v do not come from a view of a plain linear" in why
+    _, captured = tiny_llama()
+    res = _prune(captured, heads=0.2, mlp=0.0, score="magnitude")  # 0.2 of 2 groups rounds to 0
+    assert not res.modified
+    assert res.stats["skipped"][0][1] == "heads=0.2 of 2 KV groups rounds to 0 removed: must leave between 1 and all"
 
 
 # -- the real model --------------------------------------------------------------------------------------------------
