@@ -120,7 +120,7 @@ def find_mlps(module: Module) -> tuple[list[MLPTriple], list[tuple[str, str]]]:
     """Every gated MLP whose channels can be pruned, and (path, reason) for each near miss."""
     found, skipped = [], []
     for mul, gate, up in gated_pairs(module):
-        act = next(iter(mul.args)) if mul.args[0] is not up else mul.args[1]
+        act = mul.args[1] if mul.args[0] is up else mul.args[0]
         path = _parent(source_path(gate) or gate.name)
         downs = list(mul.users)
         why = None
@@ -194,7 +194,8 @@ class Prune(Pass):
     name: ClassVar[str] = "prune"
     Options: ClassVar[type[PruneOptions]] = PruneOptions
     establishes: ClassVar[frozenset[str]] = frozenset({"pruned"})
-    # It slices float gate/up/down linears: after a quantizer they are packed, after a fusion gate/up are one.
+    # It slices float linears: after a quantizer they are packed, after a fusion gate/up (q/k/v) are one, and after
+    # kv_quant the cache writes are quantize ops the head match does not follow.
     forbids: ClassVar[frozenset[str]] = frozenset({"weights_quantized", "gate_up_fused", "qkv_fused", "kv_quantized"})
 
     @property
@@ -284,8 +285,8 @@ class Prune(Pass):
                     layers[t.path] = info
                     if bar is not None:
                         bar.update(1)
+                update_lm(module, pruned_attn, kv_kept)  # the caches later calibration runs allocate follow
                 module.recompile()  # the next block's statistics run on this block pruned
-        update_lm(module, pruned_attn, kv_kept)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0

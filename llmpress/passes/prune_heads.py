@@ -194,16 +194,16 @@ def prune_attention(module: Module, a: AttentionGroup, keep: torch.Tensor, repla
 
 
 def update_lm(module: Module, pruned: list[AttentionGroup], kept: int) -> None:
-    """``LMInfo`` after pruning: ``n_kv_heads = kept`` when every cache now has it, else explicit ``caches``."""
+    """``LMInfo`` after pruning ``pruned`` to ``kept`` KV groups each: ``n_kv_heads = kept`` when every cache now
+    has the default layout with it, else explicit ``caches``. Called after every block, so calibration runs of
+    later blocks (which allocate their caches from ``LMInfo``) already see the smaller caches."""
     lm = module.lm
     if lm is None or not pruned:
         return
     users = module.user_inputs()
-    specs = lm.cache_specs()
+    specs = [{**c, "shape": list(c["shape"])} for c in lm.cache_specs()]
     for a in pruned:
         for c in a.caches:
             specs[users.index(c) - 2]["shape"][0] = kept  # users: input_ids, start_pos, caches...
-    if not lm.caches and all(s["shape"][0] == kept for s in specs):
-        module.lm = dataclasses.replace(lm, n_kv_heads=kept)
-    else:
-        module.lm = dataclasses.replace(lm, caches=tuple(specs))
+    uniform = dataclasses.replace(lm, n_kv_heads=kept, caches=())
+    module.lm = uniform if uniform.cache_specs() == specs else dataclasses.replace(lm, caches=tuple(specs))

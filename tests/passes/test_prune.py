@@ -288,6 +288,19 @@ def test_heads_whole_kv_groups_shrink_weights_caches_and_lm_info(tiny, score: st
     assert ("model.layers.0.self_attn", "already pruned (kept 1 of 2 KV groups)") in again.stats["skipped"]
 
 
+def test_heads_later_blocks_calibrate_with_the_smaller_caches() -> None:
+    """3 of 4 KV groups kept, 8 query heads: the calibration of block 1 runs block 0 pruned, whose attention needs
+    caches of 3 heads (from LMInfo, updated block by block); with 4 it would not even run (4 does not divide 6)."""
+    from llmpress.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=64, max_seq_len=32)
+    module = capture(Llama(cfg).eval())
+    res = _prune(module, random_calibration(n=4, t=16, seed=5), heads=0.25, mlp=0.0)
+    assert res.stats["pruned"] == 2 and module.lm.n_kv_heads == 3 and module.lm.caches == ()
+    assert module.weights()["model.layers.1.self_attn.q_proj.weight"].shape == (24, 32)
+
+
 def test_heads_near_misses_keep_their_reason() -> None:
     from llmpress.models import Llama, LlamaConfig
 
