@@ -67,6 +67,7 @@ def run(shape: str, rounds: int, prefill: int, decode: int, threads: int, reuse:
     from shapes import llama_folder
     from speed import time_group
 
+    env = machine_env(shape=shape, rounds=rounds, prefill=prefill, decode=decode, threads=threads)
     folder = llama_folder(shape)
     art_dir = HERE / ".cache" / "artifacts"
     art_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,6 @@ def run(shape: str, rounds: int, prefill: int, decode: int, threads: int, reuse:
             x["decode_vs_dense"] = x["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
             x["prefill_vs_dense"] = dense["prefill_ms"] / x["prefill_ms"]
             x["bytes_vs_dense"] = x["weight_bytes"] / dense["weight_bytes"]
-    env = machine_env(shape=shape, rounds=rounds, prefill=prefill, decode=decode, threads=threads)
     env["load_after"] = loadavg()
     return rows, env
 
