@@ -1,5 +1,6 @@
 """``prune`` (MLP channels, and KV groups with smaller cache inputs) exports to ONNX as the same MatMuls on smaller
-weights (and, quantized, MatMulNBits) that ONNX Runtime runs like the reference. Tolerance as test_onnx_factorize.py's: only GEMM summation order differs; 1e-5."""
+weights (and, quantized, MatMulNBits) that ONNX Runtime runs like the reference. Tolerance as
+test_onnx_factorize.py's: only GEMM summation order differs; 1e-5."""
 from __future__ import annotations
 
 import pytest
