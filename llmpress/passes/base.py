@@ -11,7 +11,8 @@ A pass is a small class with
   ``weights_quantized`` (``quantize``, ``gptq``, ``awq``, ``smoothquant``; required by ``act_quant``; forbidden
   afterwards to ``fuse_qkv``, ``fuse_gate_up`` and ``fold_norm``, which edit float linears only, and to ``gptq``,
   ``awq`` and ``smoothquant``, which would find those layers quantized already or fold scales into norms that quantized
-  layers also read); ``activations_quantized``; ``kv_quantized``;
+  layers also read); ``activations_quantized``; ``kv_quantized``; ``pruned`` (``prune``, which slices float
+  linears and cache writes, so it forbids ``weights_quantized``, ``gate_up_fused``, ``qkv_fused``, ``kv_quantized``);
 - ``run(module, ctx) -> PassResult(module, modified, stats)``: ``stats`` says what matched, what was skipped
   and why.
 """

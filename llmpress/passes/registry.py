@@ -22,6 +22,7 @@ def _all() -> list[type[Pass]]:
     from .kv_quant import KVQuant
     from .lora_attach import LoraAttach
     from .lora_merge import LoraMerge
+    from .prune import Prune
     from .quantize import Quantize
     from .smoothquant import SmoothQuant
     from .sparsify import Sparsify
@@ -40,6 +41,7 @@ def _all() -> list[type[Pass]]:
         KVQuant,
         LoraAttach,
         LoraMerge,
+        Prune,
         Quantize,
         SmoothQuant,
         Sparsify,
