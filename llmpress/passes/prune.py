@@ -59,7 +59,7 @@ from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .fuse_gate_up import gated_pairs
-from .gptq import _block_key, _block_runner
+from .hessian import _block_runner, block_key
 from .prune_heads import AttentionGroup, find_attentions, group_scores, prune_attention, update_lm
 from .select import select_linears
 
@@ -253,7 +253,7 @@ class Prune(Pass):
         t0 = time.perf_counter()
         blocks: dict[str, list[MLPTriple | AttentionGroup]] = {}
         for t in todo:  # graph order, so blocks come in execution order
-            blocks.setdefault(_block_key(source_path(t.linears[-1]) or t.linears[-1].name), []).append(t)
+            blocks.setdefault(block_key(source_path(t.linears[-1]) or t.linears[-1].name), []).append(t)
         runner = None
         if self.needs_calibration and todo:
             runner = _block_runner(module, calib, {k: [t.linears[-1] for t in ts] for k, ts in blocks.items()},
