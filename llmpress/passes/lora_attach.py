@@ -24,7 +24,7 @@ from typing import ClassVar
 from ..ir.meta import compression, source_path
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult
-from .lora_common import WQ_LINEAR, LoraOptions, adapter_tag, attached_adapters, match_layers, read_adapter
+from .lora_common import WQ_LINEAR, LoraOptions, plan_lora
 from .low_rank import attach_low_rank
 
 __all__ = ["LoraAttach", "LoraAttachOptions"]
@@ -50,10 +50,8 @@ class LoraAttach(Pass):
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         o: LoraAttachOptions = self.options
         o.validate()
-        adapter = read_adapter(o.adapter, pass_name=self.name)
-        pairs = match_layers(module, adapter, pass_name=self.name)  # every check before any edit
-        tag = adapter_tag(adapter)
-        attached = attached_adapters(module)
+        plan = plan_lora(module, o.adapter, pass_name=self.name)  # every check before any edit
+        adapter, pairs, tag, attached = plan.adapter, plan.pairs, plan.tag, plan.attached
         skipped: list[tuple[str, str]] = []
         todo = []
         for node, layer in pairs:

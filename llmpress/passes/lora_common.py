@@ -37,7 +37,7 @@ from ..ir.ops.wq_linear import packed_in_features, wq_args
 from .base import PassOptions
 from .select import linear_nodes
 
-__all__ = ["LoraOptions", "LoraLayer", "LoraAdapter", "read_adapter", "match_layers", "layer_shape", "WQ_LINEAR",
+__all__ = ["LoraPlan", "plan_lora", "LoraOptions", "LoraLayer", "LoraAdapter", "read_adapter", "match_layers", "layer_shape", "WQ_LINEAR",
            "adapter_tag", "attached_adapters"]
 
 _LINEAR = torch.ops.aten.linear.default
@@ -282,3 +282,20 @@ def match_layers(module: Module, adapter: LoraAdapter, *, pass_name: str) -> lis
                           f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
                           + f"\n(the graph's linears are named like {sample}, ...)")
     return pairs
+
+
+@dataclass
+class LoraPlan:
+    """What both LoRA passes start from, every check done before any edit: the adapter, the (linear node, layer)
+    pairs it matches, its tag, and the adapters already attached per layer path."""
+
+    adapter: LoraAdapter
+    pairs: list[tuple[fx.Node, LoraLayer]]
+    tag: str
+    attached: dict[str, set[str]]
+
+
+def plan_lora(module: Module, folder: str | Path, *, pass_name: str) -> LoraPlan:
+    adapter = read_adapter(folder, pass_name=pass_name)
+    pairs = match_layers(module, adapter, pass_name=pass_name)
+    return LoraPlan(adapter, pairs, adapter_tag(adapter), attached_adapters(module))

@@ -39,7 +39,7 @@ from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from ..ir.ops.wq_linear import dequantize, pack_weight, wq_args
 from .base import Pass, PassContext, PassResult
-from .lora_common import WQ_LINEAR, LoraLayer, LoraOptions, adapter_tag, attached_adapters, match_layers, read_adapter
+from .lora_common import WQ_LINEAR, LoraLayer, LoraOptions, plan_lora
 from .quant_common import SPARSITY_KEYS, QuantizedWeight, relative_error, rtn_quantize
 
 __all__ = ["LoraMerge", "LoraMergeOptions"]
@@ -77,10 +77,8 @@ class LoraMerge(Pass):
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         o: LoraMergeOptions = self.options
         o.validate()
-        adapter = read_adapter(o.adapter, pass_name=self.name)
-        pairs = match_layers(module, adapter, pass_name=self.name)  # every check before any edit
-        tag = adapter_tag(adapter)
-        attached = attached_adapters(module)
+        plan = plan_lora(module, o.adapter, pass_name=self.name)  # every check before any edit
+        adapter, pairs, tag, attached = plan.adapter, plan.pairs, plan.tag, plan.attached
         skipped: list[tuple[str, str]] = []
         # One merge per stored weight: a module called twice shares its weight placeholder.
         groups: dict[fx.Node, tuple[LoraLayer, list[fx.Node]]] = {}
