@@ -12,6 +12,7 @@ def _all() -> list[type[Pass]]:
     from .act_quant import ActQuant
     from .awq import AWQ
     from .dce import DeadCodeElimination
+    from .distill import Distill
     from .factorize import Factorize
     from .fold_constants import FoldConstants
     from .fold_norm import FoldNorm
@@ -27,6 +28,7 @@ def _all() -> list[type[Pass]]:
         ActQuant,
         AWQ,
         DeadCodeElimination,
+        Distill,
         Factorize,
         FoldConstants,
         FoldNorm,
