@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 _LINEAR = torch.ops.aten.linear.default
 _ADD = torch.ops.aten.add.Tensor
 TARGETS = ("sparse", "quantized")
+_FLOAT = "float linear no lossy pass changed: nothing to recover"
 
 
 def _wq_linear():
@@ -134,12 +135,12 @@ class Distill(Pass):
                 continue  # an adapter of an earlier distill: trained with its layer, not a layer of its own
             kind = "quantized" if n.target is wq else "sparse" if spec.get("pass") == "sparsify" else None
             if kind is None:
-                skipped.append((path, "float linear no lossy pass changed: nothing to recover"))
+                skipped.append((path, _FLOAT))
                 continue
             if kind not in o.targets:
                 skipped.append((path, f"{kind}, not in targets={'|'.join(o.targets)}"))
                 continue
-            if kind == "quantized" and any((compression(u) or {}).get("pass") == "distill" for u in n.users):
+            if kind == "quantized" and spec.get("distill_rank"):
                 skipped.append((path, "already has a distill adapter"))
                 continue
             ok, why = sel.match(source_path(n))
@@ -154,8 +155,9 @@ class Distill(Pass):
         o.validate()
         sparse, quant, skipped = self._select(module)
         if not sparse and not quant:
-            reason = ("no sparse or quantized layer to train (distill goes after sparsify / quantize / gptq / awq)"
-                      if not skipped else f"every layer was left out ({len(skipped)})")
+            left_out = [why for _, why in skipped if why != _FLOAT]
+            reason = (f"every compressed layer was left out ({len(left_out)}: {left_out[0]}...)" if left_out else
+                      "no sparse or quantized layer to train (distill goes after sparsify / quantize / gptq / awq)")
             return PassResult(module, False, {"reason": reason, "skipped": skipped})
         calib = ctx.calibration
         if calib is None:
@@ -189,6 +191,7 @@ class Distill(Pass):
             wname = module.weight_name(node.args[1]) or path  # "<layer>.qweight": the adapter lives beside it
             stem = wname[: -len(".qweight")] if wname.endswith(".qweight") else weight_stem(wname)
             a_ph, b_ph = attach_low_rank(module, node, a, b, name=stem)
+            set_compression(node, {**(compression(node) or {}), "distill_rank": r})
             adapters.append((a_ph, b_ph))
             for ph in (a_ph, b_ph):
                 leaves[module.weight_name(ph)] = module.weight(ph).detach().clone().requires_grad_(True)
