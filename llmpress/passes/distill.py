@@ -13,6 +13,8 @@ temperature ``tau``), training, per compressed layer:
   model starts exactly where the quantized one is. The adapter is two plain ``aten.linear`` nodes and an
   ``aten.add`` in the IR (no new op: every backend lowers them); the packed weight stays frozen (the op's autograd
   formula gives gradients to ``x`` only). The adapters add ``rank * (in + out)`` float32 weights per layer.
+- ``scales`` (opt-in, alone or with ``quantized``): the float scales ``s`` of each ``wq_linear``, the integer codes
+  frozen (``dL/ds[o,g] = sum_{i in g} dL/dW[o,i] (q[o,i] - z[o,g])``, the op's autograd formula); nothing is added.
 
 Stats: what was trained (layers per kind, trained parameter count, adapter bytes), what was skipped and why, the
 KL on the first and the last step's windows, and the seconds the training took. Deterministic given ``ctx.seed``,
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _LINEAR = torch.ops.aten.linear.default
 _ADD = torch.ops.aten.add.Tensor
-TARGETS = ("sparse", "quantized")
+TARGETS = ("sparse", "quantized", "scales")
 _FLOAT = "float linear no lossy pass changed: nothing to recover"
 
 
@@ -58,14 +60,15 @@ def _wq_linear():
 class DistillOptions(SelectOptions):
     """``steps``: Adam steps, each over ``batch`` calibration windows cut to their first ``seq_len`` tokens (0: the
     whole window); ``lr``: learning rate of the adapters; ``sparse_lr``: of the surviving sparse weights (their
-    scale is the weights', not the adapters'); ``rank``: adapter rank; ``targets``: what to train (sparse |
-    quantized); ``temperature``: softmax temperature of the KL."""
+    scale is the weights', not the adapters'); ``scale_lr``: of the quantization scales; ``rank``: adapter rank;
+    ``targets``: what to train (sparse | quantized | scales); ``temperature``: softmax temperature of the KL."""
 
     steps: int = 100
     lr: float = 1e-3
     sparse_lr: float = 1e-4
+    scale_lr: float = 1e-4
     rank: int = 8
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = ("sparse", "quantized")
     batch: int = 4
     seq_len: int = 128
     temperature: float = 1.0
@@ -74,7 +77,7 @@ class DistillOptions(SelectOptions):
         where = "pass 'distill'"
         if self.steps < 1:
             raise ConfigError(f"{where}: steps={self.steps} must be at least 1")
-        for key in ("lr", "sparse_lr", "temperature"):
+        for key in ("lr", "sparse_lr", "scale_lr", "temperature"):
             v = getattr(self, key)
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"{where}: {key}={v} must be a positive number")
@@ -137,10 +140,10 @@ class Distill(Pass):
             if kind is None:
                 skipped.append((path, _FLOAT))
                 continue
-            if kind not in o.targets:
+            if kind not in o.targets and not (kind == "quantized" and "scales" in o.targets):
                 skipped.append((path, f"{kind}, not in targets={'|'.join(o.targets)}"))
                 continue
-            if kind == "quantized" and spec.get("distill_rank"):
+            if kind == "quantized" and spec.get("distill_rank") and "scales" not in o.targets:
                 skipped.append((path, "already has a distill adapter"))
                 continue
             ok, why = sel.match(source_path(n))
@@ -181,13 +184,22 @@ class Distill(Pass):
                                                       "kept": int(mask.sum()), "sparsity": 1 - float(mask.float().mean())}
         adapters: list[tuple[fx.Node, fx.Node]] = []
         adapter_params = 0
+        scale_nodes: list[fx.Node] = []
         for node in quant:
+            path = source_path(node) or node.name
+            layers[path] = {"kind": "quantized"}
+            if "scales" in o.targets:
+                sname = module.weight_name(node.args[2])
+                leaves[sname] = module.weights()[sname].detach().clone().float().requires_grad_(True)
+                scale_nodes.append(node.args[2])
+                layers[path]["scales"] = sname
+            if "quantized" not in o.targets or (compression(node) or {}).get("distill_rank"):
+                continue
             out_f = node.meta["val"].shape[-1]
             in_f = node.args[0].meta["val"].shape[-1]
             r = min(o.rank, in_f, out_f)
             a = torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)
             b = torch.zeros(out_f, r)
-            path = source_path(node) or node.name
             wname = module.weight_name(node.args[1]) or path  # "<layer>.qweight": the adapter lives beside it
             stem = wname[: -len(".qweight")] if wname.endswith(".qweight") else weight_stem(wname)
             a_ph, b_ph = attach_low_rank(module, node, a, b, name=stem)
@@ -196,11 +208,11 @@ class Distill(Pass):
             for ph in (a_ph, b_ph):
                 leaves[module.weight_name(ph)] = module.weight(ph).detach().clone().requires_grad_(True)
             adapter_params += r * (in_f + out_f)
-            layers[path] = {"kind": "quantized", "rank": r, "adapter_params": r * (in_f + out_f)}
-        if quant:
+            layers[path].update({"rank": r, "adapter_params": r * (in_f + out_f)})
+        if adapters:
             module.recompile()
-        adapter_names = {module.weight_name(p) for pair in adapters for p in pair}
-        sparse_params = [leaves[n] for n in leaves if n not in adapter_names]
+        sparse_params = [leaves[module.weight_name(n.args[1])] for n in sparse]
+        scale_params = [leaves[module.weight_name(n)] for n in scale_nodes]
 
         def remask() -> None:
             with torch.no_grad():
@@ -208,13 +220,13 @@ class Distill(Pass):
                     w.mul_(mask)
 
         windows = [b if o.seq_len == 0 else b[:, : o.seq_len] for b in calib.batches]
-        res = _train(module, ctx.teacher, calib, windows, leaves, sparse_params, masks, remask, o, ctx)
+        res = _train(module, ctx.teacher, calib, windows, leaves, sparse_params, scale_params, masks, remask, o, ctx)
         with torch.no_grad():
             for node in sparse:
                 module.set_weight(node.args[1], leaves[module.weight_name(node.args[1])].detach().clone())
-            for pair in adapters:
-                for ph in pair:
-                    module.set_weight(ph, leaves[module.weight_name(ph)].detach().clone())
+            for ph in [*(p for pair in adapters for p in pair), *scale_nodes]:
+                old = module.weight(ph)
+                module.set_weight(ph, leaves[module.weight_name(ph)].detach().clone().to(old.dtype))
         seconds = time.perf_counter() - t0
         for node in sparse:  # the pattern survived: recompute, do not assume
             spec = dict(compression(node) or {})
@@ -222,9 +234,10 @@ class Distill(Pass):
             layers[source_path(node) or node.name]["sparsity_after"] = 1 - float(kept.float().mean())
             spec["distilled"] = True
             set_compression(node, spec)
-        log.info("distill: %d sparse layers, %d adapters (rank %d) in %d steps, KL %.4f -> %.4f, %.1fs",
-                 len(sparse), len(quant), o.rank, o.steps, res.loss_first, res.loss_last, seconds)
-        stats = {"sparse_layers": len(sparse), "adapters": len(quant), "rank": o.rank,
+        log.info("distill: %d sparse layers, %d adapters (rank %d), %d scales in %d steps, KL %.4f -> %.4f, %.1fs",
+                 len(sparse), len(adapters), o.rank, len(scale_nodes), o.steps, res.loss_first, res.loss_last,
+                 seconds)
+        stats = {"sparse_layers": len(sparse), "adapters": len(adapters), "scales": len(scale_nodes), "rank": o.rank,
                  "trained_params": sum(int(t.numel()) for t in leaves.values()) - sum(
                      int((~m).sum()) for _, m in masks),
                  "adapter_bytes": adapter_params * 4, "steps": o.steps, "windows": len(windows),
@@ -234,15 +247,15 @@ class Distill(Pass):
         return PassResult(module, True, stats)
 
 
-def _train(module, teacher, calib, windows, leaves, sparse_params, masks, remask, o, ctx):
-    """``train_to_match`` with two parameter groups (adapters at ``lr``, sparse weights at ``sparse_lr``) and the
-    sparse gradients masked, so Adam never moves a pruned weight."""
+def _train(module, teacher, calib, windows, leaves, sparse_params, scale_params, masks, remask, o, ctx):
+    """``train_to_match`` with three parameter groups (adapters at ``lr``, sparse weights at ``sparse_lr``, scales
+    at ``scale_lr``) and the sparse gradients masked, so Adam never moves a pruned weight."""
     hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in masks]
     try:
         return train_to_match(
             module, teacher, windows, lambda ids: calib._inputs(module, ids), leaves, steps=o.steps, lr=o.lr,
             batch=o.batch, temperature=o.temperature, seed=ctx.seed, after_step=remask, progress=ctx.progress,
-            lr_of={id(p): o.sparse_lr for p in sparse_params})
+            lr_of={**{id(p): o.sparse_lr for p in sparse_params}, **{id(p): o.scale_lr for p in scale_params}})
     finally:
         for h in hooks:
             h.remove()

@@ -51,14 +51,15 @@ def _mean_kl(student, teacher, calib) -> float:
 def test_wq_linear_gradient_is_that_of_the_dequantized_linear(zeros: bool) -> None:
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 4, (6, 16), generator=g) if zeros else torch.randint(-2, 2, (6, 16), generator=g)
-    qw, s = pack_weight(q, 2, sym=not zeros), torch.rand(6, 4, generator=g) + 0.1
+    qw, s = pack_weight(q, 2, sym=not zeros), (torch.rand(6, 4, generator=g) + 0.1).requires_grad_()
     z = torch.randint(0, 4, (6, 4), generator=g).to(torch.uint8) if zeros else None
     x, b = torch.randn(2, 3, 16, generator=g, requires_grad=True), torch.randn(6, generator=g, requires_grad=True)
     torch.ops.llmpress.wq_linear(x, qw, s, z, b, 2, 4).sin().sum().backward()
-    x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    torch.nn.functional.linear(x2, dequantize(qw, s, z, 2, 4), b2).sin().sum().backward()
+    x2, b2, s2 = (t.detach().clone().requires_grad_() for t in (x, b, s))
+    torch.nn.functional.linear(x2, dequantize(qw, s2, z, 2, 4), b2).sin().sum().backward()  # autograd of the math
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)  # same math, fp32 summation order
     torch.testing.assert_close(b.grad, b2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-6, atol=1e-6)
 
 
 # -- quantized layers: adapters --------------------------------------------------------------------------------------
@@ -90,6 +91,20 @@ def test_adapters_are_attached_trained_and_reduce_the_kl(calib) -> None:
         calibration=calib, teacher=teacher, progress=False))
     assert not again.modified
     assert all("already has a distill adapter" in why for path, why in again.stats["skipped"] if path != "lm_head")
+
+
+def test_scales_train_with_the_codes_frozen_and_nothing_attached(calib) -> None:
+    teacher = _fresh()
+    quant, _ = run_pipeline(_fresh(), "quantize(bits=2,group=16,exclude=lm_head)", progress=False)
+    module, records = run_pipeline(_fresh(), f"quantize(bits=2,group=16,exclude=lm_head),distill({FAST},"
+                                   "scale_lr=0.003,targets=scales)", calibration=calib, progress=False)
+    st = records[-1].stats
+    assert st["scales"] == 14 and st["adapters"] == 0 and module.op_histogram() == quant.op_histogram()
+    w0, w1 = quant.weights(), module.weights()
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.endswith(".qweight"))
+    assert all(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith(".scales"))
+    assert _mean_kl(module, teacher, calib) < 0.9 * _mean_kl(quant, teacher, calib)
 
 
 # -- sparse layers: masks ----------------------------------------------------------------------------------------------
@@ -170,7 +185,7 @@ def test_no_teacher_or_no_data_is_a_clear_error_and_nothing_lossy_is_a_no_op(cal
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"steps": 0}, "steps"), ({"rank": 0}, "rank"), ({"lr": -1.0}, "lr"), ({"targets": ("scales",)}, "targets"),
+    ({"steps": 0}, "steps"), ({"rank": 0}, "rank"), ({"lr": -1.0}, "lr"), ({"targets": ("weights",)}, "targets"),
     ({"seq_len": 1}, "seq_len"), ({"batch": 0}, "batch"), ({"temperature": 0.0}, "temperature")])
 def test_bad_options(options, match) -> None:
     with pytest.raises(ConfigError, match=match):
