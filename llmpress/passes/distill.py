@@ -222,9 +222,7 @@ class Distill(Pass):
         windows = [b if o.seq_len == 0 else b[:, : o.seq_len] for b in calib.batches]
         res = _train(module, ctx.teacher, calib, windows, leaves, sparse_params, scale_params, masks, remask, o, ctx)
         with torch.no_grad():
-            for node in sparse:
-                module.set_weight(node.args[1], leaves[module.weight_name(node.args[1])].detach().clone())
-            for ph in [*(p for pair in adapters for p in pair), *scale_nodes]:
+            for ph in [*(n.args[1] for n in sparse), *(p for pair in adapters for p in pair), *scale_nodes]:
                 old = module.weight(ph)
                 module.set_weight(ph, leaves[module.weight_name(ph)].detach().clone().to(old.dtype))
         seconds = time.perf_counter() - t0
