@@ -20,7 +20,9 @@ ORT, ORT's own 4-bit quantizer (``MatMulNBitsQuantizer``, block 128, symmetric, 
 that export, and llmpress's RTN int4 g128 exported as ``MatMulNBits``; low-rank factorization (``factorize``:
 plain SVD, ASVD, SVD-LLM at 50% and 70% of each linear's parameters, and SVD-LLM 70% then RTN int4 g32,
 ``FACTORIZE_ROWS``); mixed precision (``autobits`` at 3.5 bits per weight beside hand-made int3/int4 mixes of the
-same size, ``AUTOBITS_ROWS``). Methods whose pass is not registered are absent. Calibration (GPTQ, AWQ, SmoothQuant, ASVD,
+same size, ``AUTOBITS_ROWS``); distillation recovery (``distill``: the fp32 model as teacher, KL on calib.txt) after
+magnitude 2:4 and after RTN int2 g64, ``DISTILL_ROWS``. Every llmpress row also records each pass's own time
+(``pass_s``, shown after its pipeline). Methods whose pass is not registered are absent. Calibration (GPTQ, AWQ, SmoothQuant, ASVD,
 SVD-LLM) comes only from ``../shared/data/tinystories/calib.txt``. Perplexity of llmpress rows is computed by the reference interpreter (the IR run in PyTorch), of ORT rows by an ONNX Runtime
 session over the same windows.
 """
@@ -95,6 +97,18 @@ FACTORIZE_ROWS = [
      "factorize(method=svd_llm,ratio=0.7,exclude=lm_head),quantize(bits=4,group=32,exclude=lm_head)", True),
 ]
 
+# (method, config, pipeline): distillation recovery (``distill``, issue 14) after the two lossiest cheap rows above, the
+# teacher being the fp32 model (the pass manager keeps it). Sparse: the surviving weights train under their 2:4 mask;
+# int2: rank-8 adapters beside the frozen int2 layers. 50 Adam steps of 2 windows of 128 tokens (the calibration
+# windows' first halves). Measured with these rows on all of valid.txt (2026-12-02, load 11): 2:4 1.1344x -> 1.0417x,
+# int2 g64 1.6541x -> 1.1475x, distill 62 s / 96 s.
+DISTILL_ROWS = [
+    ("sparsify magnitude + distill", "2:4",
+     "sparsify(method=magnitude,pattern=2:4,exclude=lm_head),distill(steps=50,batch=2,seq_len=128)"),
+    ("RTN + distill", "int2 g64, rank 8",
+     "quantize(bits=2,group=64,exclude=lm_head),distill(steps=50,lr=0.002,batch=2,seq_len=128)"),
+]
+
 
 # (method, config, pipeline): mixed precision (``autobits``, issue 14) at 3.5 bits per weight, scales included, over
 # every linear but lm_head, against hand-made mixes of the same two widths (RTN int3/int4 g128: 3.25 and 4.25 bits
@@ -127,6 +141,7 @@ class Row:
     tokens: dict[str, int] = field(default_factory=dict)
     error: str = ""
     notes: str = ""
+    pass_s: dict[str, float] = field(default_factory=dict)  # each pass's own seconds (llmpress rows)
 
 
 def _git_commit() -> str:
@@ -218,8 +233,10 @@ class Bench:
         def run(row: Row) -> None:
             t0 = time.perf_counter()
             calib = self.calibration() if needs_calib else None
-            module, _ = run_pipeline(self.base.clone(), pipeline, calibration=calib, progress=True)
+            module, records = run_pipeline(self.base.clone(), pipeline, calibration=calib, progress=True)
             row.compile_s = time.perf_counter() - t0
+            for rec in records:
+                row.pass_s[rec.name] = row.pass_s.get(rec.name, 0.0) + round(rec.seconds, 3)
             row.weight_bytes = parameter_bytes(module)
             fn = module.exported_program.module()  # built once: Module.run rebuilds it on every call
             self.evaluate(row, fn, module.lm)
@@ -323,6 +340,9 @@ class Bench:
                 self.llmpress_row(label, config, pipe, needs_calib=calib)
         for label, config, pipe in AUTOBITS_ROWS if "autobits" in names else ():
             self.llmpress_row(label, config, pipe, needs_calib=pipe.startswith("autobits"))
+        if "distill" in names:
+            for label, config, pipe in DISTILL_ROWS:
+                self.llmpress_row(label, config, pipe, needs_calib=True)
         self.ort_rows(keep.get("module"))
         self.total_s = time.perf_counter() - self.t_start
         self.write(final=True)
@@ -418,7 +438,9 @@ def markdown(rows: list[Row], meta: dict) -> str:
     notes = [f"- {r.method} {r.config}: {r.notes}" for r in rows if r.notes]
     lines += ["", "Pipelines:", ""]
     lines += [f"- {r.method} {r.config} ({'ORT' if r.runtime == 'ONNX Runtime' else 'ref'}): "
-              f"`{r.pipeline or '(none)'}`" for r in rows]
+              f"`{r.pipeline or '(none)'}`"
+              + (f" ({', '.join(f'{k} {v:.1f} s' for k, v in r.pass_s.items())})" if r.pass_s else "")
+              for r in rows]
     if notes:
         lines += ["", "Notes:", ""] + notes
     return "\n".join(lines) + "\n"

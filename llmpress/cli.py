@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", help="recipe file (TOML or YAML) with the pipeline and calibration settings")
     c.add_argument("--target", default="reference",
                    help="reference | cpu | arm64 | cuda | onnx (= onnx:qdq) | onnx:integer | TVM target JSON")
-    c.add_argument("--calib", help="calibration text file (gptq, awq, smoothquant, autobits; sparsify wanda/sparsegpt; factorize asvd/svd_llm; prune wanda)")
+    c.add_argument("--calib", help="calibration text file (gptq, awq, smoothquant, autobits, distill; sparsify wanda/sparsegpt; factorize asvd/svd_llm; prune wanda)")
     c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
     c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")
     c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")

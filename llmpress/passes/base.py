@@ -149,12 +149,17 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the module: calibration data, a seed, the target (when known)."""
+    """What a pass may use besides the module: calibration data, a seed, the target (when known), and the teacher.
+
+    ``teacher``: the module as it was before the pipeline's first lossy (not ``exact``) pass, for passes that
+    declare ``needs_teacher`` (``distill``). The pass manager sets it (a ``Module.clone()``, sharing the weights,
+    which the passes replace in their own module's store and never edit in place); a caller may also give one."""
 
     calibration: Any = None  # llmpress.passes.calibration.Calibration, or None
     seed: int = 0
     target: str | None = None
     progress: bool = True
+    teacher: Module | None = None
 
 
 class Pass:
@@ -168,6 +173,7 @@ class Pass:
     forbids: ClassVar[frozenset[str]] = frozenset()  # properties after which this pass cannot do its work
     needs_calibration: ClassVar[bool] = False
     exact: ClassVar[bool] = False  # True when outputs equal the input graph's within fp32 rounding
+    needs_teacher: ClassVar[bool] = False  # True: reads ctx.teacher, the module before the first lossy pass
 
     def __init__(self, options: PassOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

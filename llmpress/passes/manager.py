@@ -12,6 +12,12 @@ A pass that changed nothing may say why in ``stats["reason"]``; the manager logs
 Instruments observe without editing passes: ``TimingInstrument``, ``IRDumpInstrument`` (the IR before/after each
 pass), ``PrintOnChange``. After every pass the manager runs ``module.verify()`` (``verify_each``).
 
+A pass that declares ``needs_teacher`` (``distill``) gets in ``ctx.teacher`` the module as it was before the first
+pass of this pipeline that is not ``exact`` (unless the caller's context already holds a teacher). That is the
+``clone()`` the manager takes before every pass anyway (for reproducers), kept: it shares the weights, so it costs
+only the graph structure, and later passes put new tensors into their own module's store instead of editing shared
+ones. Exact passes before it do not change what the model computes, so it is the uncompressed model.
+
 When a pass raises, or leaves the IR inconsistent, the manager writes a reproducer folder
 ``<reproducer_dir or ./llmpress-crash>/<pass>-<timestamp>/`` holding ``ir_before.txt`` (the IR the pass got),
 ``pipeline.txt`` (the pipeline text and the index of the failing pass) and ``program.pt2`` (the exported program
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -212,9 +218,12 @@ class PassManager:
         records: list[PassRecord] = []
         done: list[str] = []
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not ctx.progress, leave=False)
+        wants_teacher = [i for i, p in enumerate(self.passes) if p.needs_teacher]
         for index, p in enumerate(bar):
             bar.set_postfix_str(p.name)
             before = module.clone()
+            if ctx.teacher is None and not p.exact and wants_teacher and index < wants_teacher[-1]:
+                ctx = replace(ctx, teacher=before)  # a copy: the caller's context is not edited
             for ins in self.instruments:
                 ins.before_pass(p, module)
             t0 = time.perf_counter()

@@ -13,6 +13,7 @@ def _all() -> list[type[Pass]]:
     from .autobits import AutoBits
     from .awq import AWQ
     from .dce import DeadCodeElimination
+    from .distill import Distill
     from .factorize import Factorize
     from .fold_constants import FoldConstants
     from .fold_norm import FoldNorm
@@ -32,6 +33,7 @@ def _all() -> list[type[Pass]]:
         AutoBits,
         AWQ,
         DeadCodeElimination,
+        Distill,
         Factorize,
         FoldConstants,
         FoldNorm,

@@ -213,3 +213,35 @@ def linear_dequantized(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
 @wq_linear.register_fake
 def _(x, qweight, scales, zeros, bias, bits, group_size, act_bits=0, act_group=0):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# -- autograd: gradients flow to the activations (and a float bias), never to the packed weight ----------------------
+# Training around a compressed layer (``distill``'s adapters, layers before it) needs dL/dx through the op:
+#     grad_x = grad_y @ W          W = dequantize(qweight, scales, zeros), float32 [out, in]
+#     grad_bias = sum of grad_y over every leading dimension
+#     grad_s[o, g] = sum_{i in g} G[o, i] (q[o, i] - z[o, g]),   G = grad_y^T x   (float scales being trained)
+# With act_bits=8 the rounding of x is treated as the identity (straight-through estimator), the usual rule for
+# quantization-aware training. qweight and zeros get no gradient: the integer codes are frozen.
+def _setup_context(ctx, inputs, output) -> None:
+    x, qweight, scales, zeros, bias, bits, group_size, *_ = inputs
+    ctx.save_for_backward(qweight, scales, zeros, x if scales.requires_grad else None)  # x only when needed
+    ctx.bits, ctx.group_size, ctx.has_bias = bits, group_size, bias is not None
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx, grad_y: torch.Tensor):
+    qweight, scales, zeros, x = ctx.saved_tensors
+    grad_x = grad_s = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize(qweight, scales, zeros, ctx.bits, ctx.group_size)
+        grad_x = (grad_y.to(torch.float32) @ w).to(ctx.x_dtype)
+    if ctx.needs_input_grad[2]:
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(torch.float32).T @ x.reshape(-1, x.shape[-1]).to(torch.float32)
+        codes = dequantize(qweight, torch.ones_like(scales, dtype=torch.float32), zeros, ctx.bits, ctx.group_size)
+        grad_s = (g * codes).reshape(g.shape[0], scales.shape[1], -1).sum(-1).to(scales.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, None, grad_s, None, grad_bias, None, None, None, None
+
+
+wq_linear.register_autograd(_backward, setup_context=_setup_context)
