@@ -36,16 +36,14 @@ from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .distill_train import train_to_match
-from .factorize import _extend_source
-from .quant_common import weight_stem
+from .low_rank import attach_low_rank
 from .select import Selector
 
-__all__ = ["Distill", "DistillOptions", "attach_low_rank", "TARGETS"]
+__all__ = ["Distill", "DistillOptions", "TARGETS"]
 
 log = logging.getLogger(__name__)
 
 _LINEAR = torch.ops.aten.linear.default
-_ADD = torch.ops.aten.add.Tensor
 TARGETS = ("sparse", "quantized", "scales")
 _FLOAT = "float linear no lossy pass changed: nothing to recover"
 
@@ -90,29 +88,6 @@ class DistillOptions(SelectOptions):
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ConfigError(f"{where}: targets={'|'.join(self.targets)!r}: choose from {'|'.join(TARGETS)}")
-
-
-def attach_low_rank(module: Module, node: fx.Node, a: torch.Tensor, b: torch.Tensor, *, name: str,
-                    spec: dict | None = None) -> tuple[fx.Node, fx.Node]:
-    """Add ``(x A^T) B^T`` to the output of the linear-like ``node`` (``x = node.args[0]``): two ``aten.linear``
-    nodes reading the new weights ``{name}.lora_a.weight [rank, in]`` and ``{name}.lora_b.weight [out, rank]``,
-    and an ``aten.add`` that every former user of ``node`` now reads. Returns the weight placeholders (A, B)."""
-    x = node.args[0]
-    path = source_path(node) or node.name
-    a_ph = module.add_weight(module.fresh_weight_name(f"{name}.lora_a.weight"), a, kind="parameter")
-    b_ph = module.add_weight(module.fresh_weight_name(f"{name}.lora_b.weight"), b, kind="parameter")
-    users = list(node.users)
-    after = node.next
-    h = module.call(_LINEAR, (x, a_ph), like=node, before=after)
-    d = module.call(_LINEAR, (h, b_ph), like=node, before=after)
-    y = module.call(_ADD, (node, d), like=node, before=after)
-    for new, leaf in ((h, "lora_a"), (d, "lora_b")):
-        _extend_source(new, f"{path}.{leaf}")
-        set_compression(new, {"pass": "distill", "adapter": leaf, "layer": path, "rank": int(a.shape[0]),
-                              **(spec or {})})
-    for u in users:
-        u.replace_input_with(node, y)
-    return a_ph, b_ph
 
 
 class Distill(Pass):
@@ -200,9 +175,7 @@ class Distill(Pass):
             r = min(o.rank, in_f, out_f)
             a = torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)
             b = torch.zeros(out_f, r)
-            wname = module.weight_name(node.args[1]) or path  # "<layer>.qweight": the adapter lives beside it
-            stem = wname[: -len(".qweight")] if wname.endswith(".qweight") else weight_stem(wname)
-            a_ph, b_ph = attach_low_rank(module, node, a, b, name=stem)
+            _, a_ph, b_ph = attach_low_rank(module, node, a, b, 1.0, "distill", spec={"pass": "distill"})
             set_compression(node, {**(compression(node) or {}), "distill_rank": r})
             adapters.append((a_ph, b_ph))
             for ph in (a_ph, b_ph):

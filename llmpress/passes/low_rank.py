@@ -17,7 +17,7 @@ of the graph; the two branch linears have source paths ``<layer>.<name>_A`` / ``
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -26,9 +26,18 @@ from ..errors import ConfigError
 from ..ir.meta import set_compression, set_source_path, source_path
 from ..ir.module import Module
 
-__all__ = ["attach_low_rank", "branch_weight_name"]
+__all__ = ["Branch", "attach_low_rank", "branch_weight_name"]
 
 _LINEAR = torch.ops.aten.linear.default
+
+
+class Branch(NamedTuple):
+    """What ``attach_low_rank`` added: the ``add`` node standing for the layer's output, and the weight
+    placeholders of the two factors (trainable in place by ``distill``)."""
+
+    output: fx.Node
+    a: fx.Node
+    b: fx.Node
 
 
 def branch_weight_name(layer: str, name: str, which: str) -> str:
@@ -37,9 +46,9 @@ def branch_weight_name(layer: str, name: str, which: str) -> str:
 
 
 def attach_low_rank(module: Module, linear_node: fx.Node, A: torch.Tensor, B: torch.Tensor, scale: float,
-                    name: str, *, spec: dict[str, Any] | None = None) -> fx.Node:
+                    name: str, *, spec: dict[str, Any] | None = None) -> Branch:
     """Add ``scale * (x A^T) B^T`` to the output of ``linear_node`` (see the module docstring) and return the
-    ``add`` node that now stands for the layer's output. ``spec`` is recorded as the compression metadata of the
+    ``add`` node that now stands for the layer's output with the two factors' placeholders (``Branch``). ``spec`` is recorded as the compression metadata of the
     two branch linears (with ``branch``, ``rank``, ``scale`` and ``layer`` added). The caller recompiles once
     after all its edits."""
     x = linear_node.args[0]
@@ -70,4 +79,4 @@ def attach_low_rank(module: Module, linear_node: fx.Node, A: torch.Tensor, B: to
         set_compression(node, {**(spec or {}), "branch": which, "rank": rank, "scale": float(scale), "layer": layer})
     for u in users:
         u.replace_input_with(linear_node, y)
-    return y
+    return Branch(y, a_node, b_node)

@@ -75,14 +75,14 @@ def test_adapters_are_attached_trained_and_reduce_the_kl(calib) -> None:
     assert [p for p, _ in st["skipped"]] == ["lm_head"] and "nothing to recover" in st["skipped"][0][1]
     hist, before = module.op_histogram(), quant.op_histogram()
     assert hist[WQ] == 14 and hist[LINEAR] == before[LINEAR] + 28 and hist[ADD] == before[ADD] + 14
-    b_weights = {k: v for k, v in module.weights().items() if k.endswith("lora_b.weight")}
-    a_weights = {k: v for k, v in module.weights().items() if k.endswith("lora_a.weight")}
+    b_weights = {k: v for k, v in module.weights().items() if k.endswith("distill_B.weight")}
+    a_weights = {k: v for k, v in module.weights().items() if k.endswith("distill_A.weight")}
     assert len(b_weights) == len(a_weights) == 14
     assert all(v.shape[1] == 8 and float(v.abs().max()) > 0 for v in b_weights.values())  # B started at zero
     assert st["adapter_bytes"] == 4 * sum(v.numel() for v in [*a_weights.values(), *b_weights.values()])
-    roles = sorted(compression(n)["adapter"] for n in module.graph.nodes if (compression(n) or {}).get("pass")
+    roles = sorted(compression(n)["branch"] for n in module.graph.nodes if (compression(n) or {}).get("pass")
                    == "distill")
-    assert roles == ["lora_a"] * 14 + ["lora_b"] * 14
+    assert roles == ["A"] * 14 + ["B"] * 14
     module.verify()
     kl_after = _mean_kl(module, teacher, calib)
     assert kl_after < 0.9 * kl_quant, (kl_quant, kl_after)  # measured 3 steps: see the message on failure
@@ -135,10 +135,10 @@ def test_same_seed_same_result_other_seed_another(calib) -> None:
     def run(seed: int):
         module, _ = run_pipeline(_fresh(), f"quantize(bits=2,group=16,exclude=lm_head),distill({FAST})",
                                  calibration=calib, progress=False, seed=seed)
-        return {k: v for k, v in module.weights().items() if ".lora_" in k}
+        return {k: v for k, v in module.weights().items() if ".distill_" in k}
 
     a, b, c = run(0), run(0), run(1)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
