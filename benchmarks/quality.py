@@ -128,6 +128,19 @@ AUTOBITS_ROWS = [
 ]
 
 
+# (method, config, pipeline): structured pruning (``prune``, issue 13): 25% of every MLP's channels removed (the
+# weights shrink), ranked by Wanda-style output impact, by weight magnitude, or at random; then int4 on the smaller
+# model (group 64: 576 channels left). Whole KV-head groups: a quarter of the heads.
+PRUNE_ROWS = [
+    *[(f"prune {score}", "MLP 25%", f"prune(mlp=0.25,score={score})") for score in ("wanda", "magnitude", "random")],
+    ("prune wanda", "KV heads 25%", "prune(mlp=0,heads=0.25)"),
+    ("prune wanda + RTN", "MLP 25%, int4 g64", "prune(mlp=0.25),quantize(bits=4,group=64,exclude=lm_head)"),
+]
+
+#: --only: row groups that can be refreshed alone (the fp32 row, every ratio's base, always runs).
+GROUPS = ("weights", "smoothquant", "act_quant", "sparsify", "factorize", "autobits", "distill", "prune", "ort")
+
+
 @dataclass
 class Row:
     method: str
@@ -313,12 +326,18 @@ class Bench:
     # -- the run -------------------------------------------------------------------------------------------------
     def run(self) -> None:
         names = _registered()
+        only = set(self.args.only or GROUPS)
+        if not only <= {*GROUPS}:
+            raise SystemExit(f"--only: unknown group(s) {sorted(only - set(GROUPS))}; groups: {', '.join(GROUPS)}")
+        names = {n for n in names if n not in {"smoothquant", "act_quant", "sparsify", "factorize", "autobits",
+                                               "distill", "prune"} or n in only}
         self.t_start = time.perf_counter()
         self.load_start = os.getloadavg()
         self.llmpress_row("fp32", "-", "")
-        self.llmpress_row("exact", "-", "exact")
+        if "weights" in only:
+            self.llmpress_row("exact", "-", "exact")
         keep: dict = {}
-        for label, pass_name in WEIGHT_METHODS:
+        for label, pass_name in WEIGHT_METHODS if "weights" in only else ():
             if pass_name not in names:
                 log.info("%s (%s) is not registered: no rows", label, pass_name)
                 continue
@@ -343,7 +362,12 @@ class Bench:
         if "distill" in names:
             for label, config, pipe in DISTILL_ROWS:
                 self.llmpress_row(label, config, pipe, needs_calib=True)
-        self.ort_rows(keep.get("module"))
+        if "prune" in names:
+            for label, config, pipe in PRUNE_ROWS:
+                self.llmpress_row(label, config, pipe, needs_calib="score=magnitude" not in pipe
+                                  and "score=random" not in pipe)
+        if "ort" in only:
+            self.ort_rows(keep.get("module"))
         self.total_s = time.perf_counter() - self.t_start
         self.write(final=True)
 
@@ -378,11 +402,26 @@ class Bench:
     def write(self, final: bool = False) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         meta = self.meta(final)
-        data = {"meta": meta, "rows": [r.__dict__ for r in self.rows]}
+        rows = self.rows
+        if self.args.only:  # refresh those groups' rows in the last run's table, keep the others as they were
+            meta["refreshed"] = sorted(self.args.only)
+            rows = _merged(self.out / "quality.json", self.rows, meta)
+        data = {"meta": meta, "rows": [r.__dict__ for r in rows]}
         (self.out / "quality.json").write_text(json.dumps(data, indent=1) + "\n")
-        (self.out / "quality.md").write_text(markdown(self.rows, meta))
+        (self.out / "quality.md").write_text(markdown(rows, meta))
         if final:
-            plot(self.rows, self.out / "quality.png")
+            plot(rows, self.out / "quality.png")
+
+
+def _merged(path: Path, new: list[Row], meta: dict) -> list[Row]:
+    """The rows of the earlier run in ``path`` with each row of ``new`` in place of the one with its method, config
+    and runtime (appended when new); ``meta`` records which run the kept rows came from."""
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": [], "meta": {}}
+    key = lambda r: (r.method, r.config, r.runtime)  # noqa: E731
+    fresh = {key(r): r for r in new}
+    rows = [fresh.pop(key(r), r) for r in (Row(**d) for d in old["rows"])]
+    meta["kept_rows_from"] = {k: old["meta"].get(k) for k in ("date_utc", "git_commit", "total_s")}
+    return rows + list(fresh.values())
 
 
 def _fmt_ratio(x: float | None, base: float | None, digits: int = 4) -> str:
@@ -404,6 +443,9 @@ def markdown(rows: list[Row], meta: dict) -> str:
         f"{', '.join(f'{x:.1f}' for x in meta['machine']['loadavg_start'])}"
         + ("; other work shared the machine, so times are indicative)." if meta["machine"]["loadavg_start"]
            and meta["machine"]["loadavg_start"][0] > 1.0 else ")."),
+        *([f"This run refreshed the {', '.join(meta['refreshed'])} rows (and fp32); the other rows are from the run "
+           f"of {meta['kept_rows_from']['date_utc']} UTC (commit {meta['kept_rows_from']['git_commit']})."]
+          if meta.get("refreshed") else []),
         "",
         f"Perplexity protocol: paragraphs split on blank lines, BOS before each, non-overlapping {meta['context']}-"
         "token windows scored from their start, token level (KV cache of 256 positions, one window). "
@@ -512,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
                         "loaded: oversubscribed OpenMP threads made PyTorch 10x slower in our measurements)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2,048-token prefixes, 8 calibration samples")
     p.add_argument("--replot", action="store_true", help="only rewrite quality.md/png from quality.json")
+    p.add_argument("--only", type=lambda v: v.split(","), default=None,
+                   help=f"comma-separated row groups to rerun ({', '.join(GROUPS)}); the other rows of "
+                        "results/quality.json are kept as they were (the header says from which run)")
     args = p.parse_args(argv)
     if args.replot:
         replot(Path(args.out))
