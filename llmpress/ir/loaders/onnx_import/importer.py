@@ -124,6 +124,8 @@ class OnnxModule(nn.Module):
             self._weights[name] = attr
 
         for init in graph.initializer:
+            if init.data_type not in DTYPES:  # uint16/32/64, float8, strings: torch cannot compute with them
+                raise LoadError(f"{source}: initializer {init.name!r} has unsupported ONNX data type {init.data_type}")
             keep(init.name, numpy_helper.to_array(init), param=True)
         init_names = {i.name for i in graph.initializer}
         self.input_info: list[tuple[str, torch.dtype, list[int | str]]] = []
