@@ -24,7 +24,7 @@ from ....errors import LoadError, UnsupportedOpError
 from . import ops_math, ops_shape
 from .values import DTYPES, STATIC_MAX, Converter, as_static, as_tensor
 
-__all__ = ["OnnxModule", "import_onnx", "check_supported", "SUPPORTED_OPS", "OPS"]
+__all__ = ["OnnxModule", "import_onnx", "open_onnx", "check_supported", "SUPPORTED_OPS", "OPS"]
 
 # The two converter tables cover disjoint op types; "Constant" nodes are folded into static values at load time.
 OPS: dict[str, Converter] = {**ops_math.CONVERTERS, **ops_shape.CONVERTERS}
@@ -139,6 +139,9 @@ class OnnxModule(nn.Module):
                             else (d.dim_param or f"{vi.name}_dim{j}"))
             self.input_info.append((vi.name, DTYPES[tt.elem_type], dims))
         self.output_names = [o.name for o in graph.output]
+        self.output_dims: list[tuple[str, list[int | str]]] = [
+            (o.name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                      for d in o.type.tensor_type.shape.dim]) for o in graph.output]
         self._nodes: list[_Node] = []
         for i, n in enumerate(graph.node):
             attrs = _attrs(n)
@@ -226,14 +229,26 @@ def _constant_value(attrs: dict, node, source: str) -> np.ndarray:
                              op="Constant", where=f"node {node.name!r}")
 
 
-def import_onnx(path_or_model, *, dynamic: bool = True):
-    """Import an ONNX file (or ``ModelProto``) into an ``ir.Module`` (symbolic input dims stay dynamic)."""
+def open_onnx(path_or_model, *, cache_len: int | None = None) -> nn.Module:
+    """The module an ONNX file (or ``ModelProto``) becomes: an ``OnnxModule``, or, for a decoder exported with
+    ``past_key_values`` inputs, that module behind a ``PastKVDecoder`` (llmpress's static-cache calling
+    convention with a cache of ``cache_len`` positions)."""
+    from .past_kv import PastKVDecoder, detect_past_kv
+
+    module = OnnxModule.from_file(path_or_model) if isinstance(path_or_model, (str, Path)) else \
+        OnnxModule(path_or_model)
+    layout = detect_past_kv(module)
+    if layout is None:  # no KV cache: cache_len has nothing to size
+        return module
+    return PastKVDecoder(module, layout, cache_len=cache_len)
+
+
+def import_onnx(path_or_model, *, dynamic: bool = True, cache_len: int | None = None):
+    """Import an ONNX file (or ``ModelProto``) into an ``ir.Module`` (symbolic input dims stay dynamic). A decoder
+    with ``past_key_values`` inputs imports with its KV cache (``LMInfo``, ``cache_len`` positions)."""
     from ...capture import capture
 
-    if isinstance(path_or_model, (str, Path)):
-        module = OnnxModule.from_file(path_or_model)
-    else:
-        module = OnnxModule(path_or_model)
+    module = open_onnx(path_or_model, cache_len=cache_len)
     ds = module.dynamic_shapes() if dynamic else None
     info = {"source": module.source, "kind": "onnx", "onnx": module.info}
     return capture(module, module.example_inputs(), dynamic=ds if ds is not None else False, info=info)

@@ -60,6 +60,10 @@ def _reshape(ins, a, o):
         shape = [src[i] if isinstance(s, int) and s == 0 else s for i, s in enumerate(shape)]
     if is_static(x):
         return [x.reshape([int(s) for s in shape])]
+    if any(isinstance(st, int) and st == 0 for st in x.stride()):
+        # An Expand output (the GQA head repeat): reshape copies it anyway. Going through 1-D spares torch.export
+        # a stride computation it cannot decide when a dim is ``past + seq`` (a Min(...) guard on seq).
+        x = x.reshape(-1)
     return [x.reshape(shape)]
 
 
