@@ -233,6 +233,15 @@ def _cast(ins, a, o):
     return [as_tensor(x).to(DTYPES[to])]
 
 
+@_op("CastLike")
+def _cast_like(ins, a, o):
+    """Cast ``x`` to the dtype of ``target`` (what unoptimized dynamo exports write instead of Cast)."""
+    x, target = ins[0], ins[1]
+    if is_static(x) and is_static(target) and target.dtype != object:
+        return [x if x.dtype == object and target.dtype == np.int64 else np.asarray(x).astype(target.dtype)]
+    return [as_tensor(x).to(as_tensor(target).dtype)]
+
+
 @_op("Where")
 def _where(ins, a, o):
     c, x, y = ins
