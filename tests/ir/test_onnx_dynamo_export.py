@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from llmpress.eval.perplexity import perplexity, token_stream
 from llmpress.ir.loaders.onnx_import import import_onnx
@@ -53,7 +56,9 @@ def test_reference_model_exported_by_torch_onnx_dynamo_scores_the_hf_perplexity(
 
     module = import_onnx(path)
     assert module.info["onnx"]["producer"] == "pytorch"
-    ops = {n.op_type for n in __import__("onnx").load(str(path), load_external_data=False).graph.node}
+    hist = module.op_histogram()
+    assert hist.get("aten.linear.default") == 8 * 7 + 1, hist  # q k v o gate up down per layer, and lm_head
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
     assert {"CumSum", "GatherND", "IsNaN"} <= ops, ops  # the ops this import needed, still in the file
 
     stream = token_stream(VALID, load_tokenizer(find_tokenizer(TINYSTORIES)), max_tokens=PREFIX_TOKENS + 1)
@@ -63,3 +68,28 @@ def test_reference_model_exported_by_torch_onnx_dynamo_scores_the_hf_perplexity(
     print(f"export {export_s:.1f}s; perplexity HF {want:.6f}, imported ONNX {got:.6f}")
     assert f"{got:.4g}" == f"{want:.4g}"
     assert abs(got - want) <= 1e-5 * want
+
+
+def test_matmul_by_a_weight_initializer_imports_as_linear(tmp_path) -> None:
+    """Dynamo exports write a torch Linear as ``MatMul(x, W.T)`` with ``W.T`` folded into an initializer: it imports
+    as ``aten.linear`` with the weight stored ``[out, in]`` (what compression passes match); an initializer also
+    used elsewhere stays a MatMul operand. Exact: the same products in the same order (tolerance 1e-6)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 8)).astype(np.float32)  # [in, out]
+    w2 = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y0"]),
+             helper.make_node("Gather", ["w2", "zero"], ["row"], axis=0),  # w2 also feeds Gather: not a pure weight
+             helper.make_node("Add", ["y0", "row"], ["y"])]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(np.array(0, dtype=np.int64), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    module = import_onnx(model)
+    params = dict(module._ep.named_parameters())
+    assert tuple(params["w1"].shape) == (8, 16)  # stored [out, in]
+    hist = module.op_histogram()
+    assert hist.get("aten.linear.default") == 1 and hist.get("aten.matmul.default") == 1, hist
+    x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+    want = (x @ w1) @ w2 + w2[0]
+    torch.testing.assert_close(module.run(torch.from_numpy(x)), torch.from_numpy(want), rtol=1e-6, atol=1e-6)

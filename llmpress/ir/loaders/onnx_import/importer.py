@@ -123,7 +123,13 @@ class OnnxModule(nn.Module):
                 self.register_buffer(attr, t)
             self._weights[name] = attr
 
+        linear_w = _matmul_weights(graph)
         for init in graph.initializer:
+            if init.name in linear_w:  # stored [out, in] like a torch Linear's weight; MatMul runs as F.linear
+                self._weights[init.name] = attr = _sanitize(init.name, taken)
+                w = np.ascontiguousarray(numpy_helper.to_array(init).T)
+                self.register_parameter(attr, nn.Parameter(torch.from_numpy(w), requires_grad=False))
+                continue
             if init.data_type not in DTYPES:  # uint16/32/64, float8, strings: torch cannot compute with them
                 raise LoadError(f"{source}: initializer {init.name!r} has unsupported ONNX data type {init.data_type}")
             keep(init.name, numpy_helper.to_array(init), param=True)
@@ -149,6 +155,8 @@ class OnnxModule(nn.Module):
                 keep(n.output[0], _constant_value(attrs, n, source), param=False)
                 continue
             attrs["_n_outputs"] = len(n.output)
+            if n.op_type == "MatMul" and n.input[1] in linear_w:
+                attrs["_weight_transposed"] = True
             self._nodes.append(_Node(n.op_type, list(n.input), list(n.output), attrs, n.name, i))
         self.info = {"opset": self.opset, "ir_version": int(model.ir_version), "producer": model.producer_name,
                      "inputs": [[n, str(dt).replace("torch.", ""), d] for n, dt, d in self.input_info],
@@ -216,6 +224,22 @@ class OnnxModule(nn.Module):
         # forward(*args): torch.export sees one positional tuple, so the spec is nested once more.
         return (tuple({j: names[d] for j, d in enumerate(dims) if isinstance(d, str)} or None
                       for _, _, dims in self.input_info),)
+
+
+def _matmul_weights(graph) -> set[str]:
+    """2-D float initializers used only as the right operand of ``MatMul`` (what dynamo exports write for a torch
+    Linear: ``x @ W.T`` with ``W.T`` folded into the file). They are kept transposed, ``[out, in]``, and the
+    ``MatMul`` becomes ``F.linear``, so compression passes see linear layers with stored weights."""
+    from onnx import TensorProto
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    cand = {i.name for i in graph.initializer if len(i.dims) == 2 and i.data_type in floats}
+    cand -= {o.name for o in graph.output}
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            if name in cand and not (n.op_type == "MatMul" and k == 1 and n.domain in ("", "ai.onnx")):
+                cand.discard(name)
+    return cand
 
 
 def _constant_value(attrs: dict, node, source: str) -> np.ndarray:

@@ -54,7 +54,11 @@ CONVERTERS["GreaterOrEqual"] = _binary(torch.ge, lambda x, y: x >= y)
 CONVERTERS["And"] = _binary(torch.logical_and, lambda x, y: np.logical_and(x, y))
 CONVERTERS["Or"] = _binary(torch.logical_or, lambda x, y: np.logical_or(x, y))
 CONVERTERS["Pow"] = _binary(lambda x, y: torch.pow(x, y).to(x.dtype), lambda x, y: x ** y)
-CONVERTERS["MatMul"] = lambda ins, a, o: [torch.matmul(as_tensor(ins[0]), as_tensor(ins[1]))]
+@_op("MatMul")
+def _matmul(ins, a, o):
+    if a.get("_weight_transposed"):  # a weight initializer the importer stored as [out, in]: x @ W = linear(x, W^T)
+        return [F.linear(as_tensor(ins[0]), ins[1])]
+    return [torch.matmul(as_tensor(ins[0]), as_tensor(ins[1]))]
 
 for _name, _fn in {"Sqrt": torch.sqrt, "Reciprocal": torch.reciprocal, "Exp": torch.exp, "Log": torch.log,
                    "Tanh": torch.tanh, "Erf": torch.erf, "Relu": torch.relu, "Sigmoid": torch.sigmoid,
