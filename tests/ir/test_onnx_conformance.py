@@ -146,8 +146,9 @@ def test_onnx_node_cases(op: str) -> None:
 
 
 # One case per op through torch.export (about a second each): the hardest variant the generators write.
-_EXPORTED = ["test_cumsum_1d_reverse_exclusive", "test_cumsum_2d_negative_axis", "test_gathernd_example_int32_batch_dim1",
-             "test_gathernd_example_float32", "test_isnan", "test_isinf_negative"]
+_EXPORTED = ["test_cumsum_1d_reverse_exclusive", "test_cumsum_2d_negative_axis",
+             "test_gathernd_example_int32_batch_dim1", "test_gathernd_example_float32", "test_isnan",
+             "test_isinf_negative"]
 
 
 @pytest.mark.parametrize("name", _EXPORTED)

@@ -21,7 +21,8 @@ before opset 13 coerce the input to 2-D at ``axis``; integer ``Div`` truncates t
 Layout: ``values`` (static values and the conversions every converter shares), ``ops_math`` (arithmetic,
 activations, reductions, norms), ``ops_shape`` (shape, layout, indexing, casts), ``importer`` (the up-front check,
 ``OnnxModule`` and ``import_onnx``), ``past_kv`` (decoders exported with ``past_key_values`` inputs and
-``present.*`` outputs, optimum's convention, run with llmpress's static KV cache). The converter tables are plain dicts merged by hand in ``importer.OPS``.
+``present.*`` outputs, optimum's convention, run with llmpress's static KV cache). The converter tables are plain
+dicts merged by hand in ``importer.OPS``.
 """
 from __future__ import annotations
 

@@ -135,13 +135,12 @@ class PastKVDecoder(nn.Module):
             raise LoadError(f"{graph.source}: cache_len must be at least 1, got {cache_len}")
         self.cache_len = int(cache_len)
         eos = cfg.get("eos_token_id", 2)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
         bos = cfg.get("bos_token_id", 1)
         self._lm = LMInfo(n_layers=layout.n_layers, n_kv_heads=layout.n_kv_heads, head_dim=layout.head_dim,
                           cache_len=self.cache_len, vocab_size=layout.vocab_size,
-                          bos_id=-1 if bos is None else int(bos), eos_id=int(eos_ids[0] if eos_ids[0] is not None
-                                                                               else -1),
-                          eos_ids=tuple(int(e) for e in eos_ids if e is not None))
+                          bos_id=-1 if bos is None else int(bos), eos_id=eos_ids[0] if eos_ids else -1,
+                          eos_ids=eos_ids)
         self.info = {**graph.info, "kv_cache": "past_key_values", "cache_len": self.cache_len}
 
     def lm_info(self) -> LMInfo:
@@ -162,7 +161,8 @@ class PastKVDecoder(nn.Module):
         outs = self.body(*feeds)
         outs = outs if isinstance(outs, tuple) else (outs,)
         idx = positions.view(1, 1, t, 1).expand(b, lay.n_kv_heads, t, lay.head_dim)
-        new_caches = [torch.scatter(cache, 2, idx, outs[slot][:, :, big_l:]) for slot, cache in zip(lay.present, caches)]
+        new_caches = [torch.scatter(cache, 2, idx, outs[slot][:, :, big_l:])  # present = concat(past, new)
+                      for slot, cache in zip(lay.present, caches)]
         return (outs[lay.logits], *new_caches)
 
     # -- capture helpers (the same protocol as OnnxModule) -----------------------------------------------------------
