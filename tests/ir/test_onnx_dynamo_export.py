@@ -11,6 +11,7 @@ formulas in different summation orders, so the two perplexities agree far closer
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -24,6 +25,8 @@ from llmpress.ir.loaders.onnx_import import import_onnx
 from llmpress.tokenizer import find_tokenizer, load_tokenizer
 
 from ..conftest import TINYSTORIES, VALID
+
+log = logging.getLogger(__name__)
 
 PREFIX_TOKENS = 4096  # 16 windows of 256: the import is exact up to summation order, a longer prefix adds nothing
 
@@ -65,7 +68,7 @@ def test_reference_model_exported_by_torch_onnx_dynamo_scores_the_hf_perplexity(
     with torch.no_grad():
         want = perplexity(model, None, stream, context=256, progress=False).perplexity
     got = perplexity(module.exported_program.module(), None, stream, context=256, progress=False).perplexity
-    print(f"export {export_s:.1f}s; perplexity HF {want:.6f}, imported ONNX {got:.6f}")
+    log.info("export %.1fs; perplexity HF %.6f, imported ONNX %.6f", export_s, want, got)
     assert f"{got:.4g}" == f"{want:.4g}"
     assert abs(got - want) <= 1e-5 * want
 
