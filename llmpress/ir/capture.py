@@ -47,6 +47,8 @@ def lm_info(model: nn.Module) -> LMInfo | None:
         c = model.config
         return LMInfo(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, cache_len=model.cache_len,
                       vocab_size=c.vocab_size, bos_id=c.bos_id, eos_id=c.eos_id, eos_ids=tuple(c.eos_ids))
+    if callable(getattr(model, "lm_info", None)):  # an imported ONNX decoder run with a static cache (PastKVDecoder)
+        return model.lm_info()
     return None
 
 
@@ -111,7 +113,7 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
             ds = tuple(seq_dim(x) for x in example_inputs)
     elif dynamic is not False:
         ds = dynamic
-    return _export(model, example_inputs, ds, lm=None, info=info)
+    return _export(model, example_inputs, ds, lm=lm, info=info)
 
 
 def _is_hf_causal_lm(model: nn.Module) -> bool:

@@ -39,8 +39,8 @@ def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_l
     - a ``.bin`` file: llama2.c checkpoint; tokenizer ``tok{vocab}.bin`` or ``tokenizer.bin`` beside it.
     - a ``.onnx`` file: imported op by op into a torch module (``onnx_import``); no tokenizer unless given.
 
-    ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of Llama models
-    (default: the model's context length).
+    ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of Llama models and of ONNX
+    decoders exported with ``past_key_values`` (default: the model's context length).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -71,9 +71,9 @@ def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_l
                         header["vocab_size"])
         return LoadedModel(model, tok, "llama2c", str(p), header)
     if p.suffix == ".onnx":
-        from .onnx_import import OnnxModule
+        from .onnx_import import open_onnx
 
-        model = OnnxModule.from_file(p)
+        model = open_onnx(p, cache_len=cache_len)
         tok = load_tokenizer(tok_path) if tok_path is not None else None
         return LoadedModel(model, tok, "onnx", str(p), model.info)
     raise LoadError(f"{p}: unknown model file type {p.suffix!r} (expected a Hugging Face folder with config.json, "

@@ -20,10 +20,13 @@ before opset 13 coerce the input to 2-D at ``axis``; integer ``Div`` truncates t
 
 Layout: ``values`` (static values and the conversions every converter shares), ``ops_math`` (arithmetic,
 activations, reductions, norms), ``ops_shape`` (shape, layout, indexing, casts), ``importer`` (the up-front check,
-``OnnxModule`` and ``import_onnx``). The converter tables are plain dicts merged by hand in ``importer.OPS``.
+``OnnxModule`` and ``import_onnx``), ``past_kv`` (decoders exported with ``past_key_values`` inputs and
+``present.*`` outputs, optimum's convention, run with llmpress's static KV cache). The converter tables are plain
+dicts merged by hand in ``importer.OPS``.
 """
 from __future__ import annotations
 
-from .importer import SUPPORTED_OPS, OnnxModule, check_supported, import_onnx
+from .importer import SUPPORTED_OPS, OnnxModule, check_supported, import_onnx, open_onnx
+from .past_kv import PastKVDecoder
 
-__all__ = ["OnnxModule", "import_onnx", "check_supported", "SUPPORTED_OPS"]
+__all__ = ["OnnxModule", "PastKVDecoder", "import_onnx", "open_onnx", "check_supported", "SUPPORTED_OPS"]

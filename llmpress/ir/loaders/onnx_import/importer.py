@@ -24,7 +24,7 @@ from ....errors import LoadError, UnsupportedOpError
 from . import ops_math, ops_shape
 from .values import DTYPES, STATIC_MAX, Converter, as_static, as_tensor
 
-__all__ = ["OnnxModule", "import_onnx", "check_supported", "SUPPORTED_OPS", "OPS"]
+__all__ = ["OnnxModule", "import_onnx", "open_onnx", "check_supported", "SUPPORTED_OPS", "OPS"]
 
 # The two converter tables cover disjoint op types; "Constant" nodes are folded into static values at load time.
 OPS: dict[str, Converter] = {**ops_math.CONVERTERS, **ops_shape.CONVERTERS}
@@ -123,7 +123,15 @@ class OnnxModule(nn.Module):
                 self.register_buffer(attr, t)
             self._weights[name] = attr
 
+        linear_w = _matmul_weights(graph)
         for init in graph.initializer:
+            if init.name in linear_w:  # stored [out, in] like a torch Linear's weight; MatMul runs as F.linear
+                self._weights[init.name] = attr = _sanitize(init.name, taken)
+                w = np.ascontiguousarray(numpy_helper.to_array(init).T)
+                self.register_parameter(attr, nn.Parameter(torch.from_numpy(w), requires_grad=False))
+                continue
+            if init.data_type not in DTYPES:  # uint16/32/64, float8, strings: torch cannot compute with them
+                raise LoadError(f"{source}: initializer {init.name!r} has unsupported ONNX data type {init.data_type}")
             keep(init.name, numpy_helper.to_array(init), param=True)
         init_names = {i.name for i in graph.initializer}
         self.input_info: list[tuple[str, torch.dtype, list[int | str]]] = []
@@ -137,6 +145,9 @@ class OnnxModule(nn.Module):
                             else (d.dim_param or f"{vi.name}_dim{j}"))
             self.input_info.append((vi.name, DTYPES[tt.elem_type], dims))
         self.output_names = [o.name for o in graph.output]
+        self.output_dims: list[tuple[str, list[int | str]]] = [
+            (o.name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                      for d in o.type.tensor_type.shape.dim]) for o in graph.output]
         self._nodes: list[_Node] = []
         for i, n in enumerate(graph.node):
             attrs = _attrs(n)
@@ -144,6 +155,8 @@ class OnnxModule(nn.Module):
                 keep(n.output[0], _constant_value(attrs, n, source), param=False)
                 continue
             attrs["_n_outputs"] = len(n.output)
+            if n.op_type == "MatMul" and n.input[1] in linear_w:
+                attrs["_weight_transposed"] = True
             self._nodes.append(_Node(n.op_type, list(n.input), list(n.output), attrs, n.name, i))
         self.info = {"opset": self.opset, "ir_version": int(model.ir_version), "producer": model.producer_name,
                      "inputs": [[n, str(dt).replace("torch.", ""), d] for n, dt, d in self.input_info],
@@ -213,6 +226,22 @@ class OnnxModule(nn.Module):
                       for _, _, dims in self.input_info),)
 
 
+def _matmul_weights(graph) -> set[str]:
+    """2-D float initializers used only as the right operand of ``MatMul`` (what dynamo exports write for a torch
+    Linear: ``x @ W.T`` with ``W.T`` folded into the file). They are kept transposed, ``[out, in]``, and the
+    ``MatMul`` becomes ``F.linear``, so compression passes see linear layers with stored weights."""
+    from onnx import TensorProto
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    cand = {i.name for i in graph.initializer if len(i.dims) == 2 and i.data_type in floats}
+    cand -= {o.name for o in graph.output}
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            if name in cand and not (n.op_type == "MatMul" and k == 1 and n.domain in ("", "ai.onnx")):
+                cand.discard(name)
+    return cand
+
+
 def _constant_value(attrs: dict, node, source: str) -> np.ndarray:
     if "value" in attrs:
         return np.asarray(attrs["value"])
@@ -224,14 +253,26 @@ def _constant_value(attrs: dict, node, source: str) -> np.ndarray:
                              op="Constant", where=f"node {node.name!r}")
 
 
-def import_onnx(path_or_model, *, dynamic: bool = True):
-    """Import an ONNX file (or ``ModelProto``) into an ``ir.Module`` (symbolic input dims stay dynamic)."""
+def open_onnx(path_or_model, *, cache_len: int | None = None) -> nn.Module:
+    """The module an ONNX file (or ``ModelProto``) becomes: an ``OnnxModule``, or, for a decoder exported with
+    ``past_key_values`` inputs, that module behind a ``PastKVDecoder`` (llmpress's static-cache calling
+    convention with a cache of ``cache_len`` positions)."""
+    from .past_kv import PastKVDecoder, detect_past_kv
+
+    module = OnnxModule.from_file(path_or_model) if isinstance(path_or_model, (str, Path)) else \
+        OnnxModule(path_or_model)
+    layout = detect_past_kv(module)
+    if layout is None:  # no KV cache: cache_len has nothing to size
+        return module
+    return PastKVDecoder(module, layout, cache_len=cache_len)
+
+
+def import_onnx(path_or_model, *, dynamic: bool = True, cache_len: int | None = None):
+    """Import an ONNX file (or ``ModelProto``) into an ``ir.Module`` (symbolic input dims stay dynamic). A decoder
+    with ``past_key_values`` inputs imports with its KV cache (``LMInfo``, ``cache_len`` positions)."""
     from ...capture import capture
 
-    if isinstance(path_or_model, (str, Path)):
-        module = OnnxModule.from_file(path_or_model)
-    else:
-        module = OnnxModule(path_or_model)
+    module = open_onnx(path_or_model, cache_len=cache_len)
     ds = module.dynamic_shapes() if dynamic else None
     info = {"source": module.source, "kind": "onnx", "onnx": module.info}
     return capture(module, module.example_inputs(), dynamic=ds if ds is not None else False, info=info)

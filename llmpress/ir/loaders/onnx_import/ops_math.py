@@ -54,7 +54,11 @@ CONVERTERS["GreaterOrEqual"] = _binary(torch.ge, lambda x, y: x >= y)
 CONVERTERS["And"] = _binary(torch.logical_and, lambda x, y: np.logical_and(x, y))
 CONVERTERS["Or"] = _binary(torch.logical_or, lambda x, y: np.logical_or(x, y))
 CONVERTERS["Pow"] = _binary(lambda x, y: torch.pow(x, y).to(x.dtype), lambda x, y: x ** y)
-CONVERTERS["MatMul"] = lambda ins, a, o: [torch.matmul(as_tensor(ins[0]), as_tensor(ins[1]))]
+@_op("MatMul")
+def _matmul(ins, a, o):
+    if a.get("_weight_transposed"):  # a weight initializer the importer stored as [out, in]: x @ W = linear(x, W^T)
+        return [F.linear(as_tensor(ins[0]), ins[1])]
+    return [torch.matmul(as_tensor(ins[0]), as_tensor(ins[1]))]
 
 for _name, _fn in {"Sqrt": torch.sqrt, "Reciprocal": torch.reciprocal, "Exp": torch.exp, "Log": torch.log,
                    "Tanh": torch.tanh, "Erf": torch.erf, "Relu": torch.relu, "Sigmoid": torch.sigmoid,
@@ -125,6 +129,11 @@ def _reduce(kind: str, axes_input_opset: int):
             return [x.mean(dim=axes, keepdim=keep)]
         if kind == "sum":
             return [x.sum(dim=axes, keepdim=keep)]
+        if any(x.shape[d] == 0 for d in axes if isinstance(x.shape[d], int)):  # max of nothing: the lowest value
+            shape = [1 if d in axes else n for d, n in enumerate(x.shape) if keep or d not in axes]
+            low = False if x.dtype == torch.bool else (
+                -float("inf") if x.dtype.is_floating_point else torch.iinfo(x.dtype).min)
+            return [torch.full(shape, low, dtype=x.dtype)]
         return [torch.amax(x, dim=axes, keepdim=keep)]
     return conv
 
@@ -165,3 +174,49 @@ def _variadic(fn):
 CONVERTERS["Max"] = _variadic(torch.maximum)
 CONVERTERS["Min"] = _variadic(torch.minimum)
 CONVERTERS["Sum"] = _variadic(torch.add)
+
+
+@_op("CumSum")
+def _cumsum(ins, a, o):
+    """y[..., i, ...] = sum_{j <= i} x[..., j, ...] along ``axis`` (``exclusive``: j < i; ``reverse``: j >= i / j > i),
+    in the input's dtype. Static (numpy) when ``x`` is static, so position ids computed from constants stay shape
+    arithmetic; the exclusive sum shifts by one instead of subtracting x (exact for floats too)."""
+    x = ins[0]
+    static = is_static(x) and x.dtype != object
+    rank = x.ndim if static else as_tensor(x).dim()
+    axis = norm_axis(int(static_ints(ins[1], "CumSum axis")[0]), rank)
+    rev, excl = a.get("reverse", 0), a.get("exclusive", 0)
+    if static:
+        t = np.flip(x, axis) if rev else x
+        y = np.cumsum(t, axis=axis, dtype=t.dtype)
+        if excl:
+            y = np.concatenate([np.zeros_like(np.take(t, [0], axis=axis)), np.delete(y, -1, axis=axis)], axis=axis)
+        return [np.ascontiguousarray(np.flip(y, axis) if rev else y)]
+    t = as_tensor(x)
+    t = t.flip(axis) if rev else t
+    y = torch.cumsum(t, axis, dtype=t.dtype)
+    if excl:
+        y = torch.cat([torch.zeros_like(t.narrow(axis, 0, 1)), y.narrow(axis, 0, t.shape[axis] - 1)], dim=axis)
+    return [y.flip(axis) if rev else y]
+
+
+@_op("IsNaN")
+def _isnan(ins, a, o):
+    x = ins[0]
+    if is_static(x) and x.dtype != object:
+        return [np.isnan(x) if np.issubdtype(x.dtype, np.floating) else np.zeros(x.shape, dtype=np.bool_)]
+    return [torch.isnan(as_tensor(x))]
+
+
+@_op("IsInf")
+def _isinf(ins, a, o):
+    """IsInf(x) = (x == +inf and detect_positive) or (x == -inf and detect_negative)."""
+    x = as_tensor(ins[0])
+    pos, neg = a.get("detect_positive", 1), a.get("detect_negative", 1)
+    if pos and neg:
+        return [torch.isinf(x)]
+    if pos:
+        return [torch.isposinf(x)]
+    if neg:
+        return [torch.isneginf(x)]
+    return [torch.zeros_like(x, dtype=torch.bool)]

@@ -35,9 +35,21 @@ CONVERTERS: dict[str, Converter] = {}
 _op = registrar(CONVERTERS)
 
 
-@_op("Identity", "Dropout")
+@_op("Identity")
 def _identity(ins, a, o):
-    return [ins[0]]  # Dropout at inference is the identity (its optional mask output is not supported)
+    return [ins[0]]
+
+
+@_op("Dropout")
+def _dropout(ins, a, o):
+    """Dropout at inference is the identity (its optional mask output is refused up front). ``training_mode``
+    (input 2, opset 12+) must be a constant false: training-mode dropout is random, and one read from tensor data
+    cannot be known when the graph is captured."""
+    mode = ins[2] if len(ins) > 2 else None
+    if mode is not None and (not is_static(mode) or bool(np.asarray(mode).reshape(-1)[0])):
+        raise UnsupportedOpError("Dropout with training_mode true (or computed from tensor data) is not supported: "
+                                 "only inference (identity) dropout imports", op="Dropout")
+    return [ins[0]]
 
 
 @_op("Reshape")
@@ -48,6 +60,10 @@ def _reshape(ins, a, o):
         shape = [src[i] if isinstance(s, int) and s == 0 else s for i, s in enumerate(shape)]
     if is_static(x):
         return [x.reshape([int(s) for s in shape])]
+    if any(isinstance(st, int) and st == 0 for st in x.stride()):
+        # An Expand output (the GQA head repeat): reshape copies it anyway. Going through 1-D spares torch.export
+        # a stride computation it cannot decide when a dim is ``past + seq`` (a Min(...) guard on seq).
+        x = x.reshape(-1)
     return [x.reshape(shape)]
 
 
@@ -106,13 +122,23 @@ def _slice(ins, a, opset):
     steps = steps or [1] * len(starts)
     index: list[Any] = [slice(None)] * rank
     big = 2 ** 62  # ONNX writes INT64_MAX/INT64_MIN for "to the end"; Python slicing clamps anything past it
+    flips = []
     for ax, s, e, st in zip(axes, starts, ends, steps):
-        if isinstance(st, int) and st < 0 and not is_static(x):
-            raise UnsupportedOpError("Slice with a negative step is not supported", op="Slice")
         s = max(min(s, big), -big) if isinstance(s, int) else s
         e = max(min(e, big), -big) if isinstance(e, int) else e
+        if isinstance(st, int) and st < 0 and not is_static(x):
+            # torch slices only forward: take the positions Python's (= ONNX's) backward slice picks, in order.
+            n = x.shape[ax]
+            if not isinstance(n, int) or not all(isinstance(v, int) for v in (s, e)):
+                raise UnsupportedOpError("Slice with a negative step over a symbolic size is not supported",
+                                         op="Slice")
+            flips.append((ax, torch.tensor(list(range(n))[s:e:st], dtype=torch.int64)))
+            continue
         index[ax] = slice(s, e, st)
-    return [x[tuple(index)]]
+    out = x[tuple(index)]
+    for ax, pick in flips:
+        out = out.index_select(ax, pick)
+    return [out]
 
 
 @_op("Gather")
@@ -129,6 +155,29 @@ def _gather(ins, a, o):
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
     out = torch.index_select(data, axis, idx.reshape(-1))
     return [out.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1:])]
+
+
+@_op("GatherND")
+def _gather_nd(ins, a, o):
+    """GatherND: with ``b = batch_dims`` and ``k = indices.shape[-1]``,
+    ``out[i_1..i_b, j..] = data[i_1..i_b, *indices[i_1..i_b, j.., :]]``, shape ``indices.shape[:-1] +
+    data.shape[b + k:]``; negative indices count from the end. One advanced-indexing ``aten.index``: the batch
+    dims are indexed by ``arange``s that broadcast against the index columns."""
+    data, idx = ins
+    static = is_static(data) and is_static(idx) and data.dtype != object and idx.dtype != object
+    lib = np if static else torch  # static data stays numpy: torch.export must not see it as a tensor
+    x = data if static else as_tensor(data)
+    ind = idx.astype(np.int64) if static else as_tensor(idx).to(torch.int64)
+    b, k = a.get("batch_dims", 0), ind.shape[-1]
+    if not isinstance(k, int):
+        raise UnsupportedOpError("GatherND with a symbolic index depth (indices.shape[-1]) is not supported",
+                                 op="GatherND")
+    rest = ind.ndim - 1 - b  # index dims after the batch dims, before the last (depth) dim
+    key = [lib.arange(x.shape[j]).reshape([1] * j + [-1] + [1] * (b - 1 - j + rest)) for j in range(b)]
+    key += [ind[..., i] for i in range(k)]
+    if not key:  # k = 0 and no batch dims: every index row selects the whole of data
+        return [lib.broadcast_to(x, (*ind.shape[:-1], *x.shape)) if static else x.expand(*ind.shape[:-1], *x.shape)]
+    return [x[tuple(key)]]
 
 
 @_op("Unsqueeze")
@@ -182,6 +231,15 @@ def _cast(ins, a, o):
     if to not in DTYPES:
         raise UnsupportedOpError(f"Cast to ONNX data type {to} is not supported", op="Cast")
     return [as_tensor(x).to(DTYPES[to])]
+
+
+@_op("CastLike")
+def _cast_like(ins, a, o):
+    """Cast ``x`` to the dtype of ``target`` (what unoptimized dynamo exports write instead of Cast)."""
+    x, target = ins[0], ins[1]
+    if is_static(x) and is_static(target) and target.dtype != object:
+        return [x if x.dtype == object and target.dtype == np.int64 else np.asarray(x).astype(target.dtype)]
+    return [as_tensor(x).to(as_tensor(target).dtype)]
 
 
 @_op("Where")
