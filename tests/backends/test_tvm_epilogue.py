@@ -43,7 +43,7 @@ def _llama(dim: int, hidden: int, pipeline: str):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=hidden, max_seq_len=16)
     module, records = run_pipeline(capture(Llama(cfg).eval()), pipeline, progress=False)
-    assert records[0].stats["groups"] == ["model.layers.0.mlp.gate_up_proj"]
+    assert next(r for r in records if r.name == "fuse_gate_up").stats["groups"] == ["model.layers.0.mlp.gate_up_proj"]
     return module
 
 
@@ -62,8 +62,26 @@ def test_fused_gate_up_gets_the_epilogue_in_every_function():
         assert "R.nn.silu" not in text and "R.split" not in text
     assert "llmpress_fgemv_avx512vnni_512_128_swiglu" in _ops(mod, "decode")
     assert "llmpress_fgemm_avx512vnni_512_128_swiglu" in _ops(mod, "prefill")
-    off, mod = _dispatched(None, epilogues=False, relax_mod=relax_mod)
-    assert off["swiglu_fused"] == 0 and "R.nn.silu" in _ops(mod, "decode") and "swiglu" not in _ops(mod, "decode")
+    off, mod_off = _dispatched(None, epilogues=False, relax_mod=relax_mod)
+    assert off["swiglu_fused"] == 0 and "R.nn.silu" in _ops(mod_off, "decode")
+    assert "swiglu" not in _ops(mod_off, "decode")
+
+
+def test_residual_add_and_rmsnorm_become_one_kernel():
+    """Per function: the post-attention norm and the final norm read a residual add (6 in all); the first norm
+    reads the embedding and stays as it is. Numerics: the model tests below (every build runs the fused kernel;
+    w4a8 with norm weights, fp32 with folded ones)."""
+    from llmpress.backends.tvm.kernels.add_norm import fuse_add_norm
+    from llmpress.backends.tvm.lower import to_relax
+
+    relax_mod = to_relax(_llama(128, 256, "fold_norm,fuse_gate_up"), inplace_cache=True, cpu_kernels=True).mod
+    mod = fuse_add_norm()(relax_mod)
+    stats = ast.literal_eval(str(mod.attrs["llmpress.add_norm"]))
+    assert stats == {"fused": 6, "near_misses": []}
+    decode = _ops(mod, "decode")
+    assert decode.count("R.rsqrt") == 1  # the embedding's norm
+    assert decode.count("R.call_tir(llmpress_add_norm_d128_t1,") == 2  # weights folded into the next linears
+    assert _ops(mod, "prefill").count("R.call_tir(llmpress_add_norm_d128_tNone,") == 2
 
 
 class _GatedMLP(nn.Module):
@@ -124,8 +142,9 @@ def test_w4a8_swiglu_epilogue_matches_reference():
 
 
 def test_fp32_swiglu_epilogue_matches_reference():
-    """Float32 GEMV (decode) and GEMM (prefill, K in one cache block) with the epilogue."""
-    _check_builds(_llama(128, 256, "fuse_gate_up"), "fp32")
+    """Float32 GEMV (decode) and GEMM (prefill, K in one cache block) with the epilogue; folded norms (the add +
+    norm kernel without a weight) and the final norm (with one: tied ``lm_head``, not folded)."""
+    _check_builds(_llama(128, 256, "fold_norm,fuse_gate_up"), "fp32")
 
 
 @pytest.mark.slow

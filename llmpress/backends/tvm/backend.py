@@ -26,7 +26,8 @@ class TVMBackend(Backend):
     ``cpu_kernels`` (default True): on CPU targets, llmpress's kernels replace TVM's lowering of ops it runs slowly
     (``kernels/softmax.py``); False keeps TVM's own (for comparison).
     ``epilogues`` (default True): on CPU targets, the SwiGLU of a fused gate/up projection is computed in its linear
-    kernel's output stage (``kernels/epilogue.py``); False keeps the separate elementwise kernel (for comparison)."""
+    kernel's output stage (``kernels/epilogue.py``) and each residual add + RMSNorm is one kernel
+    (``kernels/add_norm.py``); False keeps the separate elementwise kernels (for comparison)."""
 
     name = "tvm"
 

@@ -86,6 +86,10 @@ def _lift(mod: Any, spec: Any, epilogues: bool = True) -> Any:
         from .kernels.dispatch import dispatch_quant_kernels
 
         mod = dispatch_quant_kernels(cpu_isa(spec.tvm), epilogues=epilogues)(mod)
+        if epilogues:  # residual add + RMSNorm in one kernel (kernels/add_norm.py)
+            from .kernels.add_norm import fuse_add_norm
+
+            mod = fuse_add_norm()(mod)
     return relax.transform.LiftTransformParams(shared_transform=True)(mod)
 
 
