@@ -201,9 +201,11 @@ def fuse_add_norm() -> Any:
             args = [a2, b2] + ([self.visit_expr(match["w"])] if weight else [])
             ty = relax.TensorType([m, d], "float32")
             res = bb.emit(relax.call_tir(gv, args, [ty, ty]))
-            s = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 0), relax.ShapeExpr(shape)), name_hint=binding.var.name)
+            s = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 0), relax.ShapeExpr(shape)),
+                        name_hint=binding.var.name)
             self.set_var_remap(binding.var, s)
-            y = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 1), relax.ShapeExpr(shape)), name_hint=match["out"].name)
+            y = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 1), relax.ShapeExpr(shape)),
+                        name_hint=match["out"].name)
             self.set_var_remap(match["out"], y)
             self.skip.update(match["inner"] + [match["out"]])
             self.fused += 1

@@ -53,7 +53,8 @@ def store_rows() -> Any:
         y[m, t R + r] = sum(acc[r, :])                                        r < R
         y[m, t H + r] = silu_mul(sum(acc[r, :]), sum(acc[r + H, :]))          r < H = R/2, with ``swiglu``
 
-    (the SwiGLU row order of ``epilogue.py``). ``idx``: further indices of ``acc`` before the lanes (the token of a GEMM step)."""
+    (the SwiGLU row order of ``epilogue.py``). ``idx``: further indices of ``acc`` before the lanes (the token of
+    a GEMM step)."""
     from tvm.script import tirx as T
 
     from .epilogue import silu_mul
