@@ -30,9 +30,9 @@ LANES = 8
 
 
 def add_norm_func(d: int, eps: float, *, tokens: int | None, weight: bool) -> Any:
-    """``(a f32 [M, D], b f32 [M, D], w f32 [D]) -> (s f32 [M, D], y f32 [M, D])`` (no ``w`` without ``weight``):
-    ``s = a + b``,
-    ``y = w * (s * rsqrt(mean(s^2) + eps))``; ``tokens``: M when static (decode: 1)."""
+    """``(a f32 [B, S, D], b f32 [B, S, D], w f32 [D]) -> (s, y f32 [B, S, D])`` (no ``w`` without ``weight``; the
+    language models' shape, so no reshape around the call): ``s = a + b``,
+    ``y = w * (s * rsqrt(mean(s^2) + eps))``; ``tokens``: B S when static (decode: 1)."""
     from tvm.script import tirx as T
 
     from .qgemv import hsum
@@ -40,44 +40,46 @@ def add_norm_func(d: int, eps: float, *, tokens: int | None, weight: bool) -> An
     V = T.ramp(0, 1, LANES)
     f32 = "float32"
 
+    def at(buf, i, j, c):
+        return buf.vload([i, j, c * LANES], "float32x8")
+
     @T.macro
-    def row(a, b, w, s, y, m):
+    def row(a, b, w, s, y, i, j):
         acc = T.alloc_buffer((LANES,), f32, scope="global")
         r = T.alloc_buffer((1,), f32, scope="global")
         acc[V] = T.broadcast(T.float32(0), LANES)
         for c in range(d // LANES):
-            s[m, T.ramp(c * LANES, 1, LANES)] = a.vload([m, c * LANES], "float32x8") + b.vload([m, c * LANES],
-                                                                                                "float32x8")
-            acc[V] = acc[V] + s.vload([m, c * LANES], "float32x8") * s.vload([m, c * LANES], "float32x8")
+            s[i, j, T.ramp(c * LANES, 1, LANES)] = at(a, i, j, c) + at(b, i, j, c)
+            acc[V] = acc[V] + at(s, i, j, c) * at(s, i, j, c)
         r[0] = T.rsqrt(hsum(acc) / T.float32(d) + T.float32(eps))
         for c in range(d // LANES):
             if w is not None:
-                y[m, T.ramp(c * LANES, 1, LANES)] = w.vload([c * LANES], "float32x8") * (
-                    s.vload([m, c * LANES], "float32x8") * T.broadcast(r[0], LANES))
+                y[i, j, T.ramp(c * LANES, 1, LANES)] = w.vload([c * LANES], "float32x8") * (
+                    at(s, i, j, c) * T.broadcast(r[0], LANES))
             else:
-                y[m, T.ramp(c * LANES, 1, LANES)] = s.vload([m, c * LANES], "float32x8") * T.broadcast(r[0], LANES)
+                y[i, j, T.ramp(c * LANES, 1, LANES)] = at(s, i, j, c) * T.broadcast(r[0], LANES)
 
     @T.prim_func(private=True)
     def with_weight(var_a: T.handle, var_b: T.handle, w: T.Buffer((d,), f32), var_s: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
-        M = T.int64()
-        a = T.match_buffer(var_a, (M if tokens is None else tokens, d), f32)
-        b = T.match_buffer(var_b, (M if tokens is None else tokens, d), f32)
-        s = T.match_buffer(var_s, (M if tokens is None else tokens, d), f32)
-        y = T.match_buffer(var_y, (M if tokens is None else tokens, d), f32)
-        for m in T.parallel(M) if tokens is None else T.serial(tokens):
-            row(a, b, w, s, y, m)
+        B, S = T.int64(), T.int64()
+        a = T.match_buffer(var_a, (B, S, d), f32)
+        b = T.match_buffer(var_b, (B, S, d), f32)
+        s = T.match_buffer(var_s, (B, S, d), f32)
+        y = T.match_buffer(var_y, (B, S, d), f32)
+        for m in T.parallel(B * S) if tokens is None else T.serial(tokens):
+            row(a, b, w, s, y, m // S, m % S)
 
     @T.prim_func(private=True)
     def without_weight(var_a: T.handle, var_b: T.handle, var_s: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
-        M = T.int64()
-        a = T.match_buffer(var_a, (M if tokens is None else tokens, d), f32)
-        b = T.match_buffer(var_b, (M if tokens is None else tokens, d), f32)
-        s = T.match_buffer(var_s, (M if tokens is None else tokens, d), f32)
-        y = T.match_buffer(var_y, (M if tokens is None else tokens, d), f32)
-        for m in T.parallel(M) if tokens is None else T.serial(tokens):
-            row(a, b, None, s, y, m)
+        B, S = T.int64(), T.int64()
+        a = T.match_buffer(var_a, (B, S, d), f32)
+        b = T.match_buffer(var_b, (B, S, d), f32)
+        s = T.match_buffer(var_s, (B, S, d), f32)
+        y = T.match_buffer(var_y, (B, S, d), f32)
+        for m in T.parallel(B * S) if tokens is None else T.serial(tokens):
+            row(a, b, None, s, y, m // S, m % S)
 
     return with_weight if weight else without_weight
 
@@ -130,7 +132,9 @@ def match_add_norm(func: Any) -> tuple[list[dict], list[tuple[str, str]]]:
         shape = s.ty.shape.values
         d = shape[-1]
         axes = [int(x) for x in mv.attrs.axis] if mv.attrs.axis is not None else None
-        if str(s.ty.dtype) != "float32":
+        if len(shape) < 2:
+            why = "a single row without token dimensions"
+        elif str(s.ty.dtype) != "float32":
             why = f"dtype {s.ty.dtype}, not float32"
         elif not hasattr(d, "value") or int(d) % LANES:
             why = f"the normalized width {d} is not a static multiple of {LANES}"
@@ -196,17 +200,20 @@ def fuse_add_norm() -> Any:
                 f = add_norm_func(d, match["eps"], tokens=tokens, weight=weight)
                 f = f.with_attrs({DISPATCHED_ATTR: "add_norm", "op_pattern": 8, "tirx.is_scheduled": True})
                 gv = self.funcs[key] = bb.add_func(f, f"llmpress_add_norm_d{d}_t{tokens}{'_w' if weight else ''}")
-            a2 = bb.emit(relax.op.reshape(self.visit_expr(match["a"]), relax.ShapeExpr([m, d])))
-            b2 = bb.emit(relax.op.reshape(self.visit_expr(match["b"]), relax.ShapeExpr([m, d])))
-            args = [a2, b2] + ([self.visit_expr(match["w"])] if weight else [])
-            ty = relax.TensorType([m, d], "float32")
+            three = len(shape) == 3  # [B, S, D]: the kernel's own shape; otherwise viewed as [1, M, D]
+            shape3 = shape if three else [1, m, d]
+
+            def arg(v):
+                v = self.visit_expr(v)
+                return v if three else bb.emit(relax.op.reshape(v, relax.ShapeExpr(shape3)))
+
+            args = [arg(match["a"]), arg(match["b"])] + ([self.visit_expr(match["w"])] if weight else [])
+            ty = relax.TensorType(shape3, "float32")
             res = bb.emit(relax.call_tir(gv, args, [ty, ty]))
-            s = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 0), relax.ShapeExpr(shape)),
-                        name_hint=binding.var.name)
-            self.set_var_remap(binding.var, s)
-            y = bb.emit(relax.op.reshape(relax.TupleGetItem(res, 1), relax.ShapeExpr(shape)),
-                        name_hint=match["out"].name)
-            self.set_var_remap(match["out"], y)
+            for k, old in ((0, binding.var), (1, match["out"])):
+                v = relax.TupleGetItem(res, k)
+                v = v if three else relax.op.reshape(v, relax.ShapeExpr(shape))
+                self.set_var_remap(old, bb.emit(v, name_hint=old.name))
             self.skip.update(match["inner"] + [match["out"]])
             self.fused += 1
             return None
