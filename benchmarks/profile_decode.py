@@ -30,6 +30,7 @@ KINDS = [
     ("attention", r"llmpress_attention"),
     ("KV-cache write", r"llmpress_cache_write"),
     ("float matmul", r"(^|_)matmul|dense"),
+    ("residual add + RMSNorm, one kernel", r"llmpress_add_norm"),
     ("RMSNorm", r"mean|rsqrt|power"),
     ("RoPE", r"strided_slice|concatenate"),
     ("SwiGLU", r"silu"),

@@ -24,16 +24,20 @@ class TVMBackend(Backend):
     ``inplace_cache`` (default True): on CPU targets, KV caches passed in are updated in place
     (``kernels/cache_write.py``); False keeps the functional form (a new cache per call, inputs untouched).
     ``cpu_kernels`` (default True): on CPU targets, llmpress's kernels replace TVM's lowering of ops it runs slowly
-    (``kernels/softmax.py``); False keeps TVM's own (for comparison)."""
+    (``kernels/softmax.py``); False keeps TVM's own (for comparison).
+    ``epilogues`` (default True): on CPU targets, the SwiGLU of a fused gate/up projection is computed in its linear
+    kernel's output stage (``kernels/epilogue.py``) and each residual add + RMSNorm is one kernel
+    (``kernels/add_norm.py``); False keeps the separate elementwise kernels (for comparison)."""
 
     name = "tvm"
 
     def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True,
-                 cpu_kernels: bool = True) -> None:
+                 cpu_kernels: bool = True, epilogues: bool = True) -> None:
         # None: the shared ``converters.CONVERTERS`` (read at lowering time, so entries added later count)
         self.converters = converters
         self.inplace_cache = inplace_cache
         self.cpu_kernels = cpu_kernels
+        self.epilogues = epilogues
 
     def supports(self, target: Any) -> bool:
         if target in (None, "reference"):
@@ -72,7 +76,7 @@ class TVMBackend(Backend):
                         cpu_kernels=self.cpu_kernels and spec.device == "cpu")
         bar.update(1)
         bar.set_postfix_str(steps[1])
-        prepared = prepare(prog, spec)
+        prepared = prepare(prog, spec, epilogues=self.epilogues)
         bar.update(1)
         bar.set_postfix_str(steps[2])
         t1 = time.perf_counter()
@@ -81,7 +85,7 @@ class TVMBackend(Backend):
         variants = []
         for v in spec.variants:  # more capable builds reading the same weights (e.g. AVX-512 VNNI)
             bar.set_postfix_str(f"build for {v.name}")
-            mod = prepare_variant(prog, prepared, v)
+            mod = prepare_variant(prog, prepared, v, epilogues=self.epilogues)
             if mod is not None:
                 variants.append((v, build(mod, v), None))
             bar.update(1)

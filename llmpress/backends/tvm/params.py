@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 TRANSFORM = "transform_params"
 
 
-def prepare(prog: Any, spec: Any) -> Any:
-    """``RelaxProgram`` -> ``RelaxProgram`` whose weights are in the kernels' layouts (see the module docstring)."""
+def prepare(prog: Any, spec: Any, *, epilogues: bool = True) -> Any:
+    """``RelaxProgram`` -> ``RelaxProgram`` whose weights are in the kernels' layouts (see the module docstring);
+    ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``)."""
     from .lower import RelaxProgram
 
-    mod = _lift(prog.mod, spec)
+    mod = _lift(prog.mod, spec, epilogues)
     if TRANSFORM not in [gv.name_hint for gv in mod.get_global_vars()]:
         return RelaxProgram(mod, prog.functions, prog.params, prog.num_inputs, prog.weights)
     transform = mod[TRANSFORM]
@@ -50,10 +51,10 @@ def prepare(prog: Any, spec: Any) -> Any:
     return RelaxProgram(main, prog.functions, names, prog.num_inputs, dict(zip(names, outputs)))
 
 
-def prepare_variant(prog: Any, prepared: Any, spec: Any) -> Any | None:
+def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool = True) -> Any | None:
     """The Relax module of ``prog`` for variant target ``spec``, taking ``prepared``'s transformed weights; None
     (with a warning) when this target's kernels would want other weights (the variant is then left out)."""
-    mod = _lift(prog.mod, spec)
+    mod = _lift(prog.mod, spec, epilogues)
     names = (_output_names(mod[TRANSFORM], prog.params)
              if TRANSFORM in [gv.name_hint for gv in mod.get_global_vars()] else list(prog.params))
     main = _without(mod, TRANSFORM)
@@ -76,7 +77,7 @@ def _shape(var: Any) -> tuple:
     return (tuple(str(d) for d in var.ty.shape.values), str(var.ty.dtype))
 
 
-def _lift(mod: Any, spec: Any) -> Any:
+def _lift(mod: Any, spec: Any, epilogues: bool = True) -> Any:
     """Dispatch the quantized kernels (CPU targets), then lift every weight-only computation into one function."""
     from tvm import relax
 
@@ -84,7 +85,11 @@ def _lift(mod: Any, spec: Any) -> Any:
         from .isa import cpu_isa
         from .kernels.dispatch import dispatch_quant_kernels
 
-        mod = dispatch_quant_kernels(cpu_isa(spec.tvm))(mod)
+        mod = dispatch_quant_kernels(cpu_isa(spec.tvm), epilogues=epilogues)(mod)
+        if epilogues:  # residual add + RMSNorm in one kernel (kernels/add_norm.py)
+            from .kernels.add_norm import fuse_add_norm
+
+            mod = fuse_add_norm()(mod)
     return relax.transform.LiftTransformParams(shared_transform=True)(mod)
 
 

@@ -13,6 +13,11 @@ first in the CPU pipeline, ``build.py``) rewrites every such call whose layer fi
     act_bits = 0:  y2d = call_tir(gemv_float | gemm_float, [x2d, w, sz])
     y     = reshape(y2d, [..., N])
 
+With ``epilogues`` (default), a fused gate/up linear whose output only feeds ``multiply(silu(g), u)`` (``g, u``
+its two halves) gets the SwiGLU epilogue (``epilogue.py``): its weights are repacked in the SwiGLU row order and
+its kernel writes ``silu(g) * u`` (``[.., I]``) directly, replacing the split, silu and multiply. The pass logs every
+match and every near miss with its reason.
+
 GEMV when the token count is statically 1 (the ``decode`` function), GEMM otherwise; on AVX-512 VNNI the integer
 forms of single-plane layouts use the 512-bit kernels of ``qwide.py``.
 
@@ -33,11 +38,16 @@ from tvm.sym.analyzer import Analyzer
 
 from ..isa import CpuIsa
 from .common import KERNEL_ATTR
+from .epilogue import SwigluMatch, match_swiglu, unpermute
 from .qlayout import QLayout, why_not
 
-__all__ = ["dispatch_quant_kernels", "DISPATCHED_ATTR"]
+__all__ = ["dispatch_quant_kernels", "DISPATCHED_ATTR", "EPILOGUE_STATS_ATTR"]
 
 log = logging.getLogger(__name__)
+
+#: Module attribute this pass sets: ``repr`` of ``{"swiglu_fused": n, "swiglu_unpermuted": n,
+#: "swiglu_near_misses": ["<function>: <var>: <why>", ...]}`` (linear call sites, every function counted).
+EPILOGUE_STATS_ATTR = "llmpress.epilogues"
 
 #: Attribute of every PrimFunc this pass creates (``"repack"``, ``"act_quant"``, ``"gemv_int"``, ...).
 DISPATCHED_ATTR = "llmpress.quant_kernel"
@@ -47,8 +57,9 @@ def _static(e: Any) -> int | None:
     return int(e) if isinstance(e, tirx.IntImm) else None
 
 
-def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
-    """The Relax module pass described in the module docstring, for CPU instruction set ``isa``."""
+def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transform.Pass:
+    """The Relax module pass described in the module docstring, for CPU instruction set ``isa``; ``epilogues``:
+    fuse the SwiGLU of fused gate/up linears into their kernels (False: the separate elementwise kernel)."""
 
     @relax.expr_functor.mutator
     class _Dispatch(relax.PyExprMutator):
@@ -58,6 +69,29 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
             self.funcs: dict[tuple, relax.GlobalVar] = {}
             self.kept: dict[str, str] = {}  # generic kernels left in place -> why
             self.weights: set[str] = set()  # names of the weight parameters of the function being visited
+            self.fused: dict = {}  # linear's binding var -> SwigluMatch, in the function being visited
+            self.skip: set = set()  # bindings a fused epilogue replaced
+            self.swiglu: SwigluMatch | None = None  # the match of the linear being rewritten
+            self.applied = ""  # what the rewrite of that linear did: "fused", "unpermuted" or ""
+            self.stats: dict[str, int] = {"swiglu_fused": 0, "swiglu_unpermuted": 0}
+
+        def visit_var_binding_(self, binding):  # noqa: D102 - mutator protocol
+            if binding.var in self.skip:
+                return None
+            match = self.fused.get(binding.var)
+            if match is None:
+                return super().visit_var_binding_(binding)
+            self.swiglu, self.applied = match, ""
+            new = self.visit_expr(binding.value)
+            self.swiglu = None
+            if self.applied == "fused":  # the kernel wrote silu(g) * u: the multiply's value
+                self.set_var_remap(match.out, self.builder_.emit(new, name_hint=match.out.name))
+                self.skip.update(match.inner + (match.out,))
+            else:
+                self.set_var_remap(binding.var, self.builder_.emit(new, name_hint=binding.var.name))
+            if self.applied:
+                self.stats["swiglu_" + self.applied] += 1
+            return None
 
         def _func(self, key: tuple, make) -> relax.GlobalVar:
             gv = self.funcs.get(key)
@@ -106,11 +140,13 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
             bb = self.builder_
             from tvm import te
 
+            sw = self.swiglu is not None
+
             def make_repack():
                 ph = te.placeholder((n, k), "float32", name="w")
-                return te.create_prim_func([ph, fgemm.repack_te(ph)]).without_attr("global_symbol")
+                return te.create_prim_func([ph, fgemm.repack_te(ph, swiglu=sw)]).without_attr("global_symbol")
 
-            wr = bb.emit(relax.call_tir(self._func(("frepack", n, k), make_repack), [w],
+            wr = bb.emit(relax.call_tir(self._func(("frepack", n, k) + (("swiglu",) if sw else ()), make_repack), [w],
                                         relax.TensorType((n // fgemm.ROWS, k // fgemm.CHUNK, fgemm.ROWS, fgemm.CHUNK),
                                                          "float32")))
             lead = list(x.ty.shape.values)[:-1]
@@ -118,12 +154,28 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
             for d in lead[1:]:
                 m = m * d
             x2d = bb.emit(relax.op.reshape(x, relax.ShapeExpr([m, k])))
-            if _static(Analyzer().simplify(m)) == 1:
-                gv = self._func(("fgemv", isa.name, n, k), lambda: fgemm.gemv_func(n, k, isa))
+            decode = _static(Analyzer().simplify(m)) == 1
+            fuse = sw and (decode or fgemm.gemm_swiglu_fits(k))
+            ep = ("swiglu",) if fuse else ()
+            if decode:
+                gv = self._func(("fgemv", isa.name, n, k) + ep, lambda: fgemm.gemv_func(n, k, isa, swiglu=fuse))
             else:
-                gv = self._func(("fgemm", isa.name, n, k), lambda: fgemm.gemm_func(n, k, isa))
-            y = bb.emit(relax.call_tir(gv, [x2d, wr], relax.TensorType([m, n], "float32")))
-            return relax.op.reshape(y, relax.ShapeExpr([*lead, n]))
+                gv = self._func(("fgemm", isa.name, n, k) + ep, lambda: fgemm.gemm_func(n, k, isa, swiglu=fuse))
+            return self._output(x2d, (wr,), gv, m, n, lead, fuse, fgemm.ROWS)
+
+        def _output(self, x2d, wr, gv, m, n, lead, fuse, rows, extra=()):
+            """Emit the kernel call ``gv(*extra or x2d, *wr)``; its output as the linear's (SwiGLU layout: in
+            weight row order again) or, when ``fuse``, as the multiply's (``[*lead, n/2]``)."""
+            bb = self.builder_
+            ins = list(extra) if extra else [x2d]
+            width = n // 2 if fuse else n
+            y = bb.emit(relax.call_tir(gv, ins + list(wr), relax.TensorType([m, width], "float32")))
+            if self.swiglu is None:
+                return relax.op.reshape(y, relax.ShapeExpr([*lead, n]))
+            self.applied = "fused" if fuse else "unpermuted"
+            if fuse:
+                return relax.op.reshape(y, relax.ShapeExpr([*lead, width]))
+            return unpermute(bb, y, lead, n // 2, rows)
 
         def _rewrite(self, call, func):
             attrs = func.attrs
@@ -150,14 +202,17 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
 
             from tvm import te
 
+            sw = self.swiglu is not None
+            ep = ("swiglu",) if sw else ()
+
             def make_repack():
                 ph = [te.placeholder([int(d) for d in a.ty.shape], a.ty.dtype, name=n)
                       for a, n in zip([qweight, scales] + ([zeros] if zeros is not None else []),
                                       ("qweight", "scales", "zeros"))]
-                return te.create_prim_func(ph + repack_te(layout, *ph)).without_attr("global_symbol")
+                return te.create_prim_func(ph + repack_te(layout, *ph, swiglu=sw)).without_attr("global_symbol")
 
             key = ("repack", f"b{bits}", "sym" if layout.sym else "asym", out_f, in_f, f"g{group}",
-                   str(qweight.ty.dtype), str(scales.ty.dtype), str(zeros.ty.dtype) if zeros is not None else "")
+                   str(qweight.ty.dtype), str(scales.ty.dtype), str(zeros.ty.dtype) if zeros is not None else "") + ep
             rep = bb.emit(relax.call_tir(self._func(key, make_repack),
                                          [qweight, scales] + ([zeros] if zeros is not None else []),
                                          [relax.TensorType(layout.w_shape, layout.dtype),
@@ -169,8 +224,7 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
                 m = m * d
             m_static = _static(Analyzer().simplify(m))
             x2d = bb.emit(relax.op.reshape(x, relax.ShapeExpr([m, in_f])))
-            y_ty = relax.TensorType([m, out_f], "float32")
-            tag = ("sym" if layout.sym else "asym", out_f, in_f, f"g{group}")
+            tag = ("sym" if layout.sym else "asym", out_f, in_f, f"g{group}") + ep
             if act_bits:
                 from .qact import act_quant_func
 
@@ -185,46 +239,65 @@ def dispatch_quant_kernels(isa: CpuIsa) -> tvm.transform.Pass:
 
                 if wide_applies(layout, isa):  # AVX-512 VNNI: two rows per 512-bit register
                     form, make = (("gemv_wide", gemv_wide_func) if m_static == 1 else ("gemm_wide", gemm_wide_func))
-                    gv = self._func((form, f"b{bits}", *tag, f"a{act_group}"), lambda: make(layout, act_group))
+                    gv = self._func((form, f"b{bits}", *tag, f"a{act_group}"),
+                                    lambda: make(layout, act_group, swiglu=sw))
                 elif m_static == 1:
                     from .qgemv import gemv_int_func
 
                     gv = self._func(("gemv_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: gemv_int_func(layout, isa, act_group))
+                                    lambda: gemv_int_func(layout, isa, act_group, swiglu=sw))
                 else:
                     from .qgemm import gemm_int_func
 
                     gv = self._func(("gemm_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: gemm_int_func(layout, isa, act_group))
-                y = bb.emit(relax.call_tir(gv, [qa, sa, asum, w, sz], y_ty))
+                                    lambda: gemm_int_func(layout, isa, act_group, swiglu=sw))
+                return self._output(None, (w, sz), gv, m, out_f, lead, sw, layout.rows, extra=(qa, sa, asum))
             else:
                 if m_static == 1:
                     from .qgemv import gemv_float_func
 
-                    gv = self._func(("gemv_float", f"b{bits}", *tag), lambda: gemv_float_func(layout))
+                    gv = self._func(("gemv_float", f"b{bits}", *tag), lambda: gemv_float_func(layout, swiglu=sw))
                 else:
                     from .qgemm import gemm_float_func
 
-                    gv = self._func(("gemm_float", f"b{bits}", *tag), lambda: gemm_float_func(layout))
-                y = bb.emit(relax.call_tir(gv, [x2d, w, sz], y_ty))
-            return relax.op.reshape(y, relax.ShapeExpr([*lead, out_f]))
+                    gv = self._func(("gemm_float", f"b{bits}", *tag), lambda: gemm_float_func(layout, swiglu=sw))
+            return self._output(x2d, (w, sz), gv, m, out_f, lead, sw, layout.rows)
 
     def gv_name(call) -> str:
         return call.args[0].name_hint
 
+    def is_linear(mod: tvm.IRModule, value) -> bool:
+        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+            return False
+        if value.op.name == "relax.matmul":
+            return True
+        if value.op.name != "relax.call_tir" or value.args[0] not in mod.get_global_vars():
+            return False
+        return (mod[value.args[0]].attrs or {}).get(KERNEL_ATTR) == "wq_linear"
+
     @tvm.transform.module_pass(opt_level=0, name="llmpress.DispatchQuantKernels")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         m = _Dispatch(mod)
+        near: list[tuple[str, str, str]] = []
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 n_in = int((func.attrs or {}).get("num_input", len(func.params)))
                 m.weights = {p.name for p in func.params[n_in:]}
+                found, missed = match_swiglu(func, lambda v: is_linear(mod, v))
+                m.fused = {f.linear: f for f in found} if epilogues else {}
+                m.skip = set()
+                near += [(gv.name_hint, name, why) for name, why in missed]
                 m.builder_.update_func(gv, m.visit_expr(func))
         out = m.builder_.get()
         for name, why in sorted(m.kept.items()):
             log.info("%s keeps the generic CPU kernel: %s", name, why)
+        log.info("SwiGLU epilogue%s: %d linear(s) write silu(gate) * up, %d read the SwiGLU layout and re-order their "
+                 "output", "" if epilogues else " (off)", m.stats["swiglu_fused"], m.stats["swiglu_unpermuted"])
+        for fn, name, why in near:
+            log.info("%s: %s is no SwiGLU epilogue: %s", fn, name, why)
+        stats = dict(m.stats, swiglu_near_misses=[f"{fn}: {name}: {why}" for fn, name, why in near])
         # the generic kernels (and activation fake-quant stages) no longer called are dropped
         out = relax.transform.DeadCodeElimination()(relax.transform.EliminateCommonSubexpr()(out))
-        return out
+        return out.with_attr(EPILOGUE_STATS_ATTR, repr(stats))
 
     return _pass

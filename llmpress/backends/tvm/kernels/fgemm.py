@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .qgemv import PARALLEL_MIN_MACS, hsum
+from .qgemv import PARALLEL_MIN_MACS, hsum, store_rows
 from .qwide import _half_sum
 
-__all__ = ["ROWS", "CHUNK", "fits", "repack_te", "gemv_func", "gemm_func"]
+__all__ = ["ROWS", "CHUNK", "fits", "repack_te", "gemv_func", "gemm_func", "gemm_swiglu_fits"]
 
 ROWS, CHUNK = 4, 8
 #: Tokens per step of the 512-bit GEMM (``_gemm_wide``).
@@ -43,22 +43,41 @@ def fits(n: int, k: int) -> bool:
     return n % ROWS == 0 and k % CHUNK == 0 and k >= 2 * CHUNK
 
 
-def repack_te(w: Any) -> Any:
+def repack_te(w: Any, *, swiglu: bool = False) -> Any:
+    """``W [N, K]`` -> the tiled ``[N/4, K/8, 4, 8]``; with ``swiglu`` the rows in ``epilogue.source_row`` order."""
     from tvm import te
 
+    from .epilogue import source_row
+
     n, k = (int(d) for d in w.shape)
-    return te.compute((n // ROWS, k // CHUNK, ROWS, CHUNK), lambda t, c, r, j: w[t * ROWS + r, c * CHUNK + j],
+
+    def row(t, r):
+        return source_row(t, r, ROWS, n // 2) if swiglu else t * ROWS + r
+
+    return te.compute((n // ROWS, k // CHUNK, ROWS, CHUNK), lambda t, c, r, j: w[row(t, r), c * CHUNK + j],
                       name="w_tiled")
+
+
+def gemm_swiglu_fits(k: int) -> bool:
+    """Whether the GEMM can apply the SwiGLU epilogue: K in one cache block (the sums are final after one pass;
+    with several blocks ``y`` holds partial sums, so the caller un-permutes the output instead)."""
+    return k // CHUNK <= K_BLOCK
 
 
 def _wide(isa: Any) -> bool:
     return isa.name == "avx512vnni"
 
 
-def gemv_func(n: int, k: int, isa: Any) -> Any:
-    """``(x f32 [1, K], w [N/4, K/8, 4, 8]) -> y f32 [1, N]``."""
+def gemv_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
+    """``(x f32 [1, K], w [N/4, K/8, 4, 8]) -> y f32 [1, N]``; ``[1, N/2]`` with ``swiglu`` (silu(gate) * up, the
+    weights repacked with ``swiglu``: ``epilogue.py``)."""
     from tvm import tirx
     from tvm.script import tirx as T
+
+    from .epilogue import silu_mul
+
+    NO = n // 2 if swiglu else n
+    store = store_rows()
 
     R, C, NT, KC = ROWS, CHUNK, n // ROWS, k // CHUNK
     par = n * k >= PARALLEL_MIN_MACS
@@ -71,7 +90,7 @@ def gemv_func(n: int, k: int, isa: Any) -> Any:
 
         @T.prim_func(private=True)
         def wide(x: T.Buffer((1, k), "float32"), w: T.Buffer((NT, KC, R, C), "float32"),
-                 y: T.Buffer((1, n), "float32")):
+                 y: T.Buffer((1, NO), "float32")):
             T.func_attr({"tirx.noalias": True})
             for t in T.parallel(NT) if par else T.serial(NT):
                 acc = T.alloc_buffer((P, 2, 16), "float32", scope="global")
@@ -88,8 +107,13 @@ def gemv_func(n: int, k: int, isa: Any) -> Any:
                         acc[p, 0, V] = acc[p, 0, V] + w.vload([t, c, 2 * p, 0], "float32x16") * xx(x, c)
                 for p in T.unroll(P):  # lanes 0-7: row 2p, lanes 8-15: row 2p + 1
                     acc[p, 0, V] = acc[p, 0, V] + acc[p, 1, V]
-                    y[0, t * R + 2 * p] = _half_sum(acc, p, 0, half=0)
-                    y[0, t * R + 2 * p + 1] = _half_sum(acc, p, 0, half=1)
+                if swiglu:  # pair 0: gate rows t P, t P + 1; pair 1: their up rows
+                    y[0, t * P] = silu_mul(_half_sum(acc, 0, 0, half=0), _half_sum(acc, 1, 0, half=0))
+                    y[0, t * P + 1] = silu_mul(_half_sum(acc, 0, 0, half=1), _half_sum(acc, 1, 0, half=1))
+                else:
+                    for p in T.unroll(P):
+                        y[0, t * R + 2 * p] = _half_sum(acc, p, 0, half=0)
+                        y[0, t * R + 2 * p + 1] = _half_sum(acc, p, 0, half=1)
 
         return wide
 
@@ -97,7 +121,7 @@ def gemv_func(n: int, k: int, isa: Any) -> Any:
 
     @T.prim_func(private=True)
     def narrow(x: T.Buffer((1, k), "float32"), w: T.Buffer((NT, KC, R, C), "float32"),
-               y: T.Buffer((1, n), "float32")):
+               y: T.Buffer((1, NO), "float32")):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(NT) if par else T.serial(NT):
             acc = T.alloc_buffer((R, 2, 8), "float32", scope="global")
@@ -115,7 +139,7 @@ def gemv_func(n: int, k: int, isa: Any) -> Any:
                                                                                                 "float32x8")
             for r in T.unroll(R):
                 acc[r, 0, V8] = acc[r, 0, V8] + acc[r, 1, V8]
-                y[0, t * R + r] = hsum(acc, r, 0)
+            store(y, 0, t, acc, R, swiglu, 0)
 
     return narrow
 
@@ -127,8 +151,9 @@ def _kb_sum(y: Any, m: Any, col: Any, v: Any, kb: Any) -> Any:
     return tirx.Select(kb == 0, v, y[m, col] + v)
 
 
-def gemm_func(n: int, k: int, isa: Any) -> Any:
-    """``(x f32 [M, K], w [N/4, K/8, 4, 8]) -> y f32 [M, N]``, M symbolic.
+def gemm_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
+    """``(x f32 [M, K], w [N/4, K/8, 4, 8]) -> y f32 [M, N]``, M symbolic; ``[M, N/2]`` with ``swiglu``
+    (``gemm_swiglu_fits(k)`` must hold).
 
     Blocked for the caches: a task takes up to ``TILE_BLOCK`` tiles and sweeps them K block by K block (``K_BLOCK``
     chunks), token step by token step, so a step's activation rows (``MT x K_BLOCK`` floats) stay in L1 for every
@@ -136,18 +161,21 @@ def gemm_func(n: int, k: int, isa: Any) -> Any:
     tile streamed all of ``x`` from L3: 111 vs 161 GMAC/s at 128 x 4096 x 4096 on 2 Zen 5 cores (512-bit form)."""
     from tvm.script import tirx as T
 
+    if swiglu and not gemm_swiglu_fits(k):
+        raise ValueError(f"fgemm: the SwiGLU epilogue needs K <= {K_BLOCK * CHUNK}, got {k}")
     if _wide(isa):
-        return _gemm_wide(n, k)
+        return _gemm_wide(n, k, swiglu)
     R, C, NT, KC = ROWS, CHUNK, n // ROWS, k // CHUNK
     MT, TB, KB = 2, _tile_block(NT), K_BLOCK
     V8 = T.ramp(0, 1, 8)
+    store = store_rows()
 
     @T.prim_func(private=True)
     def func(var_x: T.handle, w: T.Buffer((NT, KC, R, C), "float32"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         x = T.match_buffer(var_x, (M, k), "float32")
-        y = T.match_buffer(var_y, (M, n), "float32")
+        y = T.match_buffer(var_y, (M, n // 2 if swiglu else n), "float32")
         for tb in T.parallel((NT + TB - 1) // TB):
             acc = T.alloc_buffer((R, MT, 8), "float32", scope="global")
             for kb in range((KC + KB - 1) // KB):
@@ -163,20 +191,25 @@ def gemm_func(n: int, k: int, isa: Any) -> Any:
                                         [T.min(m0 * MT + mi, M - 1), c * C], "float32x8")
                         for mi in T.unroll(MT):
                             if m0 * MT + mi < M:
-                                for r in T.unroll(R):
-                                    y[m0 * MT + mi, (tb * TB + tt) * R + r] = _kb_sum(
-                                        y, m0 * MT + mi, (tb * TB + tt) * R + r, hsum(acc, r, mi), kb)
+                                if swiglu:  # one K block: the sums are final
+                                    store(y, m0 * MT + mi, tb * TB + tt, acc, R, True, mi)
+                                else:
+                                    for r in T.unroll(R):
+                                        y[m0 * MT + mi, (tb * TB + tt) * R + r] = _kb_sum(
+                                            y, m0 * MT + mi, (tb * TB + tt) * R + r, hsum(acc, r, mi), kb)
 
     return func
 
 
-def _gemm_wide(n: int, k: int) -> Any:
+def _gemm_wide(n: int, k: int, swiglu: bool = False) -> Any:
     """The GEMM on 512-bit registers: a 64-byte load holds one chunk of rows 2p and 2p + 1, times the token's chunk
     repeated in both halves; 2 row pairs x ``MT_WIDE`` tokens = 12 float32x16 accumulators (12 independent FMA
     chains cover 2 FMA units x 4 cycles of latency), 2 weight loads and 6 activation loads per 12 FMAs. Blocked as
     ``gemm_func``."""
     from tvm import tirx
     from tvm.script import tirx as T
+
+    from .epilogue import silu_mul
 
     R, C, NT, KC = ROWS, CHUNK, n // ROWS, k // CHUNK
     P, MT, TB, KB, V = R // 2, MT_WIDE, _tile_block(NT), K_BLOCK, T.ramp(0, 1, 16)
@@ -190,7 +223,7 @@ def _gemm_wide(n: int, k: int) -> Any:
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         x = T.match_buffer(var_x, (M, k), "float32")
-        y = T.match_buffer(var_y, (M, n), "float32")
+        y = T.match_buffer(var_y, (M, n // 2 if swiglu else n), "float32")
         for tb in T.parallel((NT + TB - 1) // TB):
             acc = T.alloc_buffer((P, MT, 16), "float32", scope="global")
             for kb in range((KC + KB - 1) // KB):
@@ -206,11 +239,18 @@ def _gemm_wide(n: int, k: int) -> Any:
                                         x, T.min(m0 * MT + mi, M - 1), c)
                         for mi in T.unroll(MT):
                             if m0 * MT + mi < M:
-                                for p in T.unroll(P):
-                                    y[m0 * MT + mi, (tb * TB + tt) * R + 2 * p] = _kb_sum(
-                                        y, m0 * MT + mi, (tb * TB + tt) * R + 2 * p, _half_sum(acc, p, mi, half=0), kb)
-                                    y[m0 * MT + mi, (tb * TB + tt) * R + 2 * p + 1] = _kb_sum(
-                                        y, m0 * MT + mi, (tb * TB + tt) * R + 2 * p + 1, _half_sum(acc, p, mi, half=1),
-                                        kb)
+                                if swiglu:  # one K block: the sums are final
+                                    y[m0 * MT + mi, (tb * TB + tt) * P] = silu_mul(
+                                        _half_sum(acc, 0, mi, half=0), _half_sum(acc, 1, mi, half=0))
+                                    y[m0 * MT + mi, (tb * TB + tt) * P + 1] = silu_mul(
+                                        _half_sum(acc, 0, mi, half=1), _half_sum(acc, 1, mi, half=1))
+                                else:
+                                    for p in T.unroll(P):
+                                        y[m0 * MT + mi, (tb * TB + tt) * R + 2 * p] = _kb_sum(
+                                            y, m0 * MT + mi, (tb * TB + tt) * R + 2 * p,
+                                            _half_sum(acc, p, mi, half=0), kb)
+                                        y[m0 * MT + mi, (tb * TB + tt) * R + 2 * p + 1] = _kb_sum(
+                                            y, m0 * MT + mi, (tb * TB + tt) * R + 2 * p + 1,
+                                            _half_sum(acc, p, mi, half=1), kb)
 
     return func

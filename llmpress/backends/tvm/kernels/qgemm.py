@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .qgemv import _zero, hsum, unroll_factor
+from .qgemv import _zero, hsum, store_rows, unroll_factor
 from .qlayout import QLayout, codes, codes8
 
 __all__ = ["gemm_int_func", "gemm_float_func", "MT"]
@@ -35,8 +35,9 @@ __all__ = ["gemm_int_func", "gemm_float_func", "MT"]
 MT = 2
 
 
-def gemm_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
-    """``(qa i8 [M, K], sa f32 [M, K/act_group], asum f32 [M, K/group], w, sz) -> y f32 [M, N]``, M symbolic."""
+def gemm_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = False) -> Any:
+    """``(qa i8 [M, K], sa f32 [M, K/act_group], asum f32 [M, K/group], w, sz) -> y f32 [M, N]``, M symbolic
+    (``[M, N/2]`` with ``swiglu``: silu(gate) * up, ``epilogue.py``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -45,6 +46,7 @@ def gemm_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
     dot = isa.dot_s8s8 if layout.signed else isa.dot_u8s8
     comp = not (layout.sym and layout.zero == 0)
     V = T.ramp(0, 1, 8)
+    store = store_rows()
 
     @T.prim_func(private=True)
     def func(var_qa: T.handle, var_sa: T.handle, var_asum: T.handle, w: T.Buffer(layout.w_shape, layout.dtype),
@@ -54,7 +56,7 @@ def gemm_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
         qa = T.match_buffer(var_qa, (M, K), "int8")
         sa = T.match_buffer(var_sa, (M, K // GA), "float32")
         asum = T.match_buffer(var_asum, (M, NG), "float32")
-        y = T.match_buffer(var_y, (M, N), "float32")
+        y = T.match_buffer(var_y, (M, N // 2 if swiglu else N), "float32")
         for t in T.parallel(NT):
             facc = T.alloc_buffer((R, MT, 8), "float32", scope="global")
             gacc = T.alloc_buffer((R, MT, 8), "float32", scope="global")
@@ -89,19 +91,19 @@ def gemm_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
                                     * asum[T.min(m0 * MT + mi, M - 1), g] * T.float32(0.125), 8)
                 for mi in T.unroll(MT):
                     if m0 * MT + mi < M:
-                        for r in T.unroll(R):
-                            y[m0 * MT + mi, t * R + r] = hsum(facc, r, mi)
+                        store(y, m0 * MT + mi, t, facc, R, swiglu, mi)
 
     return func
 
 
-def gemm_float_func(layout: QLayout) -> Any:
-    """``(x f32 [M, K], w, sz) -> y f32 [M, N]``, M symbolic."""
+def gemm_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
+    """``(x f32 [M, K], w, sz) -> y f32 [M, N]``, M symbolic (``[M, N/2]`` with ``swiglu``)."""
     from tvm.script import tirx as T
 
     R, K, N, G = layout.rows, layout.in_features, layout.out_features, layout.group
     NT, NG = layout.tiles, layout.groups
     V = T.ramp(0, 1, 8)
+    store = store_rows()
 
     @T.prim_func(private=True)
     def func(var_x: T.handle, w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
@@ -109,7 +111,7 @@ def gemm_float_func(layout: QLayout) -> Any:
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         x = T.match_buffer(var_x, (M, K), "float32")
-        y = T.match_buffer(var_y, (M, N), "float32")
+        y = T.match_buffer(var_y, (M, N // 2 if swiglu else N), "float32")
         for t in T.parallel(NT):
             wf = T.alloc_buffer((R, K), "float32", scope="global")
             acc = T.alloc_buffer((R, MT, 8), "float32", scope="global")
@@ -129,7 +131,6 @@ def gemm_float_func(layout: QLayout) -> Any:
                                 [T.min(m0 * MT + mi, M - 1), k8 * 8], "float32x8")
                 for mi in T.unroll(MT):
                     if m0 * MT + mi < M:
-                        for r in T.unroll(R):
-                            y[m0 * MT + mi, t * R + r] = hsum(acc, r, mi)
+                        store(y, m0 * MT + mi, t, acc, R, swiglu, mi)
 
     return func

@@ -26,11 +26,12 @@ Below ``PARALLEL_MIN_MACS`` multiply-adds a kernel runs on the calling thread (w
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .qlayout import QLayout, codes, codes8
 
-__all__ = ["gemv_int_func", "gemv_float_func", "PARALLEL_MIN_MACS", "hsum", "unroll_factor"]
+__all__ = ["gemv_int_func", "gemv_float_func", "PARALLEL_MIN_MACS", "hsum", "unroll_factor", "store_rows"]
 
 #: Below this many multiply-adds per call, a kernel runs serially (a 256 x 768 GEMV is ~10 us on one core).
 PARALLEL_MIN_MACS = 1 << 20
@@ -42,6 +43,32 @@ def hsum(buf: Any, *idx: Any, lanes: int = 8) -> Any:
     while len(vals) > 1:
         vals = [vals[i] + vals[i + 1] for i in range(0, len(vals), 2)]
     return vals[0]
+
+
+@functools.cache
+def store_rows() -> Any:
+    """TIR macro ``store_rows(y, m, t, acc, R, swiglu)``: the output stage of a tile of ``R`` rows whose sums are
+    ``acc[r, 0:8]`` (token ``m``)::
+
+        y[m, t R + r] = sum(acc[r, :])                                        r < R
+        y[m, t H + r] = silu_mul(sum(acc[r, :]), sum(acc[r + H, :]))          r < H = R/2, with ``swiglu``
+
+    (the SwiGLU row order of ``epilogue.py``). ``idx``: further indices of ``acc`` before the lanes (the token of
+    a GEMM step)."""
+    from tvm.script import tirx as T
+
+    from .epilogue import silu_mul
+
+    @T.macro
+    def store(y, m, t, acc, R, swiglu, *idx):
+        if swiglu:
+            for r in T.unroll(R // 2):
+                y[m, t * (R // 2) + r] = silu_mul(hsum(acc, r, *idx), hsum(acc, r + R // 2, *idx))
+        else:
+            for r in T.unroll(R):
+                y[m, t * R + r] = hsum(acc, r, *idx)
+
+    return store
 
 
 def unroll_factor(n: int, limit: int = 8) -> int:
@@ -58,8 +85,9 @@ def _zero(layout: QLayout, sz: Any, t: Any, g: Any, r: Any) -> Any:
     return tirx.const(float(layout.zero), "float32") if layout.sym else sz[t, g, r, 1]
 
 
-def gemv_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
-    """``(qa i8 [1, K], sa f32 [1, K/act_group], asum f32 [1, K/group], w, sz) -> y f32 [1, N]``."""
+def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = False) -> Any:
+    """``(qa i8 [1, K], sa f32 [1, K/act_group], asum f32 [1, K/group], w, sz) -> y f32 [1, N]``; with ``swiglu``
+    (weights in ``epilogue.source_row`` order) ``y f32 [1, N/2]`` = silu(gate) * up (``epilogue.py``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -73,6 +101,7 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
     par = N * K >= PARALLEL_MIN_MACS
     V = T.ramp(0, 1, 8)
     V16 = T.ramp(0, 1, 16)
+    store = store_rows()
 
     def k_of(g, b, so, si):
         return g * G + b * GA + (so * U + si) * 32
@@ -97,7 +126,7 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
     @T.prim_func(private=True)
     def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
              w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
-             y: T.Buffer((1, N), "float32")):
+             y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(NT) if par else T.serial(NT):
             facc = T.alloc_buffer((R, 8), "float32", scope="global")
@@ -122,20 +151,20 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int) -> Any:
                     if comp:
                         facc[r, V] = facc[r, V] - T.broadcast(
                             sz[t, g, r, 0] * _zero(layout, sz, t, g, r) * asum[0, g] * T.float32(0.125), 8)
-            for r in T.unroll(R):
-                y[0, t * R + r] = hsum(facc, r)
+            store(y, 0, t, facc, R, swiglu)
 
     return func
 
 
-def gemv_float_func(layout: QLayout) -> Any:
-    """``(x f32 [1, K], w, sz) -> y f32 [1, N]``."""
+def gemv_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
+    """``(x f32 [1, K], w, sz) -> y f32 [1, N]`` (``[1, N/2]`` with ``swiglu``, as ``gemv_int_func``)."""
     from tvm.script import tirx as T
 
     R, K, N, G = layout.rows, layout.in_features, layout.out_features, layout.group
     NT, NG = layout.tiles, layout.groups
     par = N * K >= PARALLEL_MIN_MACS
     V = T.ramp(0, 1, 8)
+    store = store_rows()
     # Order of the 8-feature steps: when a group holds whole chunks, the values one byte run holds (feature
     # j, 32 + j, ... of the chunk) are decoded one after the other, so each 8-byte load is used at once.
     CH = layout.chunk if G % layout.chunk == 0 else 32
@@ -147,7 +176,7 @@ def gemv_float_func(layout: QLayout) -> Any:
 
     @T.prim_func(private=True)
     def func(x: T.Buffer((1, K), "float32"), w: T.Buffer(layout.w_shape, layout.dtype),
-             sz: T.Buffer(layout.sz_shape, "float32"), y: T.Buffer((1, N), "float32")):
+             sz: T.Buffer(layout.sz_shape, "float32"), y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
         T.func_attr({"tirx.noalias": True})
         # sum of the activations per group, once per call (read by every thread): the zero point's term
         xsum = T.alloc_buffer((NG,), "float32", scope="global")
@@ -176,7 +205,6 @@ def gemv_float_func(layout: QLayout) -> Any:
                     facc[r, V] = facc[r, V] + (gacc[r, 0, V] + gacc[r, 1, V] - T.broadcast(
                         _zero(layout, sz, t, g, r) * xsum[g] * T.float32(0.125), 8)) * T.broadcast(
                         sz[t, g, r, 0], 8)
-            for r in T.unroll(R):
-                y[0, t * R + r] = hsum(facc, r)
+            store(y, 0, t, facc, R, swiglu)
 
     return func

@@ -141,17 +141,22 @@ def why_not(bits: int, out_features: int, in_features: int, group: int, rows: in
     return None
 
 
-def repack_te(layout: QLayout, qweight: Any, scales: Any, zeros: Any = None) -> list:
-    """TE computes ``[w, sz]`` of the kernel layout from TE placeholders in the op's storage layout."""
+def repack_te(layout: QLayout, qweight: Any, scales: Any, zeros: Any = None, *, swiglu: bool = False) -> list:
+    """TE computes ``[w, sz]`` of the kernel layout from TE placeholders in the op's storage layout; with
+    ``swiglu`` (a fused gate/up weight) tile ``t`` row ``r`` holds weight row ``epilogue.source_row(t, r)``."""
     from tvm import te, tirx
 
+    from .epilogue import source_row
     from .wq_linear import _code
 
     R, bits, CH = layout.rows, layout.bits, layout.chunk
     bounds = [(layout.plane_offset(i), layout.plane_offset(i + 1), p) for i, p in enumerate(layout.planes)]
 
+    def row(t, r):
+        return source_row(t, r, R, layout.out_features // 2) if swiglu else t * R + r
+
     def byte(t, c, r, j):
-        o = t * R + r
+        o = row(t, r)
         if layout.signed:  # 8-bit: the signed code (asymmetric: c - 128, the zero point moves with it)
             code = _code(qweight, o, c * CH + j, 8)
             return (code if layout.sym else code - 128).astype("int8")
@@ -170,10 +175,10 @@ def repack_te(layout: QLayout, qweight: Any, scales: Any, zeros: Any = None) -> 
     w = te.compute(layout.w_shape, byte, name="w_tiled")
 
     def sz(t, g, r, e):
-        s = scales[t * R + r, g].astype("float32")
+        s = scales[row(t, r), g].astype("float32")
         if layout.sym:
             return s
-        z = zeros[t * R + r, g].astype("float32") - tirx.const(128.0 if layout.signed else 0.0, "float32")
+        z = zeros[row(t, r), g].astype("float32") - tirx.const(128.0 if layout.signed else 0.0, "float32")
         return tirx.Select(e == 0, s, z)
 
     return [w, te.compute(layout.sz_shape, sz, name="sz_tiled")]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from .qgemv import PARALLEL_MIN_MACS, unroll_factor
+from .epilogue import silu_mul
 from .qlayout import QLayout
 
 __all__ = ["wide_applies", "gemv_wide_func", "gemm_wide_func", "MT_WIDE"]
@@ -87,8 +88,9 @@ def _half_sum(buf: Any, *idx: Any, half: int) -> Any:
     return vals[0]
 
 
-def gemv_wide_func(layout: QLayout, act_group: int) -> Any:
-    """``(qa i8 [1, K], sa f32 [1, K/act_group], asum f32 [1, K/group], w, sz) -> y f32 [1, N]``."""
+def gemv_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> Any:
+    """``(qa i8 [1, K], sa f32 [1, K/act_group], asum f32 [1, K/group], w, sz) -> y f32 [1, N]`` (``[1, N/2]``
+    with ``swiglu``: silu(gate) * up, weights in the row order of ``epilogue.py``; needs ``R = 4``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -104,7 +106,7 @@ def gemv_wide_func(layout: QLayout, act_group: int) -> Any:
     @T.prim_func(private=True)
     def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
              w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
-             y: T.Buffer((1, N), "float32")):
+             y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(NT) if par else T.serial(NT):
             facc = T.alloc_buffer((P, 16), "float32", scope="global")
@@ -130,15 +132,20 @@ def gemv_wide_func(layout: QLayout, act_group: int) -> Any:
                     facc[p, V] = facc[p, V] + (gacc[p, V] - _pair(
                         _zero(layout, sz, t, g, 2 * p), _zero(layout, sz, t, g, 2 * p + 1)) * T.broadcast(
                         asum[0, g] * T.float32(0.125), 16)) * _pair(sz[t, g, 2 * p, 0], sz[t, g, 2 * p + 1, 0])
-            for p in T.unroll(P):
-                y[0, t * R + 2 * p] = _half_sum(facc, p, half=0)
-                y[0, t * R + 2 * p + 1] = _half_sum(facc, p, half=1)
+            if swiglu:  # pair 0: gate rows t H, t H + 1; pair 1: their up rows (epilogue.py)
+                y[0, t * P] = silu_mul(_half_sum(facc, 0, half=0), _half_sum(facc, 1, half=0))
+                y[0, t * P + 1] = silu_mul(_half_sum(facc, 0, half=1), _half_sum(facc, 1, half=1))
+            else:
+                for p in T.unroll(P):
+                    y[0, t * R + 2 * p] = _half_sum(facc, p, half=0)
+                    y[0, t * R + 2 * p + 1] = _half_sum(facc, p, half=1)
 
     return func
 
 
-def gemm_wide_func(layout: QLayout, act_group: int) -> Any:
-    """``(qa i8 [M, K], sa f32 [M, K/act_group], asum f32 [M, K/group], w, sz) -> y f32 [M, N]``, M symbolic."""
+def gemm_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> Any:
+    """``(qa i8 [M, K], sa f32 [M, K/act_group], asum f32 [M, K/group], w, sz) -> y f32 [M, N]``, M symbolic
+    (``[M, N/2]`` with ``swiglu``, as ``gemv_wide_func``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -158,7 +165,7 @@ def gemm_wide_func(layout: QLayout, act_group: int) -> Any:
         qa = T.match_buffer(var_qa, (M, K), "int8")
         sa = T.match_buffer(var_sa, (M, K // GA), "float32")
         asum = T.match_buffer(var_asum, (M, NG), "float32")
-        y = T.match_buffer(var_y, (M, N), "float32")
+        y = T.match_buffer(var_y, (M, N // 2 if swiglu else N), "float32")
         for t in T.parallel(NT):
             facc = T.alloc_buffer((P, MT, 16), "float32", scope="global")
             gacc = T.alloc_buffer((P, MT, 16), "float32", scope="global")
@@ -191,8 +198,14 @@ def gemm_wide_func(layout: QLayout, act_group: int) -> Any:
                                 sz[t, g, 2 * p, 0], sz[t, g, 2 * p + 1, 0])
                 for mi in T.unroll(MT):
                     if m0 * MT + mi < M:
-                        for p in T.unroll(P):
-                            y[m0 * MT + mi, t * R + 2 * p] = _half_sum(facc, p, mi, half=0)
-                            y[m0 * MT + mi, t * R + 2 * p + 1] = _half_sum(facc, p, mi, half=1)
+                        if swiglu:
+                            y[m0 * MT + mi, t * P] = silu_mul(_half_sum(facc, 0, mi, half=0),
+                                                              _half_sum(facc, 1, mi, half=0))
+                            y[m0 * MT + mi, t * P + 1] = silu_mul(_half_sum(facc, 0, mi, half=1),
+                                                                  _half_sum(facc, 1, mi, half=1))
+                        else:
+                            for p in T.unroll(P):
+                                y[m0 * MT + mi, t * R + 2 * p] = _half_sum(facc, p, mi, half=0)
+                                y[m0 * MT + mi, t * R + 2 * p + 1] = _half_sum(facc, p, mi, half=1)
 
     return func

@@ -1,0 +1,137 @@
+"""Fused epilogues on/off: TVM ``cpu`` decode tok/s and prefill ms of the w4a8 models, interleaved.
+
+Each shape (``shapes.py``: random weights with a trained model's scale) goes through the ``w4a8`` preset (which
+fuses gate/up) and is lowered twice for TVM ``cpu``: with the fusions (``TVMBackend(epilogues=True)``, the
+default: the SwiGLU epilogue in the gate/up kernel, ``kernels/epilogue.py``, and residual add + RMSNorm as one
+kernel, ``kernels/add_norm.py``) and without them (``epilogues=False``: the separate split/silu/multiply kernel, the
+add and the two norm kernels). Both programs read the same weights and compute
+the same logits up to rounding: fp32 summation order, which w4a8's int8 activation quantization can amplify (an
+input one rounding away lands on the other side of a rounding boundary and its code moves a whole step; see
+``test_tinystories_w4a8_perplexity_tvm_equals_reference``). Each row's largest logit difference from the reference
+interpreter on one 16-token prompt is reported, and a row more than 10% of the logits' scale away (a wrong layout,
+O(1)) stops the run. Timings:
+``machine.interleaved_timings`` (one prefill of ``--prefill`` random tokens, then ``--decode`` greedy steps; each
+round measures both rows, medians over ``--repeats`` rounds), plus a ``profile_decode`` table per row (where one
+decode step spends its time, and how many VM calls it makes).
+
+Run: ``.venv/bin/python benchmarks/epilogue.py [--shapes 110m,1.1b] [--repeats 7]`` ->
+``benchmarks/results/epilogue.{md,json}``. The 110M shape builds in about a minute per row on an idle 2-core
+machine; on a loaded one, compare the ratio, not the absolute rates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from machine import interleaved_timings, loadavg, machine_env
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+log = logging.getLogger("benchmarks.epilogue")
+
+ROWS = {"fused": True, "separate kernels": False}
+
+
+def build(shape: str, threads: int) -> list[tuple[dict, object, object]]:
+    """Both rows of ``shape``: ``[(row, compiled, lm), ...]``, each checked against the reference on one prompt."""
+    from shapes import llama_folder
+
+    from llmpress.api import prepare, run_pipeline
+    from llmpress.backends.tvm import TVMBackend
+    from llmpress.eval.generate import empty_cache
+    from llmpress.passes.presets import PRESETS
+
+    module, _ = prepare(str(llama_folder(shape)), None)
+    module, _ = run_pipeline(module, PRESETS["w4a8"], progress=False)
+    out = []
+    ids = torch.randint(3, module.lm.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    zero = torch.zeros(1, dtype=torch.int64)
+    with torch.no_grad():
+        ref = module.run(ids, zero, *empty_cache(module.lm))[0]
+    scale = float(ref.abs().max())
+    for label, fused in ROWS.items():
+        t0 = time.perf_counter()
+        compiled = TVMBackend(epilogues=fused).lower(module, "cpu", progress=True)
+        compiled.threads = threads
+        row = {"shape": shape, "row": label, "epilogues": fused, "compile_s": round(time.perf_counter() - t0, 1),
+               "build": compiled.running.name}
+        got = torch.as_tensor(compiled(ids, zero, *empty_cache(module.lm))[0])
+        row["max_logit_diff"] = float((got - ref).abs().max())
+        row["logit_scale"] = scale
+        if row["max_logit_diff"] > 0.1 * scale:
+            raise SystemExit(f"{shape} {label}: logits {row['max_logit_diff']:.3g} from the reference (scale "
+                             f"{scale:.3g})")
+        out.append((row, compiled, module.lm))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="110m", help="comma-separated shapes.py names (110m, 1.1b)")
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-row decode-step profile")
+    ap.add_argument("--out", default=str(RESULTS / "epilogue"), help="output path without extension")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    env = machine_env(threads=args.threads, prefill=args.prefill, decode=args.decode, repeats=args.repeats)
+    rows, profiles = [], {}
+    for shape in args.shapes.split(","):
+        built = build(shape, args.threads)
+        interleaved_timings(built, {"prefill": args.prefill}, decode=args.decode, repeats=args.repeats)
+        if not args.no_profile:
+            from profile_decode import profile
+
+            for row, compiled, _ in built:
+                profiles[f"{shape} {row['row']}"] = profile(_Art(compiled), prefill=args.prefill)
+        rows += [row for row, _, _ in built]
+    env["load_after"] = loadavg()
+    Path(args.out + ".json").write_text(json.dumps({"env": env, "rows": rows, "profiles": profiles}, indent=1))
+    Path(args.out + ".md").write_text(markdown(env, rows, profiles))
+    sys.stdout.write(markdown(env, rows, profiles))
+
+
+class _Art:
+    """What ``profile_decode.profile`` reads of an artifact: the compiled program and its LM convention."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled, self.lm = compiled, compiled.lm
+
+
+def markdown(env: dict, rows: list[dict], profiles: dict) -> str:
+    lines = ["# Fused epilogues (SwiGLU in gate/up, residual add + RMSNorm): TVM cpu, w4a8", "",
+             f"{env['cpu']}, {env['threads']} threads, {env['date']}, load {env['load_before']} -> "
+             f"{env.get('load_after', '?')}. Prefill of {env['prefill']} random tokens, then {env['decode']} greedy "
+             f"decode steps; medians of {env['repeats']} interleaved rounds. Ratio: fused / separate (> 1: fused "
+             "faster decode; < 1: fused faster prefill).", "",
+             "| shape | row | build | prefill ms | decode tok/s | ratio | max logit diff from reference | compile s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    base = {r["shape"]: r for r in rows if not r["epilogues"]}
+    for r in rows:
+        p = r["prefill"]
+        b = base[r["shape"]]["prefill"]
+        ratio = (f"decode {p['decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f}x, "
+                 f"prefill {p['prefill_ms'] / b['prefill_ms']:.3f}x")
+        diff = f"{r['max_logit_diff']:.2g} (scale {r['logit_scale']:.2g})"
+        lines.append(f"| {r['shape']} | {r['row']} | {r['build']} | {p['prefill_ms']:.1f} | "
+                     f"{p['decode_tokens_per_s']:.1f} | {ratio} | {diff} | {r['compile_s']} |")
+    if profiles:
+        from profile_decode import profile_markdown
+
+        lines += ["", "## One decode step, by kind of operation", ""]
+        for title, p in profiles.items():
+            lines += [profile_markdown(p, title)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
