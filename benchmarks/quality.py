@@ -404,8 +404,11 @@ class Bench:
         meta = self.meta(final)
         rows = self.rows
         if self.args.only:  # refresh those groups' rows in the last run's table, keep the others as they were
+            if not hasattr(self, "earlier"):  # read once: the partial writes below replace the file
+                path = self.out / "quality.json"
+                self.earlier = json.loads(path.read_text()) if path.is_file() else {"rows": [], "meta": {}}
             meta["refreshed"] = sorted(self.args.only)
-            rows = _merged(self.out / "quality.json", self.rows, meta)
+            rows = _merged(self.earlier, self.rows, meta)
         data = {"meta": meta, "rows": [r.__dict__ for r in rows]}
         (self.out / "quality.json").write_text(json.dumps(data, indent=1) + "\n")
         (self.out / "quality.md").write_text(markdown(rows, meta))
@@ -413,10 +416,9 @@ class Bench:
             plot(rows, self.out / "quality.png")
 
 
-def _merged(path: Path, new: list[Row], meta: dict) -> list[Row]:
-    """The rows of the earlier run in ``path`` with each row of ``new`` in place of the one with its method, config
-    and runtime (appended when new); ``meta`` records which run the kept rows came from."""
-    old = json.loads(path.read_text()) if path.is_file() else {"rows": [], "meta": {}}
+def _merged(old: dict, new: list[Row], meta: dict) -> list[Row]:
+    """The rows of an earlier run (its quality.json data) with each row of ``new`` in place of the one with its
+    method, config and runtime (appended when new); ``meta`` records which run the kept rows came from."""
     key = lambda r: (r.method, r.config, r.runtime)  # noqa: E731
     fresh = {key(r): r for r in new}
     rows = [fresh.pop(key(r), r) for r in (Row(**d) for d in old["rows"])]
