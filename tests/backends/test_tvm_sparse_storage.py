@@ -82,15 +82,20 @@ MIXED = ("sparsify(method=magnitude,pattern=2:4,include=*.mlp.*),sparsify(method
          "include=*.self_attn.*),quantize(bits=4,group=32,include=*.mlp.*)")
 
 
-@pytest.mark.tvm
-def test_sparse_artifact_is_smaller_and_loads_bit_identical(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
     """One cpu build covering the three cases (a TVM build per case would triple the time): MLPs 2:4 + int4,
-    attention 50% unstructured float, lm_head and embeddings dense."""
-    from safetensors.torch import save_file
-
+    attention 50% unstructured float, lm_head and embeddings dense. (model, in-memory artifact, saved folder)."""
     model = _llama()
     art = llmpress.compile(model, pipeline=MIXED, target="cpu", progress=False)
-    folder = art.save(tmp_path / "a")
+    return model, art, art.save(tmp_path_factory.mktemp("sparse") / "a")
+
+
+@pytest.mark.tvm
+def test_sparse_artifact_is_smaller_and_loads_bit_identical(mixed, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model, art, folder = mixed
     manifest = json.loads((folder / "manifest.json").read_text())
     records = manifest["payload"]["sparse_weights"]
     sparse_layers = {path for p in art.passes if p["name"] == "sparsify" for path in p["stats"]["layers"]}
@@ -121,6 +126,25 @@ def test_sparse_artifact_is_smaller_and_loads_bit_identical(tmp_path) -> None:
                                dense[name].reshape(-1).view(torch.uint8)), name
         got = loaded(*llama_inputs(model, t=12))[0]
     assert torch.equal(got, want)
+
+
+@pytest.mark.tvm
+def test_edge_runner_expands_them(mixed) -> None:
+    """The C++ runner reads the same artifact: its greedy ids equal the Python program's."""
+    import subprocess
+
+    from llmpress.backends.tvm import emulate
+
+    missing = emulate.missing_tools(emulate.host_arch())
+    if missing:
+        pytest.skip(f"the edge runner cannot be built here: missing {', '.join(missing)}")
+    _, art, folder = mixed
+    prompt = [1, 5, 9, 2]
+    want = art.generate_ids(prompt, 8)
+    out = subprocess.run([*emulate.runner_command(), str(folder), "--prompt-ids", ",".join(map(str, prompt)),
+                          "--max-new-tokens", "8", "--print-ids"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert [int(i) for i in out.stdout.replace(",", " ").split()] == list(want)
 
 
 def test_dense_int4_codes_stay_dense() -> None:
