@@ -147,6 +147,20 @@ def test_edge_runner_expands_them(mixed) -> None:
     assert [int(i) for i in out.stdout.replace(",", " ").split()] == list(want)
 
 
+@pytest.mark.tvm
+def test_inspect_reports_them(mixed, capsys) -> None:
+    from llmpress.cli import main
+
+    _, _, folder = mixed
+    records = json.loads((folder / "manifest.json").read_text())["payload"]["sparse_weights"]
+    assert main(["inspect", str(folder), "--json"]) == 0
+    sw = json.loads(capsys.readouterr().out)["sparse_weights"]
+    assert sw == {"tensors": 14, "formats": ["bitmask"], "dense_bytes": sum(r["dense_bytes"] for r in records.values()),
+                  "stored_bytes": sum(r["stored_bytes"] for r in records.values())}
+    assert main(["inspect", str(folder)]) == 0
+    assert "sparse weights: 14 tensors stored compressed (bitmask)" in capsys.readouterr().out
+
+
 def test_dense_int4_codes_stay_dense() -> None:
     """RTN int4 codes of a dense Gaussian weight, packed as the op stores them: no value is frequent enough."""
     from llmpress.ir.ops.wq_linear import pack_weight
