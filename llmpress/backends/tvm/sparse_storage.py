@@ -47,7 +47,7 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _elements(raw: torch.Tensor, bits: int) -> torch.Tensor:
-    """``raw`` (flat uint8) as elements of ``bits`` bits: int64 for sub-byte widths, an int view otherwise."""
+    """``raw`` (flat uint8) as elements of ``bits`` bits: uint8 for sub-byte widths, an int view otherwise."""
     if bits >= 8:
         return raw.view(_INT_VIEW[bits // 8])
     per = 8 // bits
@@ -63,7 +63,7 @@ def _pack(elems: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-elems.numel()) % per
     e = torch.cat([elems.to(torch.uint8), torch.zeros(pad, dtype=torch.uint8)]).reshape(-1, per)
     shifts = torch.arange(per, dtype=torch.uint8) * bits
-    return (e << shifts).sum(dim=1, dtype=torch.uint8) if per > 1 else e.reshape(-1)
+    return (e << shifts).sum(dim=1, dtype=torch.uint8)  # disjoint bits: the sum is their OR
 
 
 def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict] | None:
     best = None
     for bits in ([8, 4, 2] if size == 1 else [8 * size]):
         el = _elements(raw, bits)
-        fill = int(torch.bincount(el.to(torch.int64), minlength=1 << bits).argmax()) if bits <= 8 else 0
+        fill = int(torch.bincount(el, minlength=1 << bits).argmax()) if bits <= 8 else 0
         keep = el != fill
         k = int(keep.sum())
         stored = (k * bits + 7) // 8 + (el.numel() + 7) // 8
@@ -126,7 +126,7 @@ def decode(record: dict, values: torch.Tensor, mask: torch.Tensor, where: str = 
     if keep is None or vals.numel() != k or k != int(record["nonfill"]):
         raise ArtifactError(f"{where}: sparse weight data does not match its record (mask of {mask.numel()} "
                             f"bytes for {n} elements, {vals.numel()} values for {k} set bits)")
-    el = torch.full((n,), fill, dtype=torch.int64 if bits < 8 else _INT_VIEW[bits // 8])
+    el = torch.full((n,), fill, dtype=torch.uint8 if bits < 8 else _INT_VIEW[bits // 8])
     el[keep] = vals.to(el.dtype)
     return _pack(el, bits).view(dtype).reshape(shape)
 
