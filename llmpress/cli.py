@@ -154,6 +154,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         specs = art.lm.cache_specs()
         info["kv_cache"] = {"bytes": art.lm.cache_bytes(), "tensors": len(specs),
                             "dtypes": sorted({c["dtype"] for c in specs}), "cache_len": art.lm.cache_len}
+    sparse = (art.manifest.get("payload") or {}).get("sparse_weights") or {}
+    if sparse:  # TVM artifacts: sparse weights stored compressed (backends/tvm/sparse_storage.py)
+        info["sparse_weights"] = {"tensors": len(sparse), "formats": sorted({r["format"] for r in sparse.values()}),
+                                  "dense_bytes": sum(r["dense_bytes"] for r in sparse.values()),
+                                  "stored_bytes": sum(r["stored_bytes"] for r in sparse.values())}
     if a.json:
         print(json.dumps(info, default=str))
         return 0
@@ -166,6 +171,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         kv = info["kv_cache"]
         print(f"KV cache: {kv['bytes']:,} bytes for {kv['cache_len']} positions, {kv['tensors']} tensors "
               f"({', '.join(kv['dtypes'])})")
+    if "sparse_weights" in info:
+        sw = info["sparse_weights"]
+        print(f"sparse weights: {sw['tensors']} tensors stored compressed ({', '.join(sw['formats'])}), "
+              f"{sw['dense_bytes']:,} -> {sw['stored_bytes']:,} bytes; expanded at load, dense compute")
     w = max([len(r["path"]) for r in rows] + [5])
     print(f"{'layer':<{w}}  {'op':<28} {'weights':<34} {'bytes':>10}  compression")
     for r in rows:

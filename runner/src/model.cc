@@ -180,6 +180,9 @@ EdgeModel::EdgeModel(const std::string& dir, bool verify_hashes) : dir_(dir) {
   // Weights, in VM parameter order.
   std::string wpath = dir + "/" + payload.Str("weights");
   std::map<std::string, ffi::Tensor> by_name = LoadSafetensors(wpath);
+  if (payload.Has("sparse_weights") && !payload.IsNull("sparse_weights")) {
+    ExpandSparseWeights(&by_name, payload.Obj("sparse_weights"));  // stored compressed: back to the dense tensors
+  }
   for (const std::string& name : payload.StrList("params")) {
     auto it = by_name.find(name);
     if (it == by_name.end()) throw RunnerError(wpath + ": no tensor '" + name + "' (listed in payload.params)");

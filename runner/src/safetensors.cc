@@ -72,4 +72,65 @@ std::map<std::string, ffi::Tensor> LoadSafetensors(const std::string& path) {
   return out;
 }
 
+namespace {
+
+const ffi::Tensor& Take(const std::map<std::string, ffi::Tensor>& tensors, const JsonObject& rec,
+                        const std::string& key) {
+  auto it = tensors.find(rec.Str(key));
+  if (it == tensors.end()) throw RunnerError(rec.where() + ": no tensor '" + rec.Str(key) + "' in the weights");
+  return it->second;
+}
+
+}  // namespace
+
+void ExpandSparseWeights(std::map<std::string, ffi::Tensor>* tensors, const JsonObject& records) {
+  for (const std::string& name : records.Keys()) {
+    JsonObject rec = records.Obj(name);
+    if (rec.Str("format") != "bitmask") {
+      throw RunnerError(rec.where() + ": unknown sparse weight format '" + rec.Str("format") + "'");
+    }
+    const int64_t bits = rec.Int("elem_bits");
+    const uint64_t fill = static_cast<uint64_t>(rec.Int("fill"));
+    ffi::Tensor out = EmptyCPU(rec.IntList("shape"), ParseDType(rec.Str("dtype"), rec.where() + ": dtype"));
+    const size_t nbytes = ffi::GetDataSize(out);
+    if ((bits != 2 && bits != 4 && bits % 8 != 0) || bits <= 0 || bits > 64 || (nbytes * 8) % bits != 0) {
+      throw RunnerError(rec.where() + ": elem_bits " + std::to_string(bits) + " does not fit the tensor");
+    }
+    const ffi::Tensor& values = Take(*tensors, rec, "values");
+    const ffi::Tensor& mask = Take(*tensors, rec, "mask");
+    const auto* val = static_cast<const uint8_t*>(values.data_ptr());
+    const auto* bit = static_cast<const uint8_t*>(mask.data_ptr());
+    const size_t val_bits = ffi::GetDataSize(values) * 8;
+    const size_t n = nbytes * 8 / bits;
+    if (ffi::GetDataSize(mask) * 8 < n) throw RunnerError(rec.where() + ": mask shorter than the tensor");
+    auto* dst = static_cast<uint8_t*>(out.data_ptr());  // zero-filled
+    size_t k = 0;  // values used so far
+    for (size_t i = 0; i < n; ++i) {
+      const bool set = (bit[i >> 3] >> (i & 7)) & 1;
+      if (set && (k + 1) * bits > val_bits) throw RunnerError(rec.where() + ": fewer values than mask bits");
+      if (bits >= 8) {
+        const size_t eb = bits / 8;
+        if (set) {
+          std::memcpy(dst + i * eb, val + k * eb, eb);
+        } else {
+          for (size_t b = 0; b < eb; ++b) dst[i * eb + b] = static_cast<uint8_t>(fill >> (8 * b));
+        }
+      } else {
+        const size_t src = k * bits;
+        const uint64_t e = set ? (val[src >> 3] >> (src & 7)) & ((1u << bits) - 1) : fill;
+        dst[(i * bits) >> 3] |= static_cast<uint8_t>(e << ((i * bits) & 7));
+      }
+      k += set;
+    }
+    if (static_cast<int64_t>(k) != rec.Int("nonfill")) {
+      throw RunnerError(rec.where() + ": " + std::to_string(k) + " mask bits set, the record says " +
+                        std::to_string(rec.Int("nonfill")));
+    }
+    std::string vname = rec.Str("values"), mname = rec.Str("mask");
+    tensors->erase(vname);
+    tensors->erase(mname);
+    (*tensors)[name] = out;
+  }
+}
+
 }  // namespace llmpress

@@ -7,6 +7,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 namespace llmpress {
 
@@ -24,5 +25,12 @@ DLDataType ParseDType(const std::string& name, const std::string& where);
 
 // Every tensor of the file, copied into aligned CPU tensors.
 std::map<std::string, tvm::ffi::Tensor> LoadSafetensors(const std::string& path);
+
+class JsonObject;
+
+// Replace every tensor stored compressed (manifest payload.sparse_weights, llmpress/backends/tvm/sparse_storage.py)
+// by its dense form: tensor `name` is read back from `name#values` and `name#mask` (format "bitmask": element i of
+// `elem_bits` bits is the next value when mask bit i is set, else `fill`; little-endian bit order). Exact.
+void ExpandSparseWeights(std::map<std::string, tvm::ffi::Tensor>* tensors, const JsonObject& records);
 
 }  // namespace llmpress

@@ -11,7 +11,8 @@ the KV caches are written in place (``kernels/cache_write.py``): the cache tenso
 returned, so use the returned caches (as ``greedy``/``perplexity`` do) and do not expect the inputs unchanged.
 
 Payload files (``save_payload``): ``model.so`` (the library), ``weights.safetensors`` (the weights by state-dict
-name; ``params`` lists them in VM parameter order), and for CUDA ``model.fatbin`` / ``model.ptx`` (device code
+name; ``params`` lists them in VM parameter order; sparse ones stored compressed and expanded at load,
+``sparse_storage.py``), and for CUDA ``model.fatbin`` / ``model.ptx`` (device code
 compiled at build time for the target arch).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ...errors import ArtifactError, LlmpressError
 from ...ir.meta import LMInfo
 from ..base import Compiled
 from .build import TRANSFORM_PARAMS
+from .sparse_storage import compress_weights, expand_weights
 from .targets import TargetSpec, host_arch, missing_features
 
 __all__ = ["TVMCompiled", "load_compiled", "LIB", "WEIGHTS"]
@@ -249,12 +251,15 @@ class TVMCompiled(Compiled):
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             unique[name] = t
-        save_file(unique, str(folder / WEIGHTS))
+        stored, sparse = compress_weights(unique)
+        save_file(stored, str(folder / WEIGHTS))
         payload = {"lib": LIB, "weights": WEIGHTS, "params": self.params, "functions": list(self.functions),
                    "num_inputs": self.num_inputs, "arch": self.spec.arch, "device": self.spec.device,
                    "target": self.spec.to_json(), "device_code": None,
                    "variants": [{"name": spec.name, "lib": lib, "target": spec.to_json()}
                                 for (spec, _, _), lib in zip(self.variants, libs[1:])]}
+        if sparse:  # only then: artifacts of dense models keep the manifest they had
+            payload["sparse_weights"] = sparse
         if self.device_code:
             (folder / FATBIN).write_bytes(self.device_code["fatbin"])
             (folder / PTX).write_bytes(self.device_code["ptx"])
@@ -348,6 +353,7 @@ def load_compiled(folder: Path, manifest: dict) -> TVMCompiled:
         weights = load_file(str(folder / payload["weights"]))
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"{folder / payload['weights']}: cannot read the weights: {e}") from e
+    weights = expand_weights(weights, payload.get("sparse_weights"), str(folder / payload["weights"]))
     missing = [p for p in payload["params"] if p not in weights]
     if missing:
         raise ArtifactError(f"{folder / payload['weights']}: lacks weights {missing[:5]}")
