@@ -57,7 +57,8 @@ __all__ = ["Sparsify", "SparsifyOptions", "parse_pattern", "prune_mask", "magnit
 
 log = logging.getLogger(__name__)
 
-STORAGE = "dense-equivalent: zeros in float weights (no sparse kernel or compressed storage yet)"
+STORAGE = ("dense-equivalent in the IR: zeros in the weights; TVM artifacts store them compressed (mask + values) "
+           "and compute dense (no sparse kernel)")
 
 _NM = re.compile(r"([0-9]+):([0-9]+)")
 
