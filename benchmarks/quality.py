@@ -29,6 +29,7 @@ session over the same windows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -468,6 +469,7 @@ def markdown(rows: list[Row], meta: dict) -> str:
     ]
     for r in rows:
         runs = "PyTorch ref" if r.runtime.startswith("llmpress") else "ORT"
+        r = dataclasses.replace(r, method=r.method.replace("|", "\\|"), config=r.config.replace("|", "\\|"))
         if r.error:
             lines.append(f"| {r.method} | {r.config} | {runs} | failed: {r.error.splitlines()[0][:120]} "
                          "| | | | | | | |")
