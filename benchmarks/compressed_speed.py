@@ -116,9 +116,10 @@ def markdown(rows: list[dict], env: dict) -> str:
                      f"{r.get('decode_vs_dense', float('nan')):.3f} | "
                      f"{' '.join(f'{s:g}' for s in r['decode_samples'])} | {comp} |")
     lines += ["", "Pipelines:", ""] + [f"- {label}: `{pipe}`" for label, pipe in BUILDS]
-    lines += ["", "The 2:4 build stores its zeros densely (no sparse kernel yet): it reads as many bytes as dense, "
-              "so any speed difference from dense is noise. Pruning and factorization change shapes, so they read "
-              "fewer bytes and need no special kernel.", ""]
+    lines += ["", "The 2:4 build's artifact stores its weights compressed (mask + values), but they are expanded at "
+              "load and computed dense (no sparse kernel): it reads as many bytes per token as dense, so any speed "
+              "difference from dense is noise. Pruning and factorization change shapes, so they read fewer bytes "
+              "and need no special kernel.", ""]
     return "\n".join(lines)
 
 

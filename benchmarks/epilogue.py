@@ -1,8 +1,8 @@
 """Fused epilogues on/off: TVM ``cpu`` decode tok/s and prefill ms of the w4a8 models, interleaved.
 
 Each shape (``shapes.py``: random weights with a trained model's scale) goes through the ``w4a8`` preset (which
-fuses gate/up) and is lowered twice for TVM ``cpu``: with the fusions (``TVMBackend(epilogues=True)``, the
-default: the SwiGLU epilogue in the gate/up kernel, ``kernels/epilogue.py``, and residual add + RMSNorm as one
+fuses gate/up) and is lowered twice for TVM ``cpu``: with the fusions (``TVMBackend(epilogues=True)``:
+the SwiGLU epilogue in the gate/up kernel, ``kernels/epilogue.py``, and residual add + RMSNorm as one
 kernel, ``kernels/add_norm.py``) and without them (``epilogues=False``: the separate split/silu/multiply kernel, the
 add and the two norm kernels). Both programs read the same weights and compute
 the same logits up to rounding: fp32 summation order, which w4a8's int8 activation quantization can amplify (an

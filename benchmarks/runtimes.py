@@ -119,9 +119,15 @@ def llmpress_runtime(label: str, pipeline: str, group: str, threads: int, out: P
 
     art = llmpress.load(out, threads=threads)
     nbytes = 0
+    # Weights stored compressed (sparse_storage: ``W#values`` + ``W#mask``) are expanded at load: the kernels read
+    # their dense bytes every token.
+    sparse = art.manifest["payload"].get("sparse_weights") or {}
     with safe_open(str(out / art.manifest["payload"]["weights"]), "pt") as f:
-        names = list(f.keys())
+        names = list(dict.fromkeys(n.split("#")[0] if n.split("#")[0] in sparse else n for n in f.keys()))
         for name in names:
+            if name in sparse:
+                nbytes += 0 if _is_embedding(name) else int(sparse[name]["dense_bytes"])
+                continue
             # a float table with a kernel copy (``W@k``, or ``qweight`` tiles of a quantized head) is read by the
             # copy; the table itself serves the embedding lookup only (a tied ``lm_head.weight``): one row a token
             copied = any(o != name and (o.startswith(name + "@") or o.startswith(name.replace(".weight", ".qweight")))

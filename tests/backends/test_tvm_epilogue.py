@@ -117,7 +117,7 @@ def _check_builds(module, dim_note: str):
     from llmpress.backends.tvm.targets import missing_features
     from llmpress.eval.generate import empty_cache
 
-    compiled = TVMBackend().lower(module, "cpu", progress=False)
+    compiled = TVMBackend(epilogues=True).lower(module, "cpu", progress=False)
     ids, zero = torch.tensor([[1, 5, 9, 3, 7, 2]]), torch.zeros(1, dtype=torch.int64)
     ref = module.run(ids, zero, *empty_cache(module.lm))
     ref_step = module.run(torch.tensor([[4]]), torch.tensor([6]), *ref[1:])

@@ -25,14 +25,16 @@ class TVMBackend(Backend):
     (``kernels/cache_write.py``); False keeps the functional form (a new cache per call, inputs untouched).
     ``cpu_kernels`` (default True): on CPU targets, llmpress's kernels replace TVM's lowering of ops it runs slowly
     (``kernels/softmax.py``); False keeps TVM's own (for comparison).
-    ``epilogues`` (default True): on CPU targets, the SwiGLU of a fused gate/up projection is computed in its linear
+    ``epilogues`` (default False): on CPU targets, the SwiGLU of a fused gate/up projection is computed in its linear
     kernel's output stage (``kernels/epilogue.py``) and each residual add + RMSNorm is one kernel
-    (``kernels/add_norm.py``); False keeps the separate elementwise kernels (for comparison)."""
+    (``kernels/add_norm.py``). Off by default because it does not pay yet: measured (``benchmarks/epilogue.py``,
+    ``results/epilogue.md``) decode is unchanged within noise (110M 0.97x, 1.1B 1.04x) and prefill is 5-18% slower
+    with the SwiGLU epilogue (its gate/up tiles hold half as many outputs)."""
 
     name = "tvm"
 
     def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True,
-                 cpu_kernels: bool = True, epilogues: bool = True) -> None:
+                 cpu_kernels: bool = True, epilogues: bool = False) -> None:
         # None: the shared ``converters.CONVERTERS`` (read at lowering time, so entries added later count)
         self.converters = converters
         self.inplace_cache = inplace_cache

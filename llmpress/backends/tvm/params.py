@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 TRANSFORM = "transform_params"
 
 
-def prepare(prog: Any, spec: Any, *, epilogues: bool = True) -> Any:
+def prepare(prog: Any, spec: Any, *, epilogues: bool = False) -> Any:
     """``RelaxProgram`` -> ``RelaxProgram`` whose weights are in the kernels' layouts (see the module docstring);
     ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``)."""
     from .lower import RelaxProgram
@@ -51,7 +51,7 @@ def prepare(prog: Any, spec: Any, *, epilogues: bool = True) -> Any:
     return RelaxProgram(main, prog.functions, names, prog.num_inputs, dict(zip(names, outputs)))
 
 
-def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool = True) -> Any | None:
+def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool = False) -> Any | None:
     """The Relax module of ``prog`` for variant target ``spec``, taking ``prepared``'s transformed weights; None
     (with a warning) when this target's kernels would want other weights (the variant is then left out)."""
     mod = _lift(prog.mod, spec, epilogues)
@@ -77,7 +77,7 @@ def _shape(var: Any) -> tuple:
     return (tuple(str(d) for d in var.ty.shape.values), str(var.ty.dtype))
 
 
-def _lift(mod: Any, spec: Any, epilogues: bool = True) -> Any:
+def _lift(mod: Any, spec: Any, epilogues: bool = False) -> Any:
     """Dispatch the quantized kernels (CPU targets), then lift every weight-only computation into one function."""
     from tvm import relax
 
