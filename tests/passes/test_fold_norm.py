@@ -12,26 +12,18 @@ from llmpress.errors import PassError
 from llmpress.ir.capture import capture
 from llmpress.ir.module import Module
 from llmpress.models import Llama
-from llmpress.passes.base import PassContext
 from llmpress.passes.manager import check_order
 from llmpress.passes.pipeline import build
 
 from .tiny_llama import lm_inputs, tiny_llama
+from .tiny_llama import run_text as _run
 
 from ..conftest import TINYSTORIES, VALID
 
-CTX = PassContext(progress=False)
 # fp32 tolerance: (n * g) . w and n . (g * w) round differently, ~1e-7 relative per product; on O(1) outputs of
 # length-32 dot products that is ~1e-6, we allow 1e-5.
 RTOL, ATOL = 1e-5, 1e-5
 _MUL = "aten.mul.Tensor"
-
-
-def _run(module: Module, text: str):
-    res = None
-    for p in build(text):
-        res = p.run(module, CTX)
-    return res
 
 
 def _llama(tie: bool = False) -> tuple[Llama, Module]:

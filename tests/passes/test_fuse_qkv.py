@@ -8,32 +8,15 @@ from torch import nn
 from llmpress.ir.meta import source_path
 from llmpress.ir.module import Module
 from llmpress.models import Llama
-from llmpress.passes.base import PassContext
 from llmpress.passes.fuse_qkv import FuseQKV
-from llmpress.passes.pipeline import build
 
-from .tiny_llama import assert_exact_rewrite, capture_block, lm_inputs, tiny_llama
+from .tiny_llama import llama, llama_and_module  # noqa: F401 - the shared fixtures
+from .tiny_llama import assert_exact_rewrite, capture_block, lm_inputs
+from .tiny_llama import run_text as _run
 
-CTX = PassContext(progress=False)
 # fp32 tolerance: the fused GEMM computes the same length-32 dot products, but BLAS may block the wider matrix
 # differently and so sum in another order; fp32 reordering error on O(1) outputs is ~1e-6, we allow 1e-5.
 RTOL, ATOL = 1e-5, 1e-5
-
-
-def _run(module: Module, text: str):
-    (p,) = build(text)
-    return p.run(module, CTX)
-
-
-@pytest.fixture(scope="module")
-def llama_and_module():
-    return tiny_llama()
-
-
-@pytest.fixture
-def llama(llama_and_module):
-    model, module = llama_and_module
-    return model, module.clone()
 
 
 _inputs = lm_inputs

@@ -1,6 +1,7 @@
 """The tiny Llama the fusion-pass tests share: the model, its captured module, and prefill/decode inputs."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmpress.ir.capture import capture
@@ -21,6 +22,30 @@ def tiny_llama(*, tie: bool = False, random_norms: bool = False) -> tuple[Llama,
                 if name.endswith("norm.weight"):
                     p.copy_(torch.rand(p.shape) + 0.5)
     return model, capture(model)
+
+
+def run_text(module: Module, text: str):
+    """Run every pass of pipeline ``text`` on ``module`` (no progress bars); the last pass's result."""
+    from llmpress.passes.base import PassContext
+    from llmpress.passes.pipeline import build
+
+    res = None
+    for p in build(text):
+        res = p.run(module, PassContext(progress=False))
+    return res
+
+
+@pytest.fixture(scope="module")
+def llama_and_module():
+    """The tiny Llama and its captured module, once per test file (import this fixture and ``llama``)."""
+    return tiny_llama()
+
+
+@pytest.fixture
+def llama(llama_and_module):
+    """(model, a fresh clone of its module): each test rewrites its own copy."""
+    model, module = llama_and_module
+    return model, module.clone()
 
 
 def lm_inputs(model: Llama, t: int, start: int = 0) -> tuple:
