@@ -29,12 +29,22 @@ class TVMBackend(Backend):
     kernel's output stage (``kernels/epilogue.py``) and each residual add + RMSNorm is one kernel
     (``kernels/add_norm.py``). Off by default because it does not pay yet: measured (``benchmarks/epilogue.py``,
     ``results/epilogue.md``) decode is unchanged within noise (110M 0.97x, 1.1B 1.04x) and prefill is 5-18% slower
-    with the SwiGLU epilogue (its gate/up tiles hold half as many outputs)."""
+    with the SwiGLU epilogue (its gate/up tiles hold half as many outputs).
+    ``sparse_kernels`` (default ``"auto"``): on CPU targets, a linear whose weight is sparse (measured from its zeros)
+    runs ``kernels/sparse.py``'s kernel over a compressed weight where the measured crossover says it is faster
+    (``kernels/sparse_plan.py``), else dense compute with a log line saying why; ``"always"`` forces the sparse
+    kernel wherever its format applies, ``"never"`` keeps all dense. The decisions are ``sparse_kernels`` of the
+    compiled program and of the artifact's payload."""
 
     name = "tvm"
 
     def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True,
-                 cpu_kernels: bool = True, epilogues: bool = False) -> None:
+                 cpu_kernels: bool = True, epilogues: bool = False, sparse_kernels: str = "auto") -> None:
+        from .kernels.sparse_plan import MODES
+
+        if sparse_kernels not in MODES:
+            raise ConfigError(f"TVMBackend: sparse_kernels={sparse_kernels!r} must be one of {', '.join(MODES)}")
+        self.sparse_kernels = sparse_kernels
         # None: the shared ``converters.CONVERTERS`` (read at lowering time, so entries added later count)
         self.converters = converters
         self.inplace_cache = inplace_cache
@@ -78,7 +88,7 @@ class TVMBackend(Backend):
                         cpu_kernels=self.cpu_kernels and spec.device == "cpu")
         bar.update(1)
         bar.set_postfix_str(steps[1])
-        prepared = prepare(prog, spec, epilogues=self.epilogues)
+        prepared = prepare(prog, spec, epilogues=self.epilogues, sparse_kernels=self.sparse_kernels)
         bar.update(1)
         bar.set_postfix_str(steps[2])
         t1 = time.perf_counter()
@@ -87,7 +97,7 @@ class TVMBackend(Backend):
         variants = []
         for v in spec.variants:  # more capable builds reading the same weights (e.g. AVX-512 VNNI)
             bar.set_postfix_str(f"build for {v.name}")
-            mod = prepare_variant(prog, prepared, v, epilogues=self.epilogues)
+            mod = prepare_variant(prog, prepared, v, epilogues=self.epilogues, sparse_kernels=self.sparse_kernels)
             if mod is not None:
                 variants.append((v, build(mod, v), None))
             bar.update(1)
@@ -108,9 +118,19 @@ class TVMBackend(Backend):
                  spec.name, t1 - t0, t2 - t1, 1 + len(variants), time.perf_counter() - t2)
         return TVMCompiled(spec=spec, executable=ex, params=prepared.params, weights=prepared.weights,
                            functions=prepared.functions, num_inputs=prepared.num_inputs, lm=module.lm,
-                           device_code=device_code, variants=variants)
+                           device_code=device_code, variants=variants, sparse_kernels=_sparse_stats(prepared.mod))
 
     def load(self, folder: Path, manifest: dict):
         from .runtime import load_compiled
 
         return load_compiled(Path(folder), manifest)
+
+
+def _sparse_stats(mod: Any) -> dict:
+    """The sparse-kernel decisions ``dispatch.py`` left on the module (empty when it did not run: GPU targets)."""
+    import ast
+
+    from .kernels.dispatch import SPARSE_STATS_ATTR
+
+    attrs = mod.attrs or {}
+    return ast.literal_eval(str(attrs[SPARSE_STATS_ATTR])) if SPARSE_STATS_ATTR in attrs else {}

@@ -31,12 +31,14 @@ log = logging.getLogger(__name__)
 TRANSFORM = "transform_params"
 
 
-def prepare(prog: Any, spec: Any, *, epilogues: bool = False) -> Any:
+def prepare(prog: Any, spec: Any, *, epilogues: bool = False, sparse_kernels: str = "auto") -> Any:
     """``RelaxProgram`` -> ``RelaxProgram`` whose weights are in the kernels' layouts (see the module docstring);
-    ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``)."""
+    ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``); ``sparse_kernels``: ``"auto"`` |
+    ``"always"`` | ``"never"`` (``kernels/sparse_plan.py``; the decisions are in the module attribute
+    ``kernels.dispatch.SPARSE_STATS_ATTR``)."""
     from .lower import RelaxProgram
 
-    mod = _lift(prog.mod, spec, epilogues)
+    mod = _lift(prog, spec, epilogues, sparse_kernels)
     if TRANSFORM not in [gv.name_hint for gv in mod.get_global_vars()]:
         return RelaxProgram(mod, prog.functions, prog.params, prog.num_inputs, prog.weights)
     transform = mod[TRANSFORM]
@@ -51,10 +53,11 @@ def prepare(prog: Any, spec: Any, *, epilogues: bool = False) -> Any:
     return RelaxProgram(main, prog.functions, names, prog.num_inputs, dict(zip(names, outputs)))
 
 
-def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool = False) -> Any | None:
+def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool = False,
+                    sparse_kernels: str = "auto") -> Any | None:
     """The Relax module of ``prog`` for variant target ``spec``, taking ``prepared``'s transformed weights; None
     (with a warning) when this target's kernels would want other weights (the variant is then left out)."""
-    mod = _lift(prog.mod, spec, epilogues)
+    mod = _lift(prog, spec, epilogues, sparse_kernels)
     names = (_output_names(mod[TRANSFORM], prog.params)
              if TRANSFORM in [gv.name_hint for gv in mod.get_global_vars()] else list(prog.params))
     main = _without(mod, TRANSFORM)
@@ -77,15 +80,20 @@ def _shape(var: Any) -> tuple:
     return (tuple(str(d) for d in var.ty.shape.values), str(var.ty.dtype))
 
 
-def _lift(mod: Any, spec: Any, epilogues: bool = False) -> Any:
-    """Dispatch the quantized kernels (CPU targets), then lift every weight-only computation into one function."""
+def _lift(prog: Any, spec: Any, epilogues: bool = False, sparse_kernels: str = "auto") -> Any:
+    """Dispatch the quantized (and sparse) kernels (CPU targets), then lift every weight-only computation into one
+    function."""
     from tvm import relax
 
+    mod = prog.mod
     if spec.device == "cpu":
         from .isa import cpu_isa
         from .kernels.dispatch import dispatch_quant_kernels
+        from .kernels.sparse_plan import SparsePlan
 
-        mod = dispatch_quant_kernels(cpu_isa(spec.tvm), epilogues=epilogues)(mod)
+        isa = cpu_isa(spec.tvm)
+        plan = SparsePlan(prog.weights, prog.params, sparse_kernels, isa.arch)
+        mod = dispatch_quant_kernels(isa, epilogues=epilogues, sparse=plan)(mod)
         if epilogues:  # residual add + RMSNorm in one kernel (kernels/add_norm.py)
             from .kernels.add_norm import fuse_add_norm
 

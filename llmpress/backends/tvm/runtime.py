@@ -56,7 +56,8 @@ class TVMCompiled(Compiled):
     def __init__(self, *, spec: TargetSpec, executable: Any, params: Sequence[str], weights: dict[str, torch.Tensor],
                  functions: Sequence[str], num_inputs: int, lm: LMInfo | None,
                  device_code: dict[str, bytes] | None = None, lib_path: Path | None = None,
-                 variants: Sequence[tuple[TargetSpec, Any, Path | None]] = ()) -> None:
+                 variants: Sequence[tuple[TargetSpec, Any, Path | None]] = (),
+                 sparse_kernels: dict | None = None) -> None:
         self.spec = spec
         self.executable = executable
         self.params = list(params)
@@ -67,6 +68,8 @@ class TVMCompiled(Compiled):
         self.device_code = dict(device_code or {})
         self.lib_path = lib_path
         self.variants = list(variants)
+        #: weight name -> the sparse-kernel decision (``kernels/sparse_plan.py``), sparse and dense alike
+        self.sparse_kernels = dict(sparse_kernels or {})
         self._vm = None
         self._dev = None
         self._param_tensors: list | None = None
@@ -251,7 +254,10 @@ class TVMCompiled(Compiled):
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             unique[name] = t
-        stored, sparse = compress_weights(unique)
+        # the compressed forms the sparse kernels read are stored as they are: no expansion at load
+        reads = {r for d in self.sparse_kernels.values() if d["kernel"] == "sparse" for r in d["reads"]}
+        direct = {n for n in unique if "@" in n and n.split("@")[0] in reads}
+        stored, sparse = compress_weights(unique, keep=direct)
         save_file(stored, str(folder / WEIGHTS))
         payload = {"lib": LIB, "weights": WEIGHTS, "params": self.params, "functions": list(self.functions),
                    "num_inputs": self.num_inputs, "arch": self.spec.arch, "device": self.spec.device,
@@ -260,6 +266,8 @@ class TVMCompiled(Compiled):
                                 for (spec, _, _), lib in zip(self.variants, libs[1:])]}
         if sparse:  # only then: artifacts of dense models keep the manifest they had
             payload["sparse_weights"] = sparse
+        if self.sparse_kernels:
+            payload["sparse_kernels"] = self.sparse_kernels
         if self.device_code:
             (folder / FATBIN).write_bytes(self.device_code["fatbin"])
             (folder / PTX).write_bytes(self.device_code["ptx"])
@@ -360,4 +368,5 @@ def load_compiled(folder: Path, manifest: dict) -> TVMCompiled:
     lm = LMInfo.from_json(manifest["lm"]) if manifest.get("lm") else None
     return TVMCompiled(spec=spec, executable=module, params=payload["params"], weights=weights,
                        functions=payload["functions"], num_inputs=int(payload["num_inputs"]), lm=lm,
-                       device_code=device_code, lib_path=lib, variants=variants)
+                       device_code=device_code, lib_path=lib, variants=variants,
+                       sparse_kernels=payload.get("sparse_kernels"))

@@ -1,7 +1,9 @@
 """Sparse weights stored compressed in a TVM artifact, expanded at load into exactly the tensors the kernels read.
 
-The kernels compute dense (no sparse kernel yet: the "dense compute" fallback), so what is compressed is storage
-only. The decision is made at save time per weight tensor from its actual bytes, which makes it exact whatever
+This is the storage of weights whose kernels compute dense (the "dense compute" fallback). Layers that run a sparse
+kernel (``kernels/sparse.py``, chosen by ``kernels/sparse_plan.py``) already hold their weight in that kernel's
+compressed form (SELL-8 values + column indices, int4 2:4 codes + positions): those tensors are written as they
+are and read as they are (``compress_weights(keep=...)``). The decision is made at save time per weight tensor from its actual bytes, which makes it exact whatever
 pass produced the tensor and needs no trust in pass metadata:
 
 - a tensor is read as ``n`` *elements* of ``e`` bits: its dtype's width, and for 1-byte dtypes also 4-bit and
@@ -131,12 +133,14 @@ def decode(record: dict, values: torch.Tensor, mask: torch.Tensor, where: str = 
     return _pack(el, bits).view(dtype).reshape(shape)
 
 
-def compress_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The tensors to write (compressed ones replaced by ``name#values``/``name#mask``) and their records."""
+def compress_weights(weights: dict[str, torch.Tensor], keep: set[str] | frozenset = frozenset()
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors to write (compressed ones replaced by ``name#values``/``name#mask``) and their records; the
+    tensors named in ``keep`` are written as they are (the compressed forms sparse kernels read directly)."""
     out: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
     for name, t in weights.items():
-        enc = encode(t)
+        enc = encode(t) if name not in keep else None
         if enc is None:
             out[name] = t
             continue

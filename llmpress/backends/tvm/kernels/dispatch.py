@@ -24,6 +24,11 @@ forms of single-plane layouts use the 512-bit kernels of ``qwide.py``.
 Float32 linears (``matmul(x, permute_dims(W))`` as TVM's frontend writes ``aten.linear``, ``W`` a weight parameter)
 become ``fgemm.py``'s GEMV/GEMM over ``W`` repacked into 4-row tiles (also lifted and computed at compile time). Layers the layout does not
 cover keep the generic call (and its CPU schedule, ``wq_linear.schedule_cpu``); the pass logs each with the reason.
+With a ``SparsePlan`` (``sparse_plan.py``), a linear whose weight it assigns a sparse kernel becomes ``sparse.py``'s
+SELL-8 (float32) or int4 2:4 GEMV/GEMM instead, over the compressed form its repack computes (lifted into
+``transform_params`` like the others); every decision, sparse or dense and why, is in the module attribute
+``SPARSE_STATS_ATTR``. A sparse linear gets no SwiGLU epilogue (its output is the plain linear's).
+
 Identical kernels (same shapes and options) are one PrimFunc, so Relax's common-subexpression elimination can
 merge equal calls (one ``act_quant`` for ``q``/``k``/``v``).
 """
@@ -41,13 +46,17 @@ from .common import KERNEL_ATTR
 from .epilogue import SwigluMatch, match_swiglu, unpermute
 from .qlayout import QLayout, why_not
 
-__all__ = ["dispatch_quant_kernels", "DISPATCHED_ATTR", "EPILOGUE_STATS_ATTR"]
+__all__ = ["dispatch_quant_kernels", "DISPATCHED_ATTR", "EPILOGUE_STATS_ATTR", "SPARSE_STATS_ATTR"]
 
 log = logging.getLogger(__name__)
 
 #: Module attribute this pass sets: ``repr`` of ``{"swiglu_fused": n, "swiglu_unpermuted": n,
 #: "swiglu_near_misses": ["<function>: <var>: <why>", ...]}`` (linear call sites, every function counted).
 EPILOGUE_STATS_ATTR = "llmpress.epilogues"
+
+#: Module attribute this pass sets when given a ``SparsePlan``: ``repr`` of its ``decisions`` (weight name -> kernel,
+#: form, pattern, sparsity, why, reads).
+SPARSE_STATS_ATTR = "llmpress.sparse_kernels"
 
 #: Attribute of every PrimFunc this pass creates (``"repack"``, ``"act_quant"``, ``"gemv_int"``, ...).
 DISPATCHED_ATTR = "llmpress.quant_kernel"
@@ -57,9 +66,10 @@ def _static(e: Any) -> int | None:
     return int(e) if isinstance(e, tirx.IntImm) else None
 
 
-def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transform.Pass:
+def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any = None) -> tvm.transform.Pass:
     """The Relax module pass described in the module docstring, for CPU instruction set ``isa``; ``epilogues``:
-    fuse the SwiGLU of fused gate/up linears into their kernels (False: the separate elementwise kernel)."""
+    fuse the SwiGLU of fused gate/up linears into their kernels (False: the separate elementwise kernel);
+    ``sparse``: a ``sparse_plan.SparsePlan`` (None: no sparse kernels)."""
 
     @relax.expr_functor.mutator
     class _Dispatch(relax.PyExprMutator):
@@ -69,6 +79,7 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
             self.funcs: dict[tuple, relax.GlobalVar] = {}
             self.kept: dict[str, str] = {}  # generic kernels left in place -> why
             self.weights: set[str] = set()  # names of the weight parameters of the function being visited
+            self.pnames: dict = {}  # weight parameter var -> its state-dict name (SparsePlan.names)
             self.fused: dict = {}  # linear's binding var -> SwigluMatch, in the function being visited
             self.skip: set = set()  # bindings a fused epilogue replaced
             self.swiglu: SwigluMatch | None = None  # the match of the linear being rewritten
@@ -135,7 +146,12 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
             if getattr(x.ty, "shape", None) is None:  # an input of unknown shape (e.g. behind a data-dependent op)
                 return call
             n, k = (_static(d) for d in w.ty.shape.values)
-            if n is None or k is None or not fgemm.fits(n, k) or len(x.ty.shape.values) < 2:
+            if n is None or k is None or len(x.ty.shape.values) < 2:
+                return call
+            info = sparse.float_layer(self.pnames.get(w, "")) if sparse is not None else None
+            if info is not None:
+                return self._sparse_float(x, w, info)
+            if not fgemm.fits(n, k):
                 return call
             bb = self.builder_
             from tvm import te
@@ -163,6 +179,50 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
                 gv = self._func(("fgemm", isa.name, n, k) + ep, lambda: fgemm.gemm_func(n, k, isa, swiglu=fuse))
             return self._output(x2d, (wr,), gv, m, n, lead, fuse, fgemm.ROWS)
 
+        def _tokens(self, x, k):
+            """(lead dims, M, x as [M, k], whether M is statically 1)."""
+            lead = list(x.ty.shape.values)[:-1]
+            m = lead[0]
+            for d in lead[1:]:
+                m = m * d
+            x2d = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, k])))
+            return lead, m, x2d, _static(Analyzer().simplify(m)) == 1
+
+        def _sparse_float(self, x, w, info):
+            """``x W^T`` by the SELL-8 kernels over ``W``'s compressed form (computed at compile time)."""
+            from . import sparse as sp
+
+            n, k, s = info.n, info.k, info.steps
+            bb = self.builder_
+            rep = bb.emit(relax.call_tir(
+                self._func(("ell_repack", n, k, s), lambda: sp.ell_repack_func(n, k, s)), [w],
+                [relax.TensorType((s, sp.R), "float32"), relax.TensorType((s, sp.R), "uint16"),
+                 relax.TensorType((info.tiles + 1,), "int32")]))
+            wr = tuple(bb.emit(relax.TupleGetItem(rep, i)) for i in range(3))
+            lead, m, x2d, decode = self._tokens(x, k)
+            form, make = ("ell_gemv", sp.ell_gemv_func) if decode else ("ell_gemm", sp.ell_gemm_func)
+            gv = self._func((form, n, k, s), lambda: make(n, k, s))
+            y = bb.emit(relax.call_tir(gv, [x2d, *wr], relax.TensorType([m, n], "float32")))
+            return relax.op.reshape(y, relax.ShapeExpr([*lead, n]))
+
+        def _sparse_int4(self, x, qweight, scales, info):
+            """``wq_linear`` (int4, symmetric, float activations) by the int4 2:4 kernels."""
+            from . import sparse as sp
+
+            n, k, g = info.n, info.k, info.group
+            bb = self.builder_
+            sd = str(scales.ty.dtype)
+            rep = bb.emit(relax.call_tir(
+                self._func(("nm24_repack", n, k, f"g{g}", sd), lambda: sp.nm24_repack_func(n, k, g, sd)),
+                [qweight, scales], [relax.TensorType((info.tiles, k // 8, 3, sp.R), "uint8"),
+                                    relax.TensorType((info.tiles, k // g, sp.R), "float32")]))
+            wr = tuple(bb.emit(relax.TupleGetItem(rep, i)) for i in range(2))
+            lead, m, x2d, decode = self._tokens(x, k)
+            form, make = ("nm24_gemv", sp.nm24_gemv_func) if decode else ("nm24_gemm", sp.nm24_gemm_func)
+            gv = self._func((form, n, k, f"g{g}"), lambda: make(n, k, g))
+            y = bb.emit(relax.call_tir(gv, [x2d, *wr], relax.TensorType([m, n], "float32")))
+            return relax.op.reshape(y, relax.ShapeExpr([*lead, n]))
+
         def _output(self, x2d, wr, gv, m, n, lead, fuse, rows, extra=()):
             """Emit the kernel call ``gv(*extra or x2d, *wr)``; its output as the linear's (SwiGLU layout: in
             weight row order again) or, when ``fuse``, as the multiply's (``[*lead, n/2]``)."""
@@ -187,6 +247,11 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
             zeros = args[3] if len(args) > 3 else None
             in_f = int(attrs["llmpress.in_features"])
             out_f = int(qweight.ty.shape[0])
+            if sparse is not None and bits == 4 and isinstance(qweight, relax.Var) and qweight in self.pnames:
+                info = sparse.int4_layer(self.pnames[qweight], self.pnames.get(scales, ""), k=in_f, group=group,
+                                         sym=zeros is None, act_bits=act_bits)
+                if info is not None:
+                    return self._sparse_int4(x, qweight, scales, info)
             why = why_not(bits, out_f, in_f, group)
             if why is None and act_bits and (act_group % 32 or group % act_group):
                 why = f"activation group {act_group} is not a multiple of 32 dividing the group {group}"
@@ -283,6 +348,7 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
             if isinstance(func, relax.Function):
                 n_in = int((func.attrs or {}).get("num_input", len(func.params)))
                 m.weights = {p.name for p in func.params[n_in:]}
+                m.pnames = dict(zip(func.params[n_in:], sparse.names)) if sparse is not None else {}
                 found, missed = match_swiglu(func, lambda v: is_linear(mod, v))
                 m.fused = {f.linear: f for f in found} if epilogues else {}
                 m.skip = set()
@@ -298,6 +364,7 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
         stats = dict(m.stats, swiglu_near_misses=[f"{fn}: {name}: {why}" for fn, name, why in near])
         # the generic kernels (and activation fake-quant stages) no longer called are dropped
         out = relax.transform.DeadCodeElimination()(relax.transform.EliminateCommonSubexpr()(out))
-        return out.with_attr(EPILOGUE_STATS_ATTR, repr(stats))
+        out = out.with_attr(EPILOGUE_STATS_ATTR, repr(stats))
+        return out.with_attr(SPARSE_STATS_ATTR, repr(sparse.decisions)) if sparse is not None else out
 
     return _pass

@@ -1,8 +1,7 @@
 """Sparse CPU linear kernels that read compressed weights: float32 sliced-ELL and int4 2:4, with the auto decision.
 
-Which layers get them is decided at compile time from the weight's actual zeros (``measure_float`` /
-``measure_int4``) and the crossover measured by ``benchmarks/sparse_kernels.py`` (:data:`CROSSOVER`,
-:func:`decide`); ``dispatch.py`` rewrites the chosen linears, the repacks below run once in ``transform_params``
+Which layers get them is decided at compile time from the weight's actual zeros and the crossover measured by
+``benchmarks/sparse_kernels.py`` (``sparse_plan.py``); ``dispatch.py`` rewrites the chosen linears, the repacks below run once in ``transform_params``
 (``params.py``), and the artifact stores the compressed tensors as they are (no expansion at load).
 
 **float32, any zero pattern (unstructured, N:M): sliced ELL (SELL-8).** Output rows are taken ``R = 8`` at a time
@@ -39,141 +38,15 @@ the dense kernel gives it too (0 * inf), so nothing new.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-__all__ = ["R", "CROSSOVER", "MIN_SPARSITY", "FloatSparse", "Int4Sparse", "measure_float", "measure_int4",
-           "decide", "ell_repack_func", "ell_gemv_func", "ell_gemm_func", "nm24_repack_func", "nm24_gemv_func",
-           "nm24_gemm_func", "MODES"]
-
-log = logging.getLogger(__name__)
+__all__ = ["R", "MT", "ell_repack_func", "ell_gemv_func", "ell_gemm_func", "nm24_repack_func", "nm24_gemv_func",
+           "nm24_gemm_func"]
 
 #: Rows per tile: the lanes of one float32x8 vector (one AVX2 register, two NEON registers).
 R = 8
 #: Tokens per step of the GEMM forms (prefill): one weight step serves this many tokens.
 MT = 4
-#: Below this fraction of zeros a float weight is not even measured for the sparse kernel (dense always wins).
-MIN_SPARSITY = 0.3
-MODES = ("auto", "always", "never")
-
-#: Measured crossovers: (kernel form, CPU arch) -> the least sparsity at which the sparse kernel beat dense in
-#: ``benchmarks/sparse_kernels.py`` (decode GEMV, 2048x5632 and 5632x2048, ``results/sparse_kernels.md``), or None
-#: when it never did. A form/arch not listed has no measurement: ``auto`` keeps dense compute there.
-CROSSOVER: dict[tuple[str, str], float | None] = {
-    ("f32", "x86_64"): None,  # filled from the benchmark run (see results/sparse_kernels.md)
-    ("int4_2:4", "x86_64"): None,
-}
-RESULTS = "benchmarks/results/sparse_kernels.md"
-
-
-@dataclass(frozen=True)
-class FloatSparse:
-    """A float32 weight ``[n, k]``'s zeros: ``nnz`` nonzeros, ``steps`` SELL-8 steps (the ``S`` of ``vals``)."""
-
-    n: int
-    k: int
-    nnz: int
-    steps: int
-    pattern: str  # "2:4", "4:8" when every group of M holds at most N nonzeros, else "unstructured"
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.nnz / (self.n * self.k)
-
-    @property
-    def tiles(self) -> int:
-        return (self.n + R - 1) // R
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.steps * R * 6 + (self.tiles + 1) * 4
-
-
-@dataclass(frozen=True)
-class Int4Sparse:
-    """A symmetric int4 ``wq_linear`` weight ``[n, k]`` whose codes are 2:4 sparse (``zeros``: pruned codes)."""
-
-    n: int
-    k: int
-    group: int
-    zeros: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / (self.n * self.k)
-
-    @property
-    def tiles(self) -> int:
-        return (self.n + R - 1) // R
-
-    pattern = "2:4"
-
-
-def _nm_pattern(nz: torch.Tensor) -> str:
-    n, k = nz.shape
-    for keep, m in ((2, 4), (4, 8)):
-        if k % m == 0 and int(nz.reshape(n, k // m, m).sum(-1).max()) <= keep:
-            return f"{keep}:{m}"
-    return "unstructured"
-
-
-def measure_float(w: torch.Tensor) -> FloatSparse | None:
-    """The SELL-8 size of float32 ``w [n, k]`` (None when it is not 2-D float32, has K > 65536 columns or fewer
-    than ``MIN_SPARSITY`` zeros)."""
-    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] > 65536 or w.numel() == 0:
-        return None
-    nz = w != 0
-    nnz = int(nz.sum())
-    n, k = w.shape
-    if 1.0 - nnz / w.numel() < MIN_SPARSITY:
-        return None
-    rows = nz.sum(1)
-    pad = (-n) % R
-    per_tile = torch.cat([rows, rows.new_zeros(pad)]).reshape(-1, R).max(1).values
-    return FloatSparse(n, k, nnz, int(per_tile.sum()), _nm_pattern(nz))
-
-
-def int4_codes(qweight: torch.Tensor, k: int) -> torch.Tensor:
-    """The unsigned 4-bit codes ``[n, k]`` of ``wq_linear``'s packed storage (low nibble: even column)."""
-    q = qweight.to(torch.uint8)
-    return torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)[:, :k]
-
-
-def measure_int4(qweight: torch.Tensor, k: int, group: int) -> Int4Sparse | str:
-    """``Int4Sparse`` when the codes (symmetric int4, zero code 8) are 2:4 with ``k % 8 == 0`` and ``group % 8 ==
-    0``; else why not (a string)."""
-    if k % 8 or group % 8:
-        return f"in_features {k} and group {group} must be multiples of 8 for the int4 2:4 layout"
-    codes = int4_codes(qweight, k)
-    nz = codes != 8
-    per = nz.reshape(codes.shape[0], k // 4, 4).sum(-1)
-    if int(per.max()) > 2:
-        return f"not 2:4 (a group of 4 holds {int(per.max())} nonzero codes)"
-    return Int4Sparse(codes.shape[0], k, group, int((~nz).sum()))
-
-
-def decide(form: str, arch: str, sparsity: float, mode: str) -> tuple[bool, str]:
-    """Whether a layer of kernel ``form`` (``"f32"``, ``"int4_2:4"``) with ``sparsity`` gets the sparse kernel on
-    ``arch``, and the sentence saying why (for logs and stats)."""
-    if mode == "always":
-        return True, f"sparse kernel forced (sparse_kernels='always') at s={sparsity:.2f}"
-    if mode == "never":
-        return False, f"sparse kernels off (sparse_kernels='never') at s={sparsity:.2f}: dense compute"
-    key = (form, arch)
-    if key not in CROSSOVER:
-        return False, (f"no measured crossover for the {form} sparse kernel on {arch} ({RESULTS} measures x86_64 "
-                       f"only): dense compute at s={sparsity:.2f}")
-    cross = CROSSOVER[key]
-    if cross is None:
-        return False, (f"sparse kernel slower than dense at s={sparsity:.2f} on this target (no crossover: slower "
-                       f"at every measured sparsity, {RESULTS}): dense compute")
-    if sparsity < cross:
-        return False, (f"sparse kernel slower than dense at s={sparsity:.2f} on this target (crossover {cross:.2f}, "
-                       f"{RESULTS}): dense compute")
-    return True, f"sparse kernel faster than dense at s={sparsity:.2f} on this target (crossover {cross:.2f})"
 
 
 # -- float32 SELL-8 --------------------------------------------------------------------------------------------------
@@ -184,32 +57,34 @@ def ell_repack_func(n: int, k: int, steps: int) -> Any:
 
     NT = (n + R - 1) // R
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=False)  # the root block (below) is what the check refuses
     def repack(w: T.Buffer((n, k), "float32"), vals: T.Buffer((steps, R), "float32"),
                idx: T.Buffer((steps, R), "uint16"), ptr: T.Buffer((NT + 1,), "int32")):
         T.func_attr({"tirx.noalias": True})
-        cnt = T.alloc_buffer((R,), "int32", scope="global")
-        base = T.alloc_buffer((1,), "int32", scope="global")
-        base[0] = 0
-        for t in range(NT):
-            ptr[t] = base[0]
-            most = T.alloc_buffer((1,), "int32", scope="global")
-            most[0] = 0
-            for r in range(R):
-                cnt[r] = 0
-                if t * R + r < n:
-                    for c in range(k):
-                        if w[t * R + r, c] != T.float32(0):
-                            vals[base[0] + cnt[r], r] = w[t * R + r, c]
-                            idx[base[0] + cnt[r], r] = T.Cast("uint16", c)
-                            cnt[r] = cnt[r] + 1
-                most[0] = T.max(most[0], cnt[r])
-            for r in range(R):
-                for s in range(cnt[r], most[0]):  # padding: value 0 at column 0
-                    vals[base[0] + s, r] = T.float32(0)
-                    idx[base[0] + s, r] = T.uint16(0)
-            base[0] = base[0] + most[0]
-        ptr[NT] = base[0]
+        # a root block: Relax reads a one-input call_tir for a reshape pattern, which needs one
+        with T.sblock("root"):
+            cnt = T.alloc_buffer((R,), "int32", scope="global")
+            base = T.alloc_buffer((1,), "int32", scope="global")
+            base[0] = 0
+            for t in range(NT):
+                ptr[t] = base[0]
+                most = T.alloc_buffer((1,), "int32", scope="global")
+                most[0] = 0
+                for r in range(R):
+                    cnt[r] = 0
+                    if t * R + r < n:
+                        for c in range(k):
+                            if w[t * R + r, c] != T.float32(0):
+                                vals[base[0] + cnt[r], r] = w[t * R + r, c]
+                                idx[base[0] + cnt[r], r] = T.Cast("uint16", c)
+                                cnt[r] = cnt[r] + 1
+                    most[0] = T.max(most[0], cnt[r])
+                for r in range(R):
+                    for s in range(cnt[r], most[0]):  # padding: value 0 at column 0
+                        vals[base[0] + s, r] = T.float32(0)
+                        idx[base[0] + s, r] = T.uint16(0)
+                base[0] = base[0] + most[0]
+            ptr[NT] = base[0]
 
     return repack
 
@@ -233,13 +108,11 @@ def ell_gemv_func(n: int, k: int, steps: int) -> Any:
             acc = T.alloc_buffer((2, R), "float32", scope="global")
             acc[0, V] = T.broadcast(T.float32(0), R)
             acc[1, V] = T.broadcast(T.float32(0), R)
-            lo = ptr[t]
-            half = (ptr[t + 1] - lo) // 2
-            for s2 in range(half):
+            for s2 in range((ptr[t + 1] - ptr[t]) // 2):  # (no scalar lets: TVM puts them in heap workspaces)
                 for h in T.unroll(2):
-                    acc[h, V] = acc[h, V] + vals.vload([lo + 2 * s2 + h, 0], "float32x8") * x[
-                        0, T.Cast("int32x8", idx.vload([lo + 2 * s2 + h, 0], "uint16x8"))]
-            for s in range(lo + 2 * half, ptr[t + 1]):
+                    acc[h, V] = acc[h, V] + vals.vload([ptr[t] + 2 * s2 + h, 0], "float32x8") * x[
+                        0, T.Cast("int32x8", idx.vload([ptr[t] + 2 * s2 + h, 0], "uint16x8"))]
+            for s in range(ptr[t] + (ptr[t + 1] - ptr[t]) // 2 * 2, ptr[t + 1]):
                 acc[0, V] = acc[0, V] + vals.vload([s, 0], "float32x8") * x[
                     0, T.Cast("int32x8", idx.vload([s, 0], "uint16x8"))]
             acc[0, V] = acc[0, V] + acc[1, V]
