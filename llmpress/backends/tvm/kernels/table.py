@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-__all__ = ["Lowering", "OPS", "ATEN_KERNELS", "schedule_modules", "cpu_schedules", "converter"]
+__all__ = ["Lowering", "OPS", "ATEN_KERNELS", "DISPATCHED", "schedule_modules", "cpu_schedules", "converter"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,18 @@ OPS: dict[str, Lowering] = {
 #: which take per-call settings): kernel file -> the tags whose CPU schedules it holds.
 ATEN_KERNELS: dict[str, tuple[str, ...]] = {
     "softmax": ("softmax",),  # aten.softmax.int / aten._softmax.default
+}
+
+
+#: Kernel files whose PrimFuncs the CPU dispatch pass (``dispatch.py``) emits in place of a linear: hand-written,
+#: already scheduled loop nests (``tirx.is_scheduled``), so they hold no ``CPU_SCHEDULES``. File -> what it lowers.
+DISPATCHED: dict[str, str] = {
+    "fgemm": "float32 linears: GEMV/GEMM over 4-row tiled weights",
+    "qgemv": "quantized linears, decode: GEMV (int8 or float activations)",
+    "qgemm": "quantized linears, prefill: GEMM",
+    "qwide": "quantized linears on AVX-512 VNNI: 512-bit GEMV/GEMM",
+    "qact": "per-block int8 activation quantization feeding the integer kernels",
+    "sparse": "sparse linears (chosen by sparse_plan.py): float32 SELL-8 and int4 2:4 GEMV/GEMM",
 }
 
 
