@@ -1,8 +1,10 @@
 """``sparsify``: weight pruning to a sparsity target or an N:M pattern (magnitude, Wanda, SparseGPT).
 
 Each selected ``aten.linear(x, W, b)`` stays a plain linear whose weight has zeros in it: the pruned model is
-dense-equivalent, so every backend (reference, TVM cpu/arm64/cuda, ONNX) runs it unchanged with no new op, and
-neither storage nor compute shrink yet (no sparse kernel, no compressed storage). What was done is recorded on the
+dense-equivalent, so every backend (reference, TVM cpu/arm64/cuda, ONNX) runs it unchanged with no new op. The TVM
+CPU backend decides from the weight's zeros whether a sparse kernel pays (``backends/tvm/kernels/sparse_plan.py``)
+and otherwise stores the weight compressed for dense compute; ONNX exports it dense-equivalent (said in the
+manifest). What was done is recorded on the
 node (``compression(node) = {"pass": "sparsify", "method", "sparsity", "pattern"}``, shown by ``llmpress
 inspect``); a later ``quantize`` / ``gptq`` / ``awq`` reads the weight's zeros as the mask and keeps them exactly
 zero (``quant_common.sparsity_mask``).
@@ -57,8 +59,9 @@ __all__ = ["Sparsify", "SparsifyOptions", "parse_pattern", "prune_mask", "magnit
 
 log = logging.getLogger(__name__)
 
-STORAGE = ("dense-equivalent in the IR: zeros in the weights; TVM artifacts store them compressed (mask + values) "
-           "and compute dense (no sparse kernel)")
+STORAGE = ("dense-equivalent in the IR: zeros in the weights; TVM CPU artifacts run a sparse kernel on a compressed "
+           "form where the measured crossover says it is faster, else store them compressed (mask + values) and "
+           "compute dense; ONNX stores them dense-equivalent")
 
 _NM = re.compile(r"([0-9]+):([0-9]+)")
 
