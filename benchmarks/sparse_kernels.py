@@ -14,7 +14,8 @@ Each kernel is built for this machine's CPU (``llvm -mcpu=<host>``: the build a 
 on weights cycled through copies totalling at least ``COLD_BYTES`` (4x the L3 here): a decode step reads its weights
 from memory. Per row: median time per call over the rounds, GB/s of the bytes that kernel reads (its stored weight
 form), and the speed-up over the dense kernel of the same precision. The crossover is the least measured sparsity
-from which the sparse kernel is faster on both shapes (None: never); ``kernels/sparse.py`` ``CROSSOVER`` holds it.
+from which the sparse kernel is faster on both shapes (None: never); ``kernels/sparse_plan.py`` ``CROSSOVER``
+holds it.
 
 Run: ``flock /work/scratch/bench.lock .venv/bin/python benchmarks/sparse_kernels.py`` (writes
 ``results/sparse_kernels.{md,json}``).
@@ -90,10 +91,10 @@ def _dense_f32(w: torch.Tensor, isa: Any) -> tuple[Callable, list[np.ndarray]]:
 def _sparse_f32(w: torch.Tensor) -> tuple[Callable, list[np.ndarray], str]:
     import tvm
 
-    from llmpress.backends.tvm.kernels import sparse
+    from llmpress.backends.tvm.kernels import sparse, sparse_plan
 
     n, k = w.shape
-    info = sparse.measure_float(w)
+    info = sparse_plan.measure_float(w)
     rep = _build(sparse.ell_repack_func(n, k, info.steps))
     out = [tvm.runtime.empty((info.steps, sparse.R), "float32"), tvm.runtime.empty((info.steps, sparse.R), "uint16"),
            tvm.runtime.empty((info.tiles + 1,), "int32")]
@@ -210,7 +211,7 @@ def markdown(rows: list[dict], env: dict, cross: dict) -> str:
     lines += ["", "Crossover (least measured sparsity from which sparse beats dense on both shapes): "
               + ", ".join(f"{k}: {'never (slower at every measured sparsity)' if v is None else f'{v:.2f}'}"
                           for k, v in cross.items()) + ".",
-              "These are the constants `llmpress/backends/tvm/kernels/sparse.py` `CROSSOVER` holds for x86_64."]
+              "These are the constants `llmpress/backends/tvm/kernels/sparse_plan.py` `CROSSOVER` holds for x86_64."]
     return "\n".join(lines) + "\n"
 
 

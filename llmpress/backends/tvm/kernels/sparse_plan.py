@@ -36,8 +36,12 @@ MODES = ("auto", "always", "never")
 #: Measured crossovers: (kernel form, CPU arch) -> the least sparsity at which the sparse kernel beat dense in
 #: ``benchmarks/sparse_kernels.py`` (decode GEMV, 2048x5632 and 5632x2048, ``results/sparse_kernels.md``), or None
 #: when it never did. A form/arch not listed has no measurement: ``auto`` keeps dense compute there.
+#: From ``benchmarks/sparse_kernels.py --rounds 5``, 2026-12-02 17:03 UTC, AMD EPYC (Zen 5) 2 cores, AVX-512 build,
+#: load 9-11 from other jobs (noisy: see the table): float32 SELL-8 beat the dense fgemm GEMV on both shapes only at
+#: s=0.95 (6.4x / 4.5x; 0.72-0.85x and 0.49-0.79x below, one 1.79x outlier at 0.8); 2:4 float 1.18x / 0.65x; int4
+#: 2:4 0.56x / 0.40x of the dense int4 GEMV (which reads 4 bits per weight with no gather).
 CROSSOVER: dict[tuple[str, str], float | None] = {
-    ("f32", "x86_64"): None,  # filled from the benchmark run (see results/sparse_kernels.md)
+    ("f32", "x86_64"): 0.95,
     ("int4_2:4", "x86_64"): None,
 }
 RESULTS = "benchmarks/results/sparse_kernels.md"
