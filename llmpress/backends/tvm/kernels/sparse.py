@@ -1,8 +1,9 @@
-"""Sparse CPU linear kernels that read compressed weights: float32 sliced-ELL and int4 2:4, with the auto decision.
+"""Sparse CPU linear kernels that read compressed weights: float32 sliced-ELL and int4 2:4.
 
 Which layers get them is decided at compile time from the weight's actual zeros and the crossover measured by
-``benchmarks/sparse_kernels.py`` (``sparse_plan.py``); ``dispatch.py`` rewrites the chosen linears, the repacks below run once in ``transform_params``
-(``params.py``), and the artifact stores the compressed tensors as they are (no expansion at load).
+``benchmarks/sparse_kernels.py`` (``sparse_plan.py``); ``dispatch.py`` rewrites the chosen linears, the repacks
+below run once in ``transform_params`` (``params.py``), and the artifact stores the compressed tensors as they are
+(no expansion at load).
 
 **float32, any zero pattern (unstructured, N:M): sliced ELL (SELL-8).** Output rows are taken ``R = 8`` at a time
 (tile ``t`` = rows ``8t .. 8t + 7``, the lanes of one vector). Tile ``t`` owns steps ``ptr[t] .. ptr[t+1] - 1``,

@@ -157,8 +157,9 @@ def decide(form: str, arch: str, sparsity: float, mode: str) -> tuple[bool, str]
 
 class SparsePlan:
     """The sparse-kernel decisions of one compile: ``weights`` by state-dict name, ``names`` the weight parameters'
-    names in the Relax functions' parameter order (after the user inputs), ``mode`` (one of :data:`MODES`), ``arch`` (``CpuIsa.arch``: the crossover is per architecture, so every
-    variant build of a target reads the same weights). Each weight is measured and decided once;
+    names in the Relax functions' parameter order (after the user inputs), ``mode`` (one of :data:`MODES`),
+    ``arch`` (``CpuIsa.arch``: the crossover is per architecture, so every variant build of a target reads the same
+    weights). Each weight is measured and decided once;
     :attr:`decisions` holds, per weight name, ``{"kernel": "sparse" | "dense", "form", "pattern", "sparsity",
     "why", "reads"}`` (``reads``: the parameters the sparse kernel's repack reads, whose transformed forms the
     artifact stores as they are)."""
