@@ -25,7 +25,8 @@ torch.set_num_threads(1)
 # size their pools in fresh processes without it.
 if os.environ.get("PYTEST_XDIST_WORKER") and "TVM_NUM_THREADS" not in os.environ:
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ["TVM_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, _workers)))
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["TVM_NUM_THREADS"] = str(max(1, _cpus // max(1, _workers)))
 
 #: Test files that share per-process caches (``functools.cache`` of the real model's perplexities and calibration,
 #: the kernel library compiled for ``cpu``): under pytest-xdist one worker runs every file of a group, so each cached
