@@ -1,6 +1,7 @@
 """Shared fixtures: paths to ../shared, the reference models, and a tiny random Llama."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,44 @@ WIKITEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
 # One intra-op thread: TVM's runtime keeps its own worker threads spinning for a while after each call, and torch's
 # OpenMP workers then wait for a core (measured 10-50x slower per step with 2 threads on the 2-core machines).
 torch.set_num_threads(1)
+
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker's TVM pool gets its share of the cores:
+# with every worker's pool spanning every core, a parallel kernel waits at its barrier for a thread the other
+# worker's job has descheduled. Only the default changes: a user's TVM_NUM_THREADS wins, and the thread-pool tests
+# size their pools in fresh processes without it.
+if os.environ.get("PYTEST_XDIST_WORKER") and "TVM_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["TVM_NUM_THREADS"] = str(max(1, _cpus // max(1, _workers)))
+
+#: Test files that share per-process caches (``functools.cache`` of the real model's perplexities and calibration,
+#: the kernel library compiled for ``cpu``): under pytest-xdist one worker runs every file of a group, so each cached
+#: value is computed once, as in a one-process run.
+XDIST_GROUPS = {
+    **{f"tests/passes/test_{name}.py": "real-model" for name in (
+        "quantize", "gptq", "sparsify", "factorize", "autobits", "distill", "prune", "act_quant")},
+    "tests/backends/test_tvm_cpu_kernels.py": "x86-kernel-library",
+    "tests/backends/test_arm64_kernels.py": "x86-kernel-library",
+}
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest without pytest-xdist: one process, nothing to schedule
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        """``--dist loadfile`` (a test file is a unit of work: its module-scoped builds happen once), with the files
+        of each ``XDIST_GROUPS`` group as one unit. Units are handed out largest (most tests) first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return XDIST_GROUPS.get(path, path)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(config, log):
+        return FileGroupScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 @pytest.fixture(scope="session")

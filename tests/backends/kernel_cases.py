@@ -9,6 +9,8 @@ against: the exact float64 value and ``S`` (``quant_reference.py``; the toleranc
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -89,13 +91,24 @@ def functions(isa) -> dict:
 
 def build(target):
     """``(isa, executable)``: every kernel of ``functions`` compiled for ``target`` (a target name, or a
-    ``TargetSpec``: e.g. one of ``cpu``'s variants)."""
+    ``TargetSpec``: e.g. one of ``cpu``'s variants). A name is compiled once per process: ``test_arm64_kernels``
+    compares against the same ``cpu`` library that ``test_tvm_cpu_kernels`` checks (one xdist worker runs both: tests/conftest.py)."""
+    return _build_named(target) if isinstance(target, str) else _build(target)
+
+
+@functools.cache
+def _build_named(name: str):
+    from llmpress.backends.tvm.targets import resolve_target
+
+    return _build(resolve_target(name))
+
+
+def _build(spec):
     import tvm
 
     from llmpress.backends.tvm.isa import cpu_isa
-    from llmpress.backends.tvm.targets import resolve_target
 
-    tgt = (resolve_target(target) if isinstance(target, str) else target).tvm_target()
+    tgt = spec.tvm_target()
     isa = cpu_isa(tgt)
     funcs = functions(isa)
     mod = tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in funcs.items()})
