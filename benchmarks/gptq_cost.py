@@ -239,7 +239,7 @@ def _report(out: dict) -> None:
         "| part | s |",
         "|---|---|",
         *[f"| {k} | {v:.2f} |" for k, v in parts.items()],
-        f"| other (prefix run, graph rewrites, packing) | {out['pass_seconds_one_block'] - sum(parts.values()):.2f} |",
+        f"| other (the output-error metric unless listed above, prefix run, graph rewrites, packing) | {out['pass_seconds_one_block'] - sum(parts.values()):.2f} |",
         "",
         "Top self time (cProfile; a Python function's self time includes the tensor operators it applies):",
         "",
