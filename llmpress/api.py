@@ -61,8 +61,11 @@ def _calibration(calibration: Any, tokenizer: Any):
 
 def run_pipeline(module: Module, pipeline: Any, *, calibration: Any = None, target: Any = None,
                  progress: bool = True, instruments: Sequence = (), reproducer_dir: str | None = None,
-                 seed: int = 0) -> tuple[Module, list]:
-    """Parse/build ``pipeline`` and run it on ``module``; returns (module, per-pass records)."""
+                 seed: int = 0, calib_device: Any = None) -> tuple[Module, list]:
+    """Parse/build ``pipeline`` and run it on ``module``; returns (module, per-pass records). ``calib_device``:
+    where calibration-driven passes run their heavy math (``passes/calib_device.py``; ``None``: ``cpu``)."""
+    from .passes.calib_device import resolve
+
     from .passes.base import PassContext
     from .passes.manager import PassManager
     from .passes.pipeline import Pipeline, build, parse
@@ -70,13 +73,14 @@ def run_pipeline(module: Module, pipeline: Any, *, calibration: Any = None, targ
 
     if pipeline is None or pipeline == "":
         return module, []
+    device = resolve(calib_device)  # before any pass
     pipe = pipeline if isinstance(pipeline, Pipeline) else parse(str(pipeline))
     passes = build(pipe)
     missing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
     if missing and calibration is None:
         raise ConfigError(f"{', '.join(missing)} needs calibration data (--calib FILE or calibration=...)")
     ctx = PassContext(calibration=calibration, seed=seed, target=None if target is None else str(target),
-                      progress=progress)
+                      progress=progress, calib_device=str(device))
     check_layers(passes, module)  # every layer's fit, before any pass changes anything
     pm = PassManager(passes, instruments=instruments, reproducer_dir=reproducer_dir, pipeline_text=str(pipe))
     return pm.run(module, ctx)
@@ -108,7 +112,7 @@ def layer_summary(module: Module) -> list[dict]:
 def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = "", target: Any = "reference",  # noqa: A001
             calibration: Any = None, tokenizer: Any = None, progress: bool = True, instruments: Sequence = (),
             reproducer_dir: str | None = None, seed: int = 0, output: str | Path | None = None,
-            overwrite: bool = False) -> Artifact:
+            overwrite: bool = False, calib_device: str | None = None) -> Artifact:
     """Capture ``model``, run ``pipeline`` over it, lower it for ``target``; return the Artifact (saved to
     ``output`` when given, replacing an existing artifact there only with ``overwrite=True``).
 
@@ -116,6 +120,9 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
     ``example_inputs``), or an ``ir.Module``. ``pipeline``: pipeline text, a preset name, or a parsed ``Pipeline``.
     ``target``: ``"reference"`` (PyTorch), ``"cpu"``, ``"arm64"``, ``"cuda"``, or a TVM target dict.
     ``calibration``: a text file path, a list of strings, a list of token tensors, or a ``Calibration``.
+    ``calib_device``: where calibration-driven passes (gptq, sparsify wanda/sparsegpt, factorize asvd/svd_llm)
+    accumulate their statistics and run their per-layer math, e.g. ``"cuda"``; results come back to the CPU.
+    ``None``: a recipe calibration's ``device``, else ``"cpu"``.
     The returned artifact is callable like the model's forward and reports what each pass did (``.passes``).
 
     Everything that can be checked without the model is checked first (``llmpress.preflight``): the pipeline text
@@ -127,14 +134,17 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
     from .preflight import check_compile
 
     t0 = time.perf_counter()
+    if calib_device is None:
+        calib_device = getattr(calibration, "device", None)  # a recipe's [calibration] device
     check_compile(model, pipeline=pipeline, target=target, calibration=calibration, tokenizer=tokenizer,
-                  output=output, overwrite=overwrite)
+                  output=output, overwrite=overwrite, calib_device=calib_device)
     backend = backend_for_target(target)
     module, tok = prepare(model, example_inputs, tokenizer=tokenizer)
     calib = _calibration(calibration, tok)
     bytes_before = parameter_bytes(module)
     module, records = run_pipeline(module, pipeline, calibration=calib, target=target, progress=progress,
-                                   instruments=instruments, reproducer_dir=reproducer_dir, seed=seed)
+                                   instruments=instruments, reproducer_dir=reproducer_dir, seed=seed,
+                                   calib_device=calib_device)
     problems = backend.check(module, target)
     if problems:
         raise UnsupportedOpError(f"the {backend.name} backend cannot lower {len(problems)} op(s):\n  "

@@ -2,7 +2,7 @@
 
 These forms are a contract other tools rely on:
 
-    llmpress compile MODEL (--pipeline TEXT | --recipe FILE) [--target T] [--calib FILE] -o DIR
+    llmpress compile MODEL (--pipeline TEXT | --recipe FILE) [--target T] [--calib FILE] [--calib-device D] -o DIR
     llmpress run MODEL_OR_DIR [--prompt TEXT] [--max-new-tokens N] [--emulate]
     llmpress eval MODEL_OR_DIR --data FILE [--context 256] [--pipeline TEXT] [--json]
     llmpress inspect MODEL_OR_DIR [--json]
@@ -69,7 +69,7 @@ def _open(model: str, *, pipeline: str | None = None, tokenizer: str | None = No
 def cmd_compile(a: argparse.Namespace) -> int:
     import llmpress
 
-    pipeline, target, calib = a.pipeline, a.target, a.calib
+    pipeline, target, calib, calib_device = a.pipeline, a.target, a.calib, a.calib_device
     if a.recipe:
         from .passes.recipe import Recipe
 
@@ -77,15 +77,17 @@ def cmd_compile(a: argparse.Namespace) -> int:
         pipeline = recipe.pipeline
         target = a.target if a.target_given else (recipe.target or a.target)
         calib = calib or recipe.calibration
+        if calib_device is None and recipe.calibration is not None:
+            calib_device = recipe.calibration.device
     from .preflight import check_compile
 
     t0 = time.perf_counter()
     # Every mistake that can be found without the model is reported now, not after loading and capturing it.
     check_compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,
-                  output=a.output, overwrite=a.force, overwrite_flag="--force")
+                  output=a.output, overwrite=a.force, overwrite_flag="--force", calib_device=calib_device)
     art = llmpress.compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,
                            progress=not a.quiet, reproducer_dir=a.reproducer_dir, output=a.output,
-                           overwrite=a.force)
+                           overwrite=a.force, calib_device=calib_device)
     out = a.written = art.folder
     pb = art.manifest["parameter_bytes"]
     print(f"wrote {out} (target {art.manifest['target']['name']}, parameters {pb['before']:,} -> {pb['after']:,} bytes, "
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="reference",
                    help="reference | cpu | arm64 | cuda | onnx (= onnx:qdq) | onnx:integer | TVM target JSON")
     c.add_argument("--calib", help="calibration text file (gptq, awq, smoothquant, autobits, distill; sparsify wanda/sparsegpt; factorize asvd/svd_llm; prune wanda)")
+    c.add_argument("--calib-device", help="where calibration-driven passes run their heavy math: cpu (default) | "
+                   "cuda | cuda:N; results come back to the CPU")
     c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
     c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")
     c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")

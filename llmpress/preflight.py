@@ -58,7 +58,7 @@ def _quantizes(pipeline_passes: list) -> bool:
 
 def check_compile(model: Any, *, pipeline: Any = "", target: Any = "reference", calibration: Any = None,
                   tokenizer: Any = None, output: str | os.PathLike | None = None, overwrite: bool = False,
-                  overwrite_flag: str = "overwrite=True") -> list:
+                  overwrite_flag: str = "overwrite=True", calib_device: Any = None) -> list:
     """Everything about a compile that can be checked without loading the model; raises ``ConfigError`` (or
     ``LoadError`` for a missing model file). Returns the built passes."""
     from .backends import backend_for_target
@@ -70,6 +70,9 @@ def check_compile(model: Any, *, pipeline: Any = "", target: Any = "reference", 
 
         check_order(passes)
     backend_for_target(target)
+    from .passes.calib_device import resolve
+
+    resolve(calib_device)  # an unknown device, or CUDA where there is none, before the model loads
     needing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
     if needing and calibration is None:
         raise ConfigError(f"{', '.join(dict.fromkeys(needing))} needs calibration data "

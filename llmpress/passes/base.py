@@ -149,7 +149,8 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the module: calibration data, a seed, the target (when known), and the teacher.
+    """What a pass may use besides the module: calibration data, a seed, the target (when known), the teacher, and
+    ``calib_device``: the device calibration-driven passes run their heavy math on (``cpu`` by default).
 
     ``teacher``: the module as it was before the pipeline's first lossy (not ``exact``) pass, for passes that
     declare ``needs_teacher`` (``distill``). The pass manager sets it (a ``Module.clone()``, sharing the weights,
@@ -160,6 +161,7 @@ class PassContext:
     target: str | None = None
     progress: bool = True
     teacher: Module | None = None
+    calib_device: str = "cpu"  # where calibration statistics and per-layer math run (passes/calib_device.py)
 
 
 class Pass:

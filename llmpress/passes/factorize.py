@@ -67,6 +67,7 @@ import torch.fx as fx
 from ..errors import ConfigError, PassError
 from ..ir.meta import compression, set_compression, set_source_path, source_path
 from ..ir.module import Module
+from . import calib_device
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .hessian import collect_stats, damped_cholesky, gram_stats_with_abs, output_error
 from .layer_rewrite import Layer, Rewritten, rewrite_linears
@@ -155,8 +156,10 @@ def factorize_weight(w: torch.Tensor, *, method: str = "svd", rank: int | None =
                      gram: torch.Tensor | None = None, alpha: float = 0.5, damp: float = 0.01,
                      layer: str = "?") -> Factors:
     """Factor one weight ``w [m, n]`` (see the module docstring). ``absmean [n]``: mean |x_j| (``asvd``);
-    ``gram [n, n]``: ``X^T X`` up to scale (``svd_llm``). The math runs in float64; factors have ``w``'s dtype."""
-    W = w.detach().to(torch.float64)
+    ``gram [n, n]``: ``X^T X`` up to scale (``svd_llm``). The math runs in float64, on the statistics' device;
+    factors have ``w``'s dtype and are on the CPU."""
+    stats = gram if gram is not None else absmean
+    W = w.detach().to(device=w.device if stats is None else stats.device, dtype=torch.float64)
     m, n = W.shape
     if method == "svd":
         scaled = W
@@ -184,7 +187,7 @@ def factorize_weight(w: torch.Tensor, *, method: str = "svd", rank: int | None =
     elif method == "svd_llm":
         v = torch.linalg.solve_triangular(L, v, upper=False, left=False)  # v L^-1
     kept = float(s2[:r].sum() / s2.sum()) if float(s2.sum()) > 0 else 1.0
-    return Factors(u.to(w.dtype).contiguous(), v.to(w.dtype).contiguous(), r, kept)
+    return Factors(u.to(w.dtype).cpu().contiguous(), v.to(w.dtype).cpu().contiguous(), r, kept)
 
 
 class Factorize(Pass):
@@ -243,7 +246,8 @@ class Factorize(Pass):
                              wnode)
 
         calibrated = o.method != "svd"
-        collect = functools.partial(collect_stats, new=gram_stats_with_abs) if calibrated else None
+        collect = functools.partial(collect_stats, new=gram_stats_with_abs,
+                                    device=calib_device.resolve(ctx.calib_device)) if calibrated else None
         done = rewrite_linears(module, ctx, todo, rewrite, skipped=skipped, who=self.name,
                                desc=f"factorize {o.method}", collect=collect)
         log.info("factorize: %d linears (%s), skipped %d, %.1fs", len(done.layers), o.method, len(skipped),

@@ -38,19 +38,22 @@ log = logging.getLogger(__name__)
 
 
 class GramStats:
-    """Running ``G = X^T X`` (and optionally ``sum_t |x_t|``) of one linear input, in ``dtype``; ``tokens`` rows."""
+    """Running ``G = X^T X`` (and optionally ``sum_t |x_t|``) of one linear input, in ``dtype`` on ``device`` (each
+    batch of activations is copied there: ``calib_device``); ``tokens`` rows."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32, *, abs_sum: bool = False) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, *, abs_sum: bool = False,
+                 device: torch.device | str = "cpu") -> None:
         self.dtype, self.track_abs, self.tokens = dtype, abs_sum, 0
+        self.device = torch.device(device)
         self.gram: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
 
     def update(self, x2d: torch.Tensor) -> None:
-        x = x2d.detach().to(self.dtype)
+        x = x2d.detach().to(device=self.device, dtype=self.dtype)
         if self.gram is None:
-            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype)
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=self.device)
             if self.track_abs:
-                self.abs_sum = torch.zeros(x.shape[1], dtype=self.dtype)
+                self.abs_sum = torch.zeros(x.shape[1], dtype=self.dtype, device=self.device)
         self.gram.addmm_(x.T, x)
         if self.track_abs:
             self.abs_sum += x.abs().sum(0)
@@ -69,10 +72,10 @@ class GramStats:
         return (self.abs_sum / max(self.tokens, 1)).to(torch.float32)
 
 
-def gram_stats_with_abs() -> GramStats:
+def gram_stats_with_abs(device: torch.device | str = "cpu") -> GramStats:
     """The accumulator of ``factorize`` and ``awq``: float64 ``X^T X`` and ``sum |x|`` (``gptq`` and ``sparsify``
     use the float32 ``GramStats()``)."""
-    return GramStats(torch.float64, abs_sum=True)
+    return GramStats(torch.float64, abs_sum=True, device=device)
 
 
 # (module, calibration, members, *, runner=None, key="") -> {input activation: statistics}
@@ -80,9 +83,11 @@ BlockCollector = Callable[..., dict]
 
 
 def collect_stats(module: Module, calib, members: list[fx.Node], *, runner: BlockRunner | None = None,
-                  key: str = "", new: Callable[[], GramStats] = GramStats) -> dict[fx.Node, GramStats]:
+                  key: str = "", new: Callable[..., GramStats] = GramStats,
+                  device: torch.device | str = "cpu") -> dict[fx.Node, GramStats]:
     """Statistics per distinct input activation of ``members`` (keyed by ``node.args[0]``; layers reading one
-    activation share them), from ``runner`` for block ``key`` or by re-running the graph prefix."""
+    activation share them), from ``runner`` for block ``key`` or by re-running the graph prefix, accumulated on
+    ``device`` (``new(device=device)``)."""
     rep: dict[fx.Node, fx.Node] = {}
     for n in members:
         rep.setdefault(n.args[0], n)
@@ -91,7 +96,9 @@ def collect_stats(module: Module, calib, members: list[fx.Node], *, runner: Bloc
     def observe(node: fx.Node, x: torch.Tensor) -> None:
         k = node.args[0]
         if rep[k] is node:
-            stats.setdefault(k, new()).update(x)
+            if k not in stats:
+                stats[k] = new(device=device)
+            stats[k].update(x)
 
     if runner is not None:
         runner.collect(key, members, observe)
@@ -170,7 +177,7 @@ def damped_cholesky(h: torch.Tensor, damp: float, *, layer: str, who: str, inver
     mean_diag = float(torch.diagonal(h).mean())
     if mean_diag <= 0:
         raise PassError(f"{who}: the inputs of {layer!r} are all zero on the calibration data")
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(5):
         lam = damp * (10.0 ** attempt) * mean_diag
         chol, info = torch.linalg.cholesky_ex(h + lam * eye)
@@ -186,7 +193,9 @@ def damped_cholesky(h: torch.Tensor, damp: float, *, layer: str, who: str, inver
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """``sqrt(tr(D H D^T) / tr(W H W^T))``, ``D = W - W_hat``: the relative output error on the calibration data."""
+    """``sqrt(tr(D H D^T) / tr(W H W^T))``, ``D = W - W_hat``: the relative output error on the calibration data
+    (computed on ``h``'s device)."""
+    w, w_hat = w.to(h.device), w_hat.to(h.device)
     d = w - w_hat
     num = float(((d @ h) * d).sum())  # tr(D H D^T)
     den = float(((w @ h) * w).sum())

@@ -9,6 +9,7 @@ data = "calib.txt"             # required in the table; relative to the recipe's
 samples = 128                  # default 128
 seq_len = 256                  # default 256
 seed = 0                       # default 0
+device = "cuda"                # optional: where calibration math runs (compile's calib_device); default cpu
 ```
 
 Unknown keys are errors (with "did you mean"), and so is pipeline text that does not parse or names an unknown
@@ -27,7 +28,7 @@ from .pipeline import Pipeline, build, parse
 __all__ = ["Recipe", "CalibrationSpec"]
 
 _TOP = ("pipeline", "target", "calibration")
-_CALIB = ("data", "samples", "seq_len", "seed")
+_CALIB = ("data", "samples", "seq_len", "seed", "device")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class CalibrationSpec:
     samples: int = 128
     seq_len: int = 256
     seed: int = 0
+    device: str | None = None  # compile's calib_device; checked (CUDA present?) when the recipe is compiled
 
 
 @dataclass(frozen=True)
@@ -125,4 +127,7 @@ def _calibration(table: Any, where: str, folder: Path) -> CalibrationSpec:
         if low is not None and v < low:
             raise ConfigError(f"{where}: calibration.{key} must be >= {low}, got {v}")
         values[key] = v
-    return CalibrationSpec(data=str(p), **values)
+    device = table.get("device")
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"{where}: calibration.device must be a device name such as 'cpu' or 'cuda', got {device!r}")
+    return CalibrationSpec(data=str(p), device=device, **values)

@@ -36,6 +36,7 @@ Measured on tinystories-llama: see README.md ("Sparsity") and tests/passes/test_
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -48,6 +49,7 @@ import torch.fx as fx
 from ..errors import ConfigError
 from ..ir.meta import compression, set_compression, source_path
 from ..ir.module import Module
+from . import calib_device
 from .base import Pass, PassContext, PassResult, SelectOptions
 from .hessian import collect_stats, damped_cholesky, output_error
 from .layer_rewrite import Layer, Rewritten, rewrite_linears
@@ -152,16 +154,17 @@ def wanda_prune(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, nm: 
                 ) -> torch.Tensor:
     """``W`` with its lowest ``|W_ij| * ||X_j||`` per output row (or per group of M) set to 0; ``h = 2 X^T X / n``,
     whose diagonal is proportional to ``||X_j||^2`` (a common factor per row does not change the ranking)."""
-    w = w.detach().float()
+    w = w.detach().to(device=h.device, dtype=torch.float32)
     norms = torch.diagonal(h).float().clamp(min=0).sqrt()
-    return w.masked_fill(prune_mask(w.abs() * norms.unsqueeze(0), sparsity=sparsity, nm=nm, per="row"), 0.0)
+    return w.masked_fill(prune_mask(w.abs() * norms.unsqueeze(0), sparsity=sparsity, nm=nm, per="row"), 0.0).cpu()
 
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
                     damp: float = 0.01, block: int = 128, layer: str = "?") -> torch.Tensor:
     """SparseGPT of one weight ``w [out, in]`` given ``h = 2 X^T X / n`` (see the module docstring). Pruned
-    entries are exactly 0 in the result; the others carry the error compensation."""
-    W = w.detach().to(torch.float32).clone()
+    entries are exactly 0 in the result; the others carry the error compensation. The math runs on ``h``'s device;
+    the result is on the CPU."""
+    W = w.detach().to(device=h.device, dtype=torch.float32).clone()
     H = h.detach().to(torch.float32).clone()
     rows, cols = W.shape
     dead = torch.diagonal(H) == 0  # an input that never fires: its weights are free to prune (as in GPTQ)
@@ -190,7 +193,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, 
         W[:, i1:i2] = W1
         if i2 < cols:
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return W
+    return W.cpu()
 
 
 # -- the pass -------------------------------------------------------------------------------------------------------
@@ -265,8 +268,9 @@ class Sparsify(Pass):
             return Rewritten(record)
 
         # A tied weight split off by _store is in the graph for the next block: the driver recompiles per block.
+        collect = functools.partial(collect_stats, device=calib_device.resolve(ctx.calib_device))
         done = rewrite_linears(module, ctx, nodes, rewrite, skipped=skipped, who=self.name,
-                               collect=collect_stats if self.needs_calibration else None)
+                               collect=collect if self.needs_calibration else None)
         log.info("sparsify: %d linears to %s sparsity %.3f by %s in %.1fs, skipped %d", len(nodes), o.pattern,
                  zeros / total if total else 0.0, o.method, done.seconds, len(skipped))
         stats = done.stats(module, "sparsified", self.name, byte_counts=False)
