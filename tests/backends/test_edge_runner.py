@@ -262,3 +262,46 @@ def test_runner_stops_at_every_eos_id_like_python(native_runner, cpu_artifact, t
     ids = emulate.generate_ids(folder, [1], max_new_tokens=32)
     assert ids == llmpress.load(folder).generate_ids([1], max_new_tokens=32)
     assert ids == full[:cut + 1]
+
+
+# -- the other Hugging Face families (tests/families.py; the exact cpu builds are shared with test_cli_families) --
+EDGE_PROMPT = "Lily and Ben went to the park"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2", "phi3"])
+def test_native_runner_runs_other_families_like_python(native_runner, tmp_path_factory, kind):
+    """GPT-2 (LayerNorm, learned positions read at ``start_pos``, 4 KV heads of 16), Gemma 2 (soft-capped scores
+    and logits, sliding window, head_dim 32 with 2 KV heads) and Phi-3 (fused checkpoint weights): the runner
+    allocates the caches the manifest lists, encodes the prompt with the artifact's edge tokenizer, and prints the
+    greedy ids and text of the Python TVM program."""
+    import llmpress
+
+    from ..families import built
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    folder = built(tmp_path_factory, kind, "exact", "cpu")
+    art = llmpress.load(folder)
+    prompt_ids = art.tokenizer.encode(EDGE_PROMPT)
+    want = art.generate_ids(prompt_ids, max_new_tokens=16)
+    assert len(want) == len(prompt_ids) + 16  # no early stop: every step is compared
+    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=16, print_ids=True)
+    assert res.ids == want
+    assert "decode 15 tokens" in res.stderr  # one prefill, then a decode call per token through the caches
+    assert emulate.run_emulated(folder, prompt=EDGE_PROMPT, max_new_tokens=16) == art.generate(EDGE_PROMPT, 16)
+
+
+@pytest.mark.slow
+def test_arm64_gemma2_under_qemu_matches_x86(aarch64_runner, native_runner, tmp_path_factory):
+    """One non-Llama family on aarch64: the Gemma 2 arm64 artifact, run by the aarch64 runner under qemu, prints
+    the ids the x86-64 runner prints for its cpu artifact (few tokens: qemu is slow)."""
+    from ..families import built
+
+    x86 = built(tmp_path_factory, "gemma2", "exact", "cpu")
+    arm = built(tmp_path_factory, "gemma2", "exact", "arm64")
+    assert emulate.artifact_arch(arm) == "aarch64"
+    res = emulate.run_artifact(arm, prompt=EDGE_PROMPT, max_new_tokens=8, print_ids=True)
+    assert res.command[0] == "qemu-aarch64" and "llmpress-runner: aarch64" in res.stderr
+    want = emulate.run_artifact(x86, prompt=EDGE_PROMPT, max_new_tokens=8, print_ids=True).ids
+    assert len(want) == 12 + 8
+    assert res.ids == want
