@@ -305,3 +305,64 @@ def test_arm64_gemma2_under_qemu_matches_x86(aarch64_runner, native_runner, tmp_
     want = emulate.run_artifact(x86, prompt=EDGE_PROMPT, max_new_tokens=8, print_ids=True).ids
     assert len(want) == 12 + 8
     assert res.ids == want
+
+
+def test_artifact_with_a_tokenizer_json_alone_saves_and_runs_on_ids(native_runner, tmp_path_factory, tmp_path,
+                                                                   caplog):
+    """GPT-2 and Qwen folders ship only a ``tokenizer.json`` (no sentencepiece model to write the llama2.c file
+    from): a TVM artifact with such a tokenizer still saves (it used to fail with ConfigError at save), carries no
+    edge tokenizer, and the runner generates Python's ids from ids. The gpt2 build is reused, re-saved with the
+    reference model's tokenizer.json alone."""
+    import logging
+
+    import llmpress
+    from llmpress.errors import ArtifactError
+    from llmpress.tokenizer import HFTokenizer
+
+    from ..families import built
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINYSTORIES / name, tok_dir / name)
+    art = llmpress.load(built(tmp_path_factory, "gpt2", "exact", "cpu"))
+    art.tokenizer = HFTokenizer(tok_dir / "tokenizer.json")
+    # The loaded manifest still names the sentencepiece tokenizer's edge file; a fresh compile has no such entries.
+    art.manifest = {k: v for k, v in art.manifest.items() if not k.startswith("edge_tokenizer")}
+    with caplog.at_level(logging.WARNING, logger="llmpress.backends.tvm.edge_tokenizer"):
+        folder = art.save(tmp_path / "gpt2-json-tok")
+    assert "no llama2.c form" in caplog.text
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "edge_tokenizer" not in manifest and manifest["tokenizer"] == "tokenizer/tokenizer.json"
+    ids = art.tokenizer.encode(EDGE_PROMPT)
+    want = llmpress.load(folder).generate_ids(ids, max_new_tokens=8)
+    assert len(want) == len(ids) + 8
+    assert emulate.generate_ids(folder, ids, max_new_tokens=8) == want
+    with pytest.raises(ArtifactError, match="no llama2.c tokenizer; use --prompt-ids"):
+        emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=2)
+
+
+def test_runner_starts_a_model_without_bos_at_the_prompt(native_runner, tmp_path_factory, tmp_path):
+    """Qwen configs say ``bos_token_id: null`` (``lm.bos_id`` -1): the runner encodes the prompt without a BOS in
+    front (it used to put id -1 there and refuse it), and without a prompt says that one is needed. The gpt2 build
+    with its manifest's BOS removed (the manifest is not among the hashed files)."""
+    import llmpress
+    from llmpress.errors import ArtifactError
+
+    from ..families import built
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    folder = tmp_path / "no-bos"
+    shutil.copytree(built(tmp_path_factory, "gpt2", "exact", "cpu"), folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["lm"]["bos_id"] = -1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    art = llmpress.load(folder)
+    ids = art.tokenizer.encode(EDGE_PROMPT, bos=False)
+    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=8, print_ids=True)
+    assert res.ids == art.generate_ids(ids, max_new_tokens=8) and res.ids[:len(ids)] == ids
+    with pytest.raises(ArtifactError, match="no BOS token"):
+        emulate.run_artifact(folder, max_new_tokens=2)
