@@ -266,6 +266,9 @@ def test_runner_stops_at_every_eos_id_like_python(native_runner, cpu_artifact, t
 
 # -- the other Hugging Face families (tests/families.py; the exact cpu builds are shared with test_cli_families) --
 EDGE_PROMPT = "Lily and Ben went to the park"
+# One TVM thread in the runner: on the shared 2-core test machines a 2-thread pool whose worker is descheduled spins
+# at each parallel-for barrier (the suspected cause of one 700 s run of a test that takes seconds, at load 7-10).
+ONE = {"threads": 1}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma2", "phi3"])
@@ -285,10 +288,11 @@ def test_native_runner_runs_other_families_like_python(native_runner, tmp_path_f
     prompt_ids = art.tokenizer.encode(EDGE_PROMPT)
     want = art.generate_ids(prompt_ids, max_new_tokens=16)
     assert len(want) == len(prompt_ids) + 16  # no early stop: every step is compared
-    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=16, print_ids=True)
+    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=16, **ONE, print_ids=True)
     assert res.ids == want
     assert "decode 15 tokens" in res.stderr  # one prefill, then a decode call per token through the caches
-    assert emulate.run_emulated(folder, prompt=EDGE_PROMPT, max_new_tokens=16) == art.generate(EDGE_PROMPT, 16)
+    text = emulate.run_emulated(folder, prompt=EDGE_PROMPT, max_new_tokens=16, **ONE)
+    assert text == art.generate(EDGE_PROMPT, 16)
 
 
 @pytest.mark.slow
@@ -300,9 +304,9 @@ def test_arm64_gemma2_under_qemu_matches_x86(aarch64_runner, native_runner, tmp_
     x86 = built(tmp_path_factory, "gemma2", "exact", "cpu")
     arm = built(tmp_path_factory, "gemma2", "exact", "arm64")
     assert emulate.artifact_arch(arm) == "aarch64"
-    res = emulate.run_artifact(arm, prompt=EDGE_PROMPT, max_new_tokens=8, print_ids=True)
+    res = emulate.run_artifact(arm, prompt=EDGE_PROMPT, max_new_tokens=8, **ONE, print_ids=True)
     assert res.command[0] == "qemu-aarch64" and "llmpress-runner: aarch64" in res.stderr
-    want = emulate.run_artifact(x86, prompt=EDGE_PROMPT, max_new_tokens=8, print_ids=True).ids
+    want = emulate.run_artifact(x86, prompt=EDGE_PROMPT, max_new_tokens=8, **ONE, print_ids=True).ids
     assert len(want) == 12 + 8
     assert res.ids == want
 
@@ -339,9 +343,9 @@ def test_artifact_with_a_tokenizer_json_alone_saves_and_runs_on_ids(native_runne
     ids = art.tokenizer.encode(EDGE_PROMPT)
     want = llmpress.load(folder).generate_ids(ids, max_new_tokens=8)
     assert len(want) == len(ids) + 8
-    assert emulate.generate_ids(folder, ids, max_new_tokens=8) == want
+    assert emulate.generate_ids(folder, ids, max_new_tokens=8, **ONE) == want
     with pytest.raises(ArtifactError, match="no llama2.c tokenizer; use --prompt-ids"):
-        emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=2)
+        emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=2, **ONE)
 
 
 def test_runner_starts_a_model_without_bos_at_the_prompt(native_runner, tmp_path_factory, tmp_path):
@@ -362,7 +366,7 @@ def test_runner_starts_a_model_without_bos_at_the_prompt(native_runner, tmp_path
     (folder / "manifest.json").write_text(json.dumps(manifest))
     art = llmpress.load(folder)
     ids = art.tokenizer.encode(EDGE_PROMPT, bos=False)
-    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=8, print_ids=True)
+    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=8, **ONE, print_ids=True)
     assert res.ids == art.generate_ids(ids, max_new_tokens=8) and res.ids[:len(ids)] == ids
     with pytest.raises(ArtifactError, match="no BOS token"):
-        emulate.run_artifact(folder, max_new_tokens=2)
+        emulate.run_artifact(folder, max_new_tokens=2, **ONE)
