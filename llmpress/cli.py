@@ -2,7 +2,7 @@
 
 These forms are a contract other tools rely on:
 
-    llmpress compile MODEL (--pipeline TEXT | --recipe FILE) [--target T] [--calib FILE] [--calib-device D] -o DIR
+    llmpress compile MODEL (-p/--pipeline TEXT | --recipe FILE) [-t/--target T] [--calib FILE] [--calib-device D] -o DIR
     llmpress run MODEL_OR_DIR [--prompt TEXT] [--max-new-tokens N] [--emulate]
     llmpress eval MODEL_OR_DIR --data FILE [--context 256] [--pipeline TEXT] [--json]
     llmpress inspect MODEL_OR_DIR [--json]
@@ -267,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an artifact folder", parents=common)
     c.add_argument("model", help="Hugging Face folder, llama2.c .bin, or .onnx file")
     g = c.add_mutually_exclusive_group(required=True)
-    g.add_argument("--pipeline", help="pipeline text or preset name, e.g. 'fuse_qkv,quantize(bits=4,group=128)'")
+    g.add_argument("-p", "--pipeline", help="pipeline text or preset name, e.g. 'fuse_qkv,quantize(bits=4,group=128)'")
     g.add_argument("--recipe", help="recipe file (TOML or YAML) with the pipeline and calibration settings")
-    c.add_argument("--target", default="reference",
+    c.add_argument("-t", "--target", default="reference",
                    help="reference | cpu | arm64 | cuda | onnx (= onnx:qdq) | onnx:integer | TVM target JSON")
     c.add_argument("--calib", help="calibration text file (gptq, awq, smoothquant, autobits, distill; sparsify wanda/sparsegpt; factorize asvd/svd_llm; prune wanda)")
     c.add_argument("--calib-device", help="where calibration-driven passes run their heavy math: cpu (default) | "
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "compile":
-        a.target_given = any(x == "--target" or x.startswith("--target=") for x in (argv or sys.argv[1:]))
+        a.target_given = any(x == "--target" or x.startswith(("--target=", "-t")) for x in (argv or sys.argv[1:]))
     _configure_output(a.verbose)
     try:
         from .host import torch_threads

@@ -124,7 +124,9 @@ def _softcapped_attention(q, k, v, mask, scale: float, cap: float, rep: int) -> 
         v = v[:, :, None].expand(b, kv, rep, s, d).reshape(b, kv * rep, s, d)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / cap) * cap
-    scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+    # where(mask, s, -inf), not masked_fill(~mask, ...): TVM's CUDA codegen writes a vectorized logical_not of the
+    # bool mask as `!ushort2`, which nvcc rejects (the same function either way).
+    scores = torch.where(mask, scores, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 

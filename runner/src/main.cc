@@ -7,8 +7,9 @@
 // The second form only tokenizes (a llama2.c-format file): --encode prints the ids of TEXT (no BOS), --decode
 // prints the text of the ids (as the first form decodes: BOS/EOS skipped, the text starts as if after BOS id 1).
 //
-// Greedy decoding from BOS + the encoded prompt (or exactly the given ids): one prefill call, then one decode call
-// per new token, stopping at EOS or BOS (as llama2.c does), after N new tokens, or when the KV cache is full.
+// Greedy decoding from BOS (when the model has one) + the encoded prompt (or exactly the given ids): one prefill
+// call, then one decode call per new token, stopping at EOS or BOS (as llama2.c does), after N new tokens, or when
+// the KV cache is full.
 // Prints the decoded text (everything after the leading BOS) to stdout, or with --print-ids the ids (prompt and
 // new, space-separated, one line). Timings go to stderr. Exit status 1 with "llmpress-runner: error: ..." on failure.
 #include <algorithm>
@@ -145,10 +146,14 @@ int Run(int argc, char** argv) {
 
   std::vector<int64_t> ids = prompt_ids;
   if (!have_ids) {
-    ids = {lm.bos_id};
+    ids.clear();
+    if (lm.bos_id >= 0) ids.push_back(lm.bos_id);  // a model without BOS (Qwen: bos_token_id null) starts at the prompt
     if (have_prompt && !prompt.empty()) {
       if (tok == nullptr) throw llmpress::RunnerError(dir + ": the artifact has no llama2.c tokenizer; use --prompt-ids");
       for (int64_t id : tok->Encode(prompt, model.normalize_prompt())) ids.push_back(id);
+    }
+    if (ids.empty()) {
+      throw llmpress::RunnerError("this model has no BOS token (lm.bos_id < 0): give --prompt or --prompt-ids");
     }
   }
   for (int64_t id : ids) {

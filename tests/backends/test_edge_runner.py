@@ -262,3 +262,111 @@ def test_runner_stops_at_every_eos_id_like_python(native_runner, cpu_artifact, t
     ids = emulate.generate_ids(folder, [1], max_new_tokens=32)
     assert ids == llmpress.load(folder).generate_ids([1], max_new_tokens=32)
     assert ids == full[:cut + 1]
+
+
+# -- the other Hugging Face families (tests/families.py; the exact cpu builds are shared with test_cli_families) --
+EDGE_PROMPT = "Lily and Ben went to the park"
+# One TVM thread in the runner: on the shared 2-core test machines a 2-thread pool whose worker is descheduled spins
+# at each parallel-for barrier (the suspected cause of one 700 s run of a test that takes seconds, at load 7-10).
+ONE = {"threads": 1}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2", "phi3"])
+def test_native_runner_runs_other_families_like_python(native_runner, tmp_path_factory, kind):
+    """GPT-2 (LayerNorm, learned positions read at ``start_pos``, 4 KV heads of 16), Gemma 2 (soft-capped scores
+    and logits, sliding window, head_dim 32 with 2 KV heads) and Phi-3 (fused checkpoint weights): the runner
+    allocates the caches the manifest lists, encodes the prompt with the artifact's edge tokenizer, and prints the
+    greedy ids and text of the Python TVM program."""
+    import llmpress
+
+    from ..families import built
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    folder = built(tmp_path_factory, kind, "exact", "cpu")
+    art = llmpress.load(folder)
+    prompt_ids = art.tokenizer.encode(EDGE_PROMPT)
+    want = art.generate_ids(prompt_ids, max_new_tokens=16)
+    assert len(want) == len(prompt_ids) + 16  # no early stop: every step is compared
+    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=16, **ONE, print_ids=True)
+    assert res.ids == want
+    assert "decode 15 tokens" in res.stderr  # one prefill, then a decode call per token through the caches
+    text = emulate.run_emulated(folder, prompt=EDGE_PROMPT, max_new_tokens=16, **ONE)
+    assert text == art.generate(EDGE_PROMPT, 16)
+
+
+@pytest.mark.slow
+def test_arm64_gemma2_under_qemu_matches_x86(aarch64_runner, native_runner, tmp_path_factory):
+    """One non-Llama family on aarch64: the Gemma 2 arm64 artifact, run by the aarch64 runner under qemu, prints
+    the ids the x86-64 runner prints for its cpu artifact (few tokens: qemu is slow)."""
+    from ..families import built
+
+    x86 = built(tmp_path_factory, "gemma2", "exact", "cpu")
+    arm = built(tmp_path_factory, "gemma2", "exact", "arm64")
+    assert emulate.artifact_arch(arm) == "aarch64"
+    res = emulate.run_artifact(arm, prompt=EDGE_PROMPT, max_new_tokens=8, **ONE, print_ids=True)
+    assert res.command[0] == "qemu-aarch64" and "llmpress-runner: aarch64" in res.stderr
+    want = emulate.run_artifact(x86, prompt=EDGE_PROMPT, max_new_tokens=8, **ONE, print_ids=True).ids
+    assert len(want) == 12 + 8
+    assert res.ids == want
+
+
+def test_artifact_with_a_tokenizer_json_alone_saves_and_runs_on_ids(native_runner, tmp_path_factory, tmp_path,
+                                                                   caplog):
+    """GPT-2 and Qwen folders ship only a ``tokenizer.json`` (no sentencepiece model to write the llama2.c file
+    from): a TVM artifact with such a tokenizer still saves (it used to fail with ConfigError at save), carries no
+    edge tokenizer, and the runner generates Python's ids from ids. The gpt2 build is reused, re-saved with the
+    reference model's tokenizer.json alone."""
+    import logging
+
+    import llmpress
+    from llmpress.errors import ArtifactError
+    from llmpress.tokenizer import HFTokenizer
+
+    from ..families import built
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINYSTORIES / name, tok_dir / name)
+    art = llmpress.load(built(tmp_path_factory, "gpt2", "exact", "cpu"))
+    art.tokenizer = HFTokenizer(tok_dir / "tokenizer.json")
+    # The loaded manifest still names the sentencepiece tokenizer's edge file; a fresh compile has no such entries.
+    art.manifest = {k: v for k, v in art.manifest.items() if not k.startswith("edge_tokenizer")}
+    with caplog.at_level(logging.WARNING, logger="llmpress.backends.tvm.edge_tokenizer"):
+        folder = art.save(tmp_path / "gpt2-json-tok")
+    assert "no llama2.c form" in caplog.text
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "edge_tokenizer" not in manifest and manifest["tokenizer"] == "tokenizer/tokenizer.json"
+    ids = art.tokenizer.encode(EDGE_PROMPT)
+    want = llmpress.load(folder).generate_ids(ids, max_new_tokens=8)
+    assert len(want) == len(ids) + 8
+    assert emulate.generate_ids(folder, ids, max_new_tokens=8, **ONE) == want
+    with pytest.raises(ArtifactError, match="no llama2.c tokenizer; use --prompt-ids"):
+        emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=2, **ONE)
+
+
+def test_runner_starts_a_model_without_bos_at_the_prompt(native_runner, tmp_path_factory, tmp_path):
+    """Qwen configs say ``bos_token_id: null`` (``lm.bos_id`` -1): the runner encodes the prompt without a BOS in
+    front (it used to put id -1 there and refuse it), and without a prompt says that one is needed. The gpt2 build
+    with its manifest's BOS removed (the manifest is not among the hashed files)."""
+    import llmpress
+    from llmpress.errors import ArtifactError
+
+    from ..families import built
+
+    if emulate.host_arch() != "x86_64":
+        pytest.skip("the cpu target builds x86-64 code; this host is " + emulate.host_arch())
+    folder = tmp_path / "no-bos"
+    shutil.copytree(built(tmp_path_factory, "gpt2", "exact", "cpu"), folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["lm"]["bos_id"] = -1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    art = llmpress.load(folder)
+    ids = art.tokenizer.encode(EDGE_PROMPT, bos=False)
+    res = emulate.run_artifact(folder, prompt=EDGE_PROMPT, max_new_tokens=8, **ONE, print_ids=True)
+    assert res.ids == art.generate_ids(ids, max_new_tokens=8) and res.ids[:len(ids)] == ids
+    with pytest.raises(ArtifactError, match="no BOS token"):
+        emulate.run_artifact(folder, max_new_tokens=2, **ONE)

@@ -106,3 +106,22 @@ def test_cuda_greedy_matches_reference(module, tmp_path):
     payload = compiled.save_payload(tmp_path)
     loaded = TVMBackend().load(tmp_path, {"payload": payload, "lm": module.lm.to_json()})
     assert greedy(loaded, module.lm, [1, 5], 20) == ref
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA device code cannot be built")
+def test_cuda_build_of_a_gemma2_model(tmp_path):
+    """A non-Llama family builds for ``cuda`` with its device code: Gemma 2 (soft-capped scores masked with the
+    boolean causal mask, sandwich norms, soft-capped logits), 1 layer. Its masking once reached nvcc as a vectorized
+    ``!`` of a ``ushort2`` and failed to compile. Compile only: no GPU here."""
+    from llmpress.backends.tvm import TVMBackend
+    from llmpress.ir.loaders import load_model
+
+    from ..ir.test_hf_families import GEMMA2, _save
+
+    model = load_model(_save(tmp_path / "gemma2", "gemma2", num_hidden_layers=1, **GEMMA2)).model
+    compiled = TVMBackend().lower(capture(model), "cuda", progress=False)
+    assert ".target sm_80" in compiled.device_code["ptx"].decode()
+    (tmp_path / "art").mkdir()
+    payload = compiled.save_payload(tmp_path / "art")
+    assert payload["device"] == "cuda" and payload["device_code"]["arch"] == "sm_80"
+    assert struct.unpack("<I", (tmp_path / "art" / payload["device_code"]["fatbin"]).read_bytes()[:4])[0] == FATBIN_MAGIC

@@ -150,7 +150,7 @@ def _pow_tt(ex: Any, node: fx.Node) -> str:
     return ex.b.op("Pow", [operand(ex.b, node.args[0], dt), operand(ex.b, node.args[1], dt)])
 
 
-@_register(aten.where.self)
+@_register(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
 def _where(ex: Any, node: fx.Node) -> str:
     b, dt = ex.b, val(node).dtype
     return b.op("Where", [b.value(node.args[0]), operand(b, node.args[1], dt), operand(b, node.args[2], dt)])

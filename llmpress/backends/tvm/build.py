@@ -172,5 +172,9 @@ def _nvcc(source: str, flags: list[str], ext: str, arch: str) -> bytes:
         cmd = [nvcc, *flags, "-O3", "-std=c++17", "-o", str(out), str(src)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise BuildError(f"nvcc failed for {arch} (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            # nvcc prints a warning per unused TVM temporary; its errors would drown in them: errors first.
+            lines = proc.stderr.strip().splitlines()
+            errors = "\n".join(ln for ln in lines if ": error" in ln or "errors detected" in ln)
+            raise BuildError(f"nvcc failed for {arch} (exit {proc.returncode}): {errors[-2000:] or lines[-1:]}"
+                             f"\n{proc.stderr.strip()[-1000:]}")
         return out.read_bytes()

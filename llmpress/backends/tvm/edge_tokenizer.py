@@ -97,9 +97,17 @@ def _removes_extra_whitespaces(sp) -> bool:
 
 def edge_tokenizer_manifest(tokenizer: Any, folder: str | Path) -> dict:
     """Write ``folder/EDGE_TOKENIZER`` and return the manifest entries that point the runner at it:
-    ``{"edge_tokenizer": "tokenizer/edge_tok.bin", "edge_tokenizer_normalize": bool}``."""
+    ``{"edge_tokenizer": "tokenizer/edge_tok.bin", "edge_tokenizer_normalize": bool}``.
+
+    A tokenizer with no llama2.c form (a byte-level BPE ``tokenizer.json`` alone: GPT-2, Qwen) gets none: ``{}``
+    and a warning. The artifact still saves and runs everywhere; the C++ runner then takes ``--prompt-ids`` and
+    ``--print-ids`` (it says so when asked for text)."""
     from ...tokenizer import Llama2cTokenizer
 
+    if not isinstance(tokenizer, Llama2cTokenizer) and _sentencepiece_processor(tokenizer) is None:
+        log.warning("the %s tokenizer (%s) has no llama2.c form: the C++ edge runner will read and print token ids "
+                    "only (--prompt-ids, --print-ids)", type(tokenizer).__name__, getattr(tokenizer, "path", "?"))
+        return {}
     write_llama2c_tokenizer(tokenizer, Path(folder) / EDGE_TOKENIZER)
     normalize = False
     if not isinstance(tokenizer, Llama2cTokenizer):

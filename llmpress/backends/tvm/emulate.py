@@ -226,9 +226,13 @@ def run_artifact(folder: str | Path, *, prompt: str | None = None, prompt_ids: S
         env["TVM_NUM_THREADS"] = str(int(threads))
     log.info("edge runner: %s", " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        raw = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         raise LlmpressError(f"the edge runner took longer than {timeout:.0f} s on {folder}") from e
+    # The runner prints the bytes of the decoded pieces; a byte-fallback piece of an incomplete UTF-8 sequence (a
+    # random model's output) is read as U+FFFD, as llmpress.tokenizer's decode reads it.
+    proc = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode("utf-8", "replace"),
+                                       raw.stderr.decode("utf-8", "replace"))
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()
         raise ArtifactError(f"the edge runner failed on {folder} (exit {proc.returncode}): "
