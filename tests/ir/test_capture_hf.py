@@ -104,6 +104,7 @@ def test_quantize_finds_the_generic_graphs_linears(stablelm) -> None:
     assert hist["llmpress.wq_linear.default"] == 2 * 7 + 1 and "aten.linear.default" not in hist, hist
 
 
+@pytest.mark.tvm
 def test_cpu_build_generates_transformers_greedy_tokens(stablelm) -> None:
     folder, module = stablelm
     art = llmpress.compile(module, target="cpu", progress=False)
