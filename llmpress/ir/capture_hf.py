@@ -22,6 +22,13 @@ static cache from ``get_mask_sizes`` (``key_pos <= query_pos``, plus the model's
 absolute positions), so no per-architecture code is written here. Sliding-window layers get full-length caches
 (as the ExecuTorch path does); their mask still applies the window, so attention is exact at any length.
 
+Attention: transformers' SDPA path repeats each KV head for its query group (``repeat_kv``, a copy of the whole
+cache per call) and passes a ``[B, 1, T, S]`` mask, a form the backends' fused attention kernels do not take. While
+exporting a model that runs with ``sdpa``, ``GQA_ATTENTION`` (registered with transformers' ``AttentionInterface``)
+computes the same ``softmax(scale q k^T, masked) v`` as one ``scaled_dot_product_attention(q, k, v, mask[0, 0],
+enable_gqa=True)`` over the unrepeated cache, the form ``llmpress.models.Llama`` emits; anything else (dropout,
+soft-capping, attention sinks, a per-batch mask) goes to transformers' own SDPA function unchanged.
+
 The model's submodules sit directly under the wrapper (``model.layers.0.self_attn.q_proj``, ``lm_head``): node
 source paths and weight names are the checkpoint's, as with ``llmpress.models.Llama``.
 
@@ -31,6 +38,7 @@ plain key/value tensors (linear attention, shared-KV, indexer layers), and model
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -40,7 +48,7 @@ from torch import nn
 from ..errors import UnsupportedOpError
 from .meta import LMInfo
 
-__all__ = ["HFStaticCacheLM", "capture_hf", "static_cache_len"]
+__all__ = ["HFStaticCacheLM", "capture_hf", "static_cache_len", "GQA_ATTENTION"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,48 @@ def _check_exportable(hf: nn.Module) -> list[str]:
             f"layer (supported: {', '.join(_KV_LAYER_TYPES)}); capture it without a cache: "
             "llmpress.ir.capture(model, (input_ids,))")
     return list(layer_types)
+
+
+GQA_ATTENTION = "llmpress_gqa_sdpa"
+
+
+def _gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              is_causal: bool | None = None, **kwargs: Any):
+    """transformers' attention-function signature; ``q [B, H, T, D]``, ``k, v [B, H_kv, S, D]``, a boolean mask
+    ``[1, 1, T, S]`` -> ``out [B, T, H, D]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain = (not dropout and attention_mask is not None and attention_mask.dtype == torch.bool
+             and attention_mask.dim() == 4 and tuple(attention_mask.shape[:2]) == (1, 1)
+             and query.shape[1] % key.shape[1] == 0 and key.shape[-1] == value.shape[-1]
+             and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias")))
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask[0, 0], scale=scaling,
+                                                     enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _gqa_attention(hf: nn.Module):
+    """Run ``hf`` with ``GQA_ATTENTION`` while exporting, if it runs with ``sdpa`` (its masks: transformers'
+    ``sdpa_mask``); its own implementation is restored after."""
+    before = getattr(hf.config, "_attn_implementation", None)
+    if before != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_ATTENTION, _gqa_sdpa)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    hf.set_attn_implementation(GQA_ATTENTION)
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(before)
 
 
 def _static_layer_class():
@@ -202,7 +252,7 @@ def capture_hf(model: nn.Module, *, cache_len: int | None = None, info: dict | N
         seq = torch.export.Dim("seq", min=1, max=wrapper.cache_len)
         ds = ({1: seq}, None, tuple(None for _ in example[2:]))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _gqa_attention(wrapper.hf):
             ep = torch.export.export(wrapper, example, dynamic_shapes=ds, strict=False)
     except Exception as e:
         raise UnsupportedOpError(f"model_type {kind!r} ({type(wrapper.hf).__name__}): torch.export could not capture "

@@ -82,6 +82,11 @@ def test_generic_capture_follows_the_kv_cache_convention(stablelm) -> None:
     # Checkpoint names, not the wrapper's: globs and weight names read as on the Hugging Face model.
     names = {n for n, _ in module.exported_program.named_parameters()}
     assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" in names
+    # Attention over the unrepeated cache with a [T, S] mask (the form the fused CPU kernel takes), not
+    # transformers' repeat_kv + [B, 1, T, S] mask
+    sdpa = [n for n in module.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa") for n in sdpa)
+    assert all(n.args[1].meta["val"].shape[1] == 2 and n.args[3].meta["val"].dim() == 2 for n in sdpa)
     module.verify()
 
 
@@ -121,6 +126,7 @@ def test_generic_path_on_llama_equals_our_decoder(tmp_path) -> None:
     hf = _hf(folder)
     hf.generation_config.cache_config = {"max_cache_len": CACHE}
     generic = llmpress.ir.capture(hf)
+    assert hf.config._attn_implementation == "eager"  # the caller's choice, untouched
     assert isinstance(load_model(folder).model, Llama) and ours.lm.cache_specs() == generic.lm.cache_specs()
     x = _ids(9)
     torch.testing.assert_close(_prefill_then_decode(generic, x, 5), _prefill_then_decode(ours, x, 5),
