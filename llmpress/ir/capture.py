@@ -3,9 +3,11 @@
 Accepted models:
 - ``llmpress.models.Llama`` (what the loaders build from Hugging Face Llama folders and llama2.c checkpoints): captured
   with its KV-cache calling convention and a dynamic sequence length, so one graph serves prefill and decode.
-- a Hugging Face ``PreTrainedModel`` causal LM of another architecture, given ``example_inputs``: captured as
-  ``input_ids -> logits`` without a cache (``use_cache=False``). Folders of the Llama family (llama, mistral, qwen2,
-  qwen3) load as ``Llama`` instead.
+- a Hugging Face ``PreTrainedModel`` causal LM of another architecture: captured generically through transformers'
+  own ``StaticCache`` (``llmpress.ir.capture_hf``) with the same KV-cache calling convention, or refused with an
+  error naming the model type and why transformers cannot export it. Given ``example_inputs``, it is captured as
+  ``input_ids -> logits`` without a cache (``use_cache=False``) instead. Folders of the families in
+  ``loaders.hf.SUPPORTED_MODEL_TYPES`` load as ``Llama``.
 - any other ``nn.Module``, including Hugging Face models that are not causal LMs (a BERT-style encoder called with
   ``(input_ids, attention_mask)``): its own ``forward`` on ``example_inputs``, returning what it returns (a
   ``ModelOutput`` flattened to its tensors, in field order).
@@ -47,7 +49,8 @@ def lm_info(model: nn.Module) -> LMInfo | None:
         c = model.config
         return LMInfo(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, cache_len=model.cache_len,
                       vocab_size=c.vocab_size, bos_id=c.bos_id, eos_id=c.eos_id, eos_ids=tuple(c.eos_ids))
-    if callable(getattr(model, "lm_info", None)):  # an imported ONNX decoder run with a static cache (PastKVDecoder)
+    # an imported ONNX decoder run with a static cache (PastKVDecoder), or a transformers LM (HFStaticCacheLM)
+    if callable(getattr(model, "lm_info", None)):
         return model.lm_info()
     return None
 
@@ -71,6 +74,12 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
     if not isinstance(model, nn.Module):
         raise LlmpressError(f"capture() takes an nn.Module or a model path, not {type(model).__name__}")
     model = model.eval()
+    from .capture_hf import HFStaticCacheLM, capture_hf
+
+    if isinstance(model, HFStaticCacheLM) or (example_inputs is None and _is_hf_causal_lm(model)):
+        if dynamic not in (True, False):
+            raise LlmpressError("capture(): a transformers causal LM takes dynamic=True or False (its token count)")
+        return capture_hf(model, info=info, dynamic=dynamic)
     lm = lm_info(model)
     if isinstance(model, Llama):
         if example_inputs is None:
@@ -86,15 +95,7 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
         # An imported ONNX graph knows its own example inputs and which dims are symbolic.
         example_inputs = model.example_inputs()
         dynamic = (model.dynamic_shapes() or False) if dynamic is True else dynamic
-    if _is_hf_causal_lm(model):
-        if example_inputs is None:
-            from .loaders.hf import SUPPORTED_MODEL_TYPES
-
-            kind = getattr(getattr(model, "config", None), "model_type", None)
-            raise LlmpressError(
-                f"model_type {kind!r} ({type(model).__name__}) has no KV-cache capture in llmpress; supported "
-                f"model_types: {', '.join(SUPPORTED_MODEL_TYPES)}. To capture it anyway as input_ids -> logits "
-                "without a cache (no generate), call llmpress.ir.capture(model, (input_ids,))")
+    if _is_hf_causal_lm(model):  # with example_inputs: input_ids -> logits, no cache
         model = _LogitsOnly(model)
     if example_inputs is None:
         raise LlmpressError(f"capture() needs example_inputs for a {type(model).__name__}")

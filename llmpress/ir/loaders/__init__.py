@@ -34,13 +34,15 @@ class LoadedModel:
 def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_len: int | None = None) -> LoadedModel:
     """Load a model from ``path``.
 
-    - a folder with ``config.json``: Hugging Face (``llama`` -> ``llmpress.models.Llama``, else transformers);
+    - a folder with ``config.json``: Hugging Face (``SUPPORTED_MODEL_TYPES`` -> ``llmpress.models.Llama``, else
+      transformers' own model, captured through its static cache);
       tokenizer ``tokenizer.model`` or ``tokenizer.json`` from the folder.
     - a ``.bin`` file: llama2.c checkpoint; tokenizer ``tok{vocab}.bin`` or ``tokenizer.bin`` beside it.
     - a ``.onnx`` file: imported op by op into a torch module (``onnx_import``); no tokenizer unless given.
 
-    ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of Llama models and of ONNX
-    decoders exported with ``past_key_values`` (default: the model's context length).
+    ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of Llama models, of other
+    transformers models (their ``StaticCache``) and of ONNX decoders exported with ``past_key_values`` (default: the
+    model's context length).
     """
     p = Path(path).expanduser()
     if not p.exists():

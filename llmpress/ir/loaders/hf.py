@@ -12,8 +12,8 @@ and assigned into a module built on the meta device, so no second copy of the we
 half-precision state dict) is ever held. End-of-sequence ids come from ``config.json`` and
 ``generation_config.json``.
 
-Other model types go through ``transformers.AutoModelForCausalLM``; ``capture`` takes them only with
-``example_inputs`` (as ``input_ids -> logits``, no KV cache).
+Other model types load through ``transformers.AutoModelForCausalLM``; ``capture`` takes them with the same KV-cache
+calling convention through transformers' ``StaticCache`` (``llmpress.ir.capture_hf``), or refuses them naming why.
 """
 from __future__ import annotations
 
@@ -373,6 +373,8 @@ def load_hf(folder: Path, *, cache_len: int | None = None) -> tuple[torch.nn.Mod
     except Exception as e:
         raise LoadError(f"{folder}: transformers could not load model_type {cfg.get('model_type')!r}: "
                         f"{type(e).__name__}: {e}") from e
-    log.info("%s: model_type %r is not one llmpress captures with a KV cache (%s); loaded through transformers",
-             folder, cfg.get("model_type"), ", ".join(SUPPORTED_MODEL_TYPES))
+    if cache_len is not None:  # where transformers' export recipe reads the static cache length (capture_hf does)
+        model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": int(cache_len)}
+    log.info("%s: model_type %r is not one llmpress builds itself (%s); loaded through transformers, captured "
+             "generically with its StaticCache", folder, cfg.get("model_type"), ", ".join(SUPPORTED_MODEL_TYPES))
     return model.eval(), cfg
