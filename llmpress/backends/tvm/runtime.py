@@ -228,8 +228,7 @@ class TVMCompiled(Compiled):
         return edge_tokenizer_manifest(tokenizer, folder)
 
     def save_payload(self, folder: Path) -> dict:
-        from safetensors.torch import save_file
-
+        from ...safetensors_io import write_streamed
         from .build import export_library
 
         folder = Path(folder)
@@ -252,7 +251,9 @@ class TVMCompiled(Compiled):
             seen.add(t.untyped_storage().data_ptr())
             unique[name] = t
         stored, sparse = compress_weights(unique)
-        save_file(stored, str(folder / WEIGHTS))
+        # streamed: one tensor at a time into the file, never a serialized copy of them all (save_file's way)
+        write_streamed(folder / WEIGHTS, {k: (t.dtype, tuple(t.shape), (lambda t=t: t)) for k, t in stored.items()},
+                       metadata={"format": "pt"})
         payload = {"lib": LIB, "weights": WEIGHTS, "params": self.params, "functions": list(self.functions),
                    "num_inputs": self.num_inputs, "arch": self.spec.arch, "device": self.spec.device,
                    "target": self.spec.to_json(), "device_code": None,
