@@ -202,7 +202,8 @@ def to_markdown(data: dict) -> str:
                 continue
             peak = _gb(r["peak_rss_bytes"]) if r["rc"] == 0 else f"failed (rc {r['rc']}) at {_gb(r['peak_rss_bytes'])}"
             lines.append(f"| {row} | {_gb(r['checkpoint_bytes'])} | {label} | {peak} | {_gb(r.get('compressed_bytes'))} "
-                         f"| {_gb(r.get('bound_bytes'))} | {r.get('ratio', '-')} | {r['wall_s']} | {r['load_before']} |")
+                         f"| {_gb(r.get('bound_bytes'))} | {r.get('ratio', '-')} | {r['wall_s']}{' (' + r['note'] + ')' if r.get('note') else ''} "
+                         f"| {r['load_before']} |")
     notes = data.get("_notes", [])
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="after", choices=("before", "after"))
     ap.add_argument("--pythonpath", type=Path, default=ROOT, help="the llmpress checkout the compiles run")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts (in a temp folder)")
+    ap.add_argument("--note", default="", help="recorded with the row (e.g. 'unlocked, nice 19': wall time is no "
+                    "timing)")
     ap.add_argument("--prepare-only", action="store_true", help="write the models the rows need and stop")
     a = ap.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
@@ -231,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         res = run_row(row, a.pythonpath, a.keep)
         res["label"] = a.label
+        if a.note:
+            res["note"] = a.note
         data = json.loads(path.read_text()) if path.is_file() else {}
         data.setdefault(row, {})[a.label] = res
         path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
