@@ -30,7 +30,8 @@ def prepare(model: Any, example_inputs: tuple | None = None, *, tokenizer: Any =
     if isinstance(model, (str, Path)):
         from .ir.loaders import load_model
 
-        loaded = load_model(model, tokenizer=tokenizer if isinstance(tokenizer, (str, Path)) else None)
+        # lazy: the weights stay in the checkpoint until a pass reads them, one layer at a time (ir.lazy)
+        loaded = load_model(model, tokenizer=tokenizer if isinstance(tokenizer, (str, Path)) else None, lazy=True)
         tok = loaded.tokenizer if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
         module = capture(loaded.model, example_inputs, info={"source": str(loaded.source), "kind": loaded.kind})
         return module, tok

@@ -16,12 +16,17 @@ TVM's own pool (``backends/tvm/threads.py``) also takes the affinity mask. Its w
 (``sched_yield``, ``TVM_THREAD_POOL_SPIN_COUNT`` times, default 300,000) so they give their core to a runnable thread
 of another job; llmpress leaves that count alone because a decode step wakes the pool for every kernel, and a
 sleeping worker costs a futex wake-up each time.
+
+``release_freed_memory`` hands the C heap's free pages back to the system (glibc ``malloc_trim``): a compile that
+reads and drops one float layer at a time (lazy weights) otherwise keeps the freed pages of tensors under glibc's
+dynamic mmap threshold in its heap, and its resident memory grows as if it held them (RTN on the 1.1B shape: 2.8 GB
+resident after quantizing, 0.9 GB after a trim).
 """
 from __future__ import annotations
 
 import os
 
-__all__ = ["passive_openmp", "openmp_default", "available_cpus", "torch_threads"]
+__all__ = ["passive_openmp", "openmp_default", "available_cpus", "torch_threads", "release_freed_memory"]
 
 _SET_HERE = False  # passive_openmp set the variable (the user had not)
 
@@ -73,3 +78,22 @@ def torch_threads(threads: int | None = None) -> int:
         if torch.get_num_threads() > cpus:
             torch.set_num_threads(cpus)
     return torch.get_num_threads()
+
+
+_LIBC: object = None
+
+
+def release_freed_memory() -> None:
+    """``malloc_trim(0)`` on glibc (see the module docstring); nothing elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

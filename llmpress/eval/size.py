@@ -8,10 +8,11 @@ __all__ = ["parameter_bytes", "weight_bytes_by_name"]
 
 def weight_bytes_by_name(module: Module) -> dict[str, int]:
     """Bytes of every stored weight (parameters, buffers, constants), by state-dict name. Tied weights count once."""
-    seen: set[int] = set()
+    seen: set = set()
     out: dict[str, int] = {}
-    for name, t in module.weights().items():
-        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+    for name, t in module.stored_weights().items():  # no weight is read: sizes come from shapes and dtypes
+        src = module.lazy_source(name)
+        key = ("lazy", id(src)) if src is not None else t.untyped_storage().data_ptr() if t.numel() else id(t)
         if key in seen:
             continue
         seen.add(key)

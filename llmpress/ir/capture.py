@@ -68,7 +68,7 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
     if isinstance(model, (str, Path)):
         from .loaders import load_model
 
-        loaded = load_model(model)
+        loaded = load_model(model, lazy=True)  # weights read one at a time, when a pass asks (ir.lazy)
         info.setdefault("source", str(model))
         return capture(loaded.model, example_inputs, dynamic=dynamic, info=info)
     if not isinstance(model, nn.Module):
@@ -137,4 +137,6 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any, *, lm:
     except Exception as e:
         raise LlmpressError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
     info.setdefault("model_class", type(model).__name__)
-    return Module(ep, lm=lm, info=info)
+    from .lazy import LAZY_ATTR
+
+    return Module(ep, lm=lm, info=info, lazy=getattr(model, LAZY_ATTR, None))

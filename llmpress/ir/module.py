@@ -3,13 +3,20 @@
 It wraps (never subclasses) a ``torch.export.ExportedProgram`` and is the single place that keeps the FX graph, the
 export signature (which placeholder is a parameter, a buffer, a constant, a user input) and the weight store
 coherent while passes add, replace and drop nodes and weights. Passes never touch ``ExportedProgram`` internals.
+
+Lazy weights (``ir.lazy``): a module captured from a checkpoint path keeps, for every weight not yet read, where it
+is (``LazyTensor``) and a shape-only ``FakeTensor`` in the store. ``weight(node)`` reads that one weight (float32,
+not kept: a pass that replaces it never holds two copies), ``set_weight`` and ``remove_unused_weights`` end its
+lazy state, ``stored_weights()`` gives the store without reading anything (names, shapes, dtypes). What needs every
+weight at once (``weights()``, ``run``, ``exported_program``: saving, lowering) calls ``materialize()`` first,
+which reads them all into the store and says so in one log line.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 from collections import Counter
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -46,8 +53,11 @@ class Module:
     ``info`` is free-form provenance (source path, tokenizer, pipeline history) that artifacts record.
     """
 
-    def __init__(self, ep: ExportedProgram, *, lm: LMInfo | None = None, info: dict | None = None) -> None:
+    def __init__(self, ep: ExportedProgram, *, lm: LMInfo | None = None, info: dict | None = None,
+                 lazy: Mapping[str, Any] | None = None) -> None:
         self._ep = ep
+        stored = self.stored_weights()
+        self._lazy: dict[str, Any] = {k: v for k, v in (lazy or {}).items() if k in stored}
         self.lm = lm
         self.info: dict[str, Any] = dict(info or {})
         self._ids = itertools.count()
@@ -67,6 +77,8 @@ class Module:
     # -- views -------------------------------------------------------------------------------
     @property
     def exported_program(self) -> ExportedProgram:
+        """The program with every weight in memory (lazy ones are read first: ``materialize``)."""
+        self.materialize("the exported program")
         return self._ep
 
     @property
@@ -82,7 +94,13 @@ class Module:
         return self._ep.graph_signature
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Every weight the graph reads (parameters, buffers, constants) by its state-dict name."""
+        """Every weight the graph reads (parameters, buffers, constants) by its state-dict name, in memory (lazy
+        weights are read first: ``materialize``; ``stored_weights`` when names, shapes and dtypes suffice)."""
+        self.materialize("weights()")
+        return self.stored_weights()
+
+    def stored_weights(self) -> dict[str, torch.Tensor]:
+        """The weight store as it is: a lazy weight is a ``FakeTensor`` of its shape and dtype (no data)."""
         out = dict(self._ep.state_dict)
         out.update({k: v for k, v in self._ep.constants.items() if isinstance(v, torch.Tensor)})
         return out
@@ -100,11 +118,54 @@ class Module:
         return spec.target
 
     def weight(self, node: fx.Node) -> torch.Tensor | None:
-        """The tensor behind a weight placeholder, or None if ``node`` is not one."""
+        """The tensor behind a weight placeholder, or None if ``node`` is not one. A lazy weight is read from its
+        checkpoint now and not kept (each call reads it again)."""
         name = self.weight_name(node)
         if name is None:
             return None
-        return self.weights()[name]
+        return self.weight_by_name(name)
+
+    def weight_by_name(self, name: str) -> torch.Tensor:
+        """The stored weight ``name`` (a lazy one read now, not kept)."""
+        src = self._lazy.get(name)
+        if src is not None:
+            return src.load()
+        return self.stored_weights()[name]
+
+    def is_lazy(self, name: str) -> bool:
+        """Whether weight ``name`` is still in its checkpoint (not read into the store)."""
+        return name in self._lazy
+
+    def lazy_source(self, name: str) -> Any:
+        """The ``LazyTensor`` of a lazy weight, or None."""
+        return self._lazy.get(name)
+
+    def materialize(self, why: str = "") -> int:
+        """Read every lazy weight into the store (tied names share one tensor); returns how many were read."""
+        if not self._lazy:
+            return 0
+        loaded: dict[int, torch.Tensor] = {}
+        nbytes = 0
+        for name, src in list(self._lazy.items()):
+            if id(src) not in loaded:
+                loaded[id(src)] = src.load()
+                nbytes += loaded[id(src)].numel() * 4
+            self._store(name, loaded[id(src)])
+        log.info("materialized %d lazy weights (%.2f GB float32)%s", len(loaded), nbytes / 1e9,
+                 f" for {why}" if why else "")
+        self._lazy.clear()
+        self._runner = None
+        return len(loaded)
+
+    def _store(self, name: str, tensor: torch.Tensor) -> None:
+        old = self._ep.state_dict.get(name)
+        if name in self._ep.state_dict:
+            if isinstance(old, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            self._ep.state_dict[name] = tensor
+        else:
+            self._ep.constants[name] = tensor
+        self._lazy.pop(name, None)
 
     def user_inputs(self) -> list[fx.Node]:
         specs = self._spec_by_placeholder()
@@ -122,7 +183,7 @@ class Module:
 
     def fresh_weight_name(self, base: str) -> str:
         """``base``, or ``base_1``, ``base_2``, ... : the first that names no stored weight."""
-        names, name, i = self.weights(), base, 0
+        names, name, i = self.stored_weights(), base, 0
         while name in names:
             i += 1
             name = f"{base}_{i}"
@@ -134,7 +195,7 @@ class Module:
         ``kind``: "parameter" (floating point, trainable), "buffer", or "auto" (parameter for floating point
         tensors, buffer for integer ones: packed weights cannot be ``nn.Parameter``).
         """
-        if name in self.weights():
+        if name in self.stored_weights():
             raise VerifyError(f"weight {name!r} already exists")
         if kind == "auto":
             kind = "parameter" if tensor.is_floating_point() else "buffer"
@@ -171,17 +232,11 @@ class Module:
         name = self.weight_name(node)
         if name is None:
             raise VerifyError(f"set_weight: {node.name} is not a weight placeholder")
-        old = self.weights()[name]
+        old = self.stored_weights()[name]
         if old.shape != tensor.shape or old.dtype != tensor.dtype:
             raise VerifyError(f"set_weight: {name} is {old.dtype} {list(old.shape)}, the new tensor "
                               f"{tensor.dtype} {list(tensor.shape)}")
-        tensor = tensor.detach()
-        if name in self._ep.state_dict:
-            if isinstance(old, torch.nn.Parameter):
-                tensor = torch.nn.Parameter(tensor, requires_grad=False)
-            self._ep.state_dict[name] = tensor
-        else:
-            self._ep.constants[name] = tensor
+        self._store(name, tensor.detach())  # another name tied to a lazy one keeps reading the old tensor
         self._runner = None
 
     def add_input(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, after: fx.Node) -> fx.Node:
@@ -298,6 +353,7 @@ class Module:
                 if not any(s.target == name for s in keep):
                     self._ep.state_dict.pop(name, None)
                     self._ep.constants.pop(name, None)
+                    self._lazy.pop(name, None)
             self._set_signature(keep, list(self.signature.output_specs))
         return removed
 
@@ -324,7 +380,7 @@ class Module:
         specs = self.signature.input_specs
         if [p.name for p in placeholders] != [s.arg.name for s in specs]:
             raise VerifyError("placeholders and signature input specs disagree in names or order")
-        weights = self.weights()
+        weights = self.stored_weights()
         for s in specs:
             if s.kind in _WEIGHT_KINDS and s.target not in weights:
                 raise VerifyError(f"signature names weight {s.target!r} that is not stored")
@@ -387,13 +443,14 @@ class Module:
             constants=dict(ep.constants),
             verifiers=list(ep.verifiers) if hasattr(ep, "verifiers") else None,
         )
-        return Module(new, lm=self.lm, info=dict(self.info))
+        return Module(new, lm=self.lm, info=dict(self.info), lazy=self._lazy)
 
     def run(self, *inputs: Any) -> Any:
         """Run the graph in PyTorch (the reference interpreter; the oracle of every numerical test)."""
         # Unlifting the program costs ~0.25 s, so the runner is built once and rebuilt only after an edit
         # (``recompile`` and every weight/signature change drop it).
         if self._runner is None:
+            self.materialize("the reference interpreter")
             self._runner = self._ep.module()
         with torch.no_grad():
             return self._runner(*inputs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -93,6 +93,25 @@ class _Collector(fx.Interpreter):
             w = self.dequantized[n] = dequantize(qweight, scales, zeros, bits, group_size)
         # The same math as the op's reference kernel (dequantize, then linear), without re-unpacking.
         return linear_dequantized(x, w, bias, group_size, *act, **kwargs)
+
+
+class _LazyEnv(dict):
+    """An interpreter's environment whose lazy weight placeholders are read on first use (``Module.weight``) and
+    kept in ``cache`` (shared by the batches of one run): a block run reads its own layer's weights only."""
+
+    def __init__(self, lazy: dict[fx.Node, str], module: Any, cache: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.lazy, self.module, self.cache = lazy, module, cache
+
+    def __contains__(self, node: object) -> bool:
+        return super().__contains__(node) or node in self.lazy
+
+    def __missing__(self, node: fx.Node) -> torch.Tensor:
+        name = self.lazy[node]
+        if name not in self.cache:
+            self.cache[name] = self.module.weight_by_name(name)
+        self[node] = self.cache[name]
+        return self[node]
 
 
 class Calibration:
@@ -304,16 +323,23 @@ class BlockRunner:
     def _binder(self) -> Callable[[torch.Tensor, dict], "_Collector"]:
         """``bind(batch, dequantized)``: an interpreter over the current graph with every placeholder bound for
         ``batch`` (weights as they are now, user inputs per the calling convention)."""
-        weights = self.module.weights()
-        bound = list(zip([n for n in self.module.graph.nodes if n.op == "placeholder"],
-                         self.module.signature.input_specs))
+        module = self.module
+        weights = module.stored_weights()
+        bound = list(zip([n for n in module.graph.nodes if n.op == "placeholder"], module.signature.input_specs))
+        lazy = {node: spec.target for node, spec in bound
+                if spec.kind != InputKind.USER_INPUT and module.is_lazy(spec.target)}
+        cache: dict[str, torch.Tensor] = {}  # lazy weights read by this run (one block's), for every batch
 
         def bind(batch: torch.Tensor, dequantized: dict) -> _Collector:
-            interp = _Collector(self.module.graph_module, (), lambda node, x: None)
+            interp = _Collector(module.graph_module, (), lambda node, x: None)
             interp.dequantized = dequantized
-            user = iter(self.calibration._inputs(self.module, batch))
+            interp.env = _LazyEnv(lazy, module, cache)
+            user = iter(self.calibration._inputs(module, batch))
             for node, spec in bound:
-                interp.env[node] = next(user) if spec.kind == InputKind.USER_INPUT else weights[spec.target]
+                if spec.kind == InputKind.USER_INPUT:
+                    interp.env[node] = next(user)
+                elif node not in lazy:
+                    interp.env[node] = weights[spec.target]
             return interp
 
         return bind

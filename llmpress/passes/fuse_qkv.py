@@ -195,7 +195,7 @@ def fuse_linears(module: Module, group: list[fx.Node]) -> str:
     prefix = _common_prefix([_parent(p) for p in paths])
     leaf = _fused_leaf([_leaf(p) for p in paths])
     fused_path = f"{prefix}.{leaf}" if prefix else leaf
-    existing, base, i = module.weights(), fused_path, 1
+    existing, base, i = module.stored_weights(), fused_path, 1
     while f"{fused_path}.weight" in existing or f"{fused_path}.bias" in existing:
         fused_path, i = f"{base}_{i}", i + 1  # a model that already has a qkv_proj beside q/k/v
     order = {n: i for i, n in enumerate(module.graph.nodes)}

@@ -5,7 +5,9 @@ A pass selects and checks its layers (every option and layer before any work), t
 
 1. with ``collect`` (a ``hessian.BlockCollector``) goes block by block (``hessian.block_statistics``), block i's
    input statistics taken on the graph whose blocks ``< i`` are rewritten; without it, all layers are one batch;
-2. calls ``rewrite(Layer)`` per layer (with a progress bar), which rewrites that layer and returns a ``Rewritten``
+2. calls ``rewrite(Layer)`` per layer (with a progress bar; ``Layer.weight`` is read now, from the checkpoint for a
+   lazy module, and the heap's freed pages are returned after each: one float layer resident at a time), which
+   rewrites that layer and returns a ``Rewritten``
    (its stats record, bytes before/after, the weight placeholder it may have left unread) or a string: the reason
    it left the layer alone (added to ``skipped``);
 3. after each block (without ``collect``: after ``finish()``, the pass's last edit) drops the weights the rewrites
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from ..host import release_freed_memory
 from ..ir.meta import compression, source_path
 from ..ir.module import Module
 from .base import PassContext
@@ -102,6 +105,7 @@ def rewrite_linears(module: Module, ctx: PassContext, nodes: list[fx.Node],
         batches = block_statistics(module, ctx.calibration, nodes, who=who, collect=collect)
     else:
         batches = iter([("", nodes, None)])
+    lazy = any(module.is_lazy(module.weight_name(n.args[1]) or "") for n in nodes)
     with torch.no_grad():
         for _, members, stats in batches:
             # Inputs as collected: a member reading another member's output (the factors of a factorized layer)
@@ -116,6 +120,8 @@ def rewrite_linears(module: Module, ctx: PassContext, nodes: list[fx.Node],
                                        None if stats is None else stats.get(x)))
                 if bar is not None:
                     bar.update(1)
+                if lazy:  # the layer's float weight was read for this rewrite and is dropped: free its pages
+                    release_freed_memory()
                 if isinstance(result, str):
                     out.skipped.append((path, result))
                     continue

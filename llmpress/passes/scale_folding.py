@@ -176,13 +176,13 @@ def replace_weight(module: Module, placeholder: fx.Node, tensor: torch.Tensor) -
     name = module.weight_name(placeholder)
     tmp_name = name + ".__replaced"
     i = 0
-    while tmp_name in module.weights():
+    while tmp_name in module.stored_weights():
         i += 1
         tmp_name = f"{name}.__replaced{i}"
     tmp = module.add_weight(tmp_name, tensor, kind="parameter" if tensor.is_floating_point() else "buffer")
     placeholder.replace_all_uses_with(tmp)
     module.remove_unused_weights(only=[placeholder])
-    if name in module.weights():  # tied: another placeholder still reads the old tensor
+    if name in module.stored_weights():  # tied: another placeholder still reads the old tensor
         return tmp
     new = module.add_weight(name, tensor)
     tmp.replace_all_uses_with(new)

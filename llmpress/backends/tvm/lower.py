@@ -90,7 +90,7 @@ def _prepare(module: Module, conv: Mapping[str, Converter]) -> tuple[ExportedPro
     The graph as captured is used when the frontend converts every op in it (fast, and keeps ``linear`` /
     ``softmax`` whole); otherwise it is decomposed to core ATen first (slow: a retrace) and checked again.
     """
-    ep = module.exported_program
+    ep = module.exported_program  # lazy weights still in the checkpoint (those no pass rewrote) are read here
     problems = _unsupported(ep, conv)
     if problems:
         ep = decompose(ep)

@@ -231,8 +231,7 @@ class TVMCompiled(Compiled):
         return edge_tokenizer_manifest(tokenizer, folder)
 
     def save_payload(self, folder: Path) -> dict:
-        from safetensors.torch import save_file
-
+        from ...safetensors_io import write_streamed
         from .build import export_library
 
         folder = Path(folder)
@@ -258,7 +257,9 @@ class TVMCompiled(Compiled):
         reads = {r for d in self.sparse_kernels.values() if d["kernel"] == "sparse" for r in d["reads"]}
         direct = {n for n in unique if "@" in n and n.split("@")[0] in reads}
         stored, sparse = compress_weights(unique, keep=direct)
-        save_file(stored, str(folder / WEIGHTS))
+        # streamed: one tensor at a time into the file, never a serialized copy of them all (save_file's way)
+        write_streamed(folder / WEIGHTS, {k: (t.dtype, tuple(t.shape), (lambda t=t: t)) for k, t in stored.items()},
+                       metadata={"format": "pt"})
         payload = {"lib": LIB, "weights": WEIGHTS, "params": self.params, "functions": list(self.functions),
                    "num_inputs": self.num_inputs, "arch": self.spec.arch, "device": self.spec.device,
                    "target": self.spec.to_json(), "device_code": None,

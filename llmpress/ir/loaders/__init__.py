@@ -31,7 +31,8 @@ class LoadedModel:
     config: dict = field(default_factory=dict)
 
 
-def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_len: int | None = None) -> LoadedModel:
+def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_len: int | None = None,
+               lazy: bool = False) -> LoadedModel:
     """Load a model from ``path``.
 
     - a folder with ``config.json``: Hugging Face (``SUPPORTED_MODEL_TYPES`` -> ``llmpress.models.Llama``, else
@@ -42,7 +43,9 @@ def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_l
 
     ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of Llama models, of other
     transformers models (their ``StaticCache``) and of ONNX decoders exported with ``past_key_values`` (default: the
-    model's context length).
+    model's context length). ``lazy``: Hugging Face Llama-family folders leave their weights in the checkpoint until
+    a pass reads them (``load_hf``), for ``capture``/``compile``, which read them one at a time; other formats load
+    as usual.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -54,7 +57,7 @@ def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_l
     if p.is_dir():
         from .hf import load_hf
 
-        model, cfg = load_hf(p, cache_len=cache_len)
+        model, cfg = load_hf(p, cache_len=cache_len, lazy=lazy)
         tok_file = tok_path or find_tokenizer(p)
         tok = load_tokenizer(tok_file) if tok_file is not None else None
         if tok is None:

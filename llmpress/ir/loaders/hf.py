@@ -348,11 +348,33 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
     return out
 
 
-def load_hf(folder: Path, *, cache_len: int | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build the model of a Hugging Face folder; returns it and ``config.json``."""
+def load_hf(folder: Path, *, cache_len: int | None = None, lazy: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Build the model of a Hugging Face folder; returns it and ``config.json``.
+
+    ``lazy`` (Llama family): read no weight now; the parameters are shape-only fakes and the module carries where
+    each one is (``hf_lazy``, ``ir.lazy``): ``capture`` hands them to the ``ir.Module``, which reads a weight when a
+    pass asks. Such a module cannot run in PyTorch itself; capture it."""
     cfg = read_config(folder)
     if cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
         c = llama_config(cfg, folder / "config.json", cache_len=cache_len)
+        if lazy:
+            from ..lazy import LAZY_ATTR, fake_parameters
+            from .hf_lazy import lazy_llama_sources
+
+            sources = lazy_llama_sources(folder, c)
+            with torch.device("meta"):
+                model = Llama(c, cache_len=cache_len)
+            if c.tie_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+                sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
+            fake_parameters(model, sources)
+            left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+            if left:
+                raise LoadError(f"{folder}: internal mapping error (no checkpoint tensor for {left[:5]})")
+            setattr(model, LAZY_ATTR, sources)
+            log.info("loaded Hugging Face %s %s lazily: dim %d, %d layers, vocab %d, eos %s", c.arch, folder, c.dim,
+                     c.n_layers, c.vocab_size, list(c.eos_ids) or [c.eos_id])
+            return model.eval(), cfg
         weights = _read_llama_weights(folder, c)
         with torch.device("meta"):  # no random init to throw away: the checkpoint's tensors are assigned below
             model = Llama(c, cache_len=cache_len)

@@ -1,0 +1,83 @@
+"""Lazy weights: a checkpoint tensor named, not read, until a pass asks for it.
+
+A ``LazyTensor`` says where one of our float32 weights comes from: a safetensors file, the checkpoint tensor's
+header entry, and how ours is cut from it (transposed, then rows ``[begin, end)``; ``add_one``: Gemma's norms store
+``w`` for ``1 + w``). ``load()`` reads that one tensor (``safetensors_io.read_tensor``: plain file I/O, no memory
+map left behind) and returns
+
+    W = float32(T^t if transposed else T)[begin:end] (+ 1 if add_one)
+
+exactly what the eager loader computes, so a lazily loaded model rewrites to the same bits.
+
+``fake_parameters(model, sources)`` replaces the named parameters of a module built on the meta device by CPU
+``FakeTensor`` parameters (shape and dtype, no storage): ``torch.export`` captures them like real ones (a meta
+parameter would not mix with the model's CPU buffers), and ``ir.Module`` keeps ``sources`` beside its store
+(``Module.weight`` loads one on demand; ``Module.materialize`` all of them, when something needs every weight).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..safetensors_io import DTYPES, read_tensor
+
+__all__ = ["LazyTensor", "fake_parameters", "LAZY_ATTR"]
+
+#: The attribute under which a loader leaves its lazy sources on the module it built (``capture`` reads it).
+LAZY_ATTR = "_llmpress_lazy_sources"
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """Where one float32 weight of ``shape`` is read from (see the module docstring)."""
+
+    path: str
+    tensor: str          # the checkpoint's name for it
+    entry: tuple         # (dtype code, shape, begin, end) of the safetensors header entry
+    data_start: int
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
+    add_one: bool = False
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return DTYPES[self.entry[0]]
+
+    def load(self) -> torch.Tensor:
+        code, shape, begin, end = self.entry
+        t = read_tensor(Path(self.path), {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]},
+                        self.data_start)
+        t = t.to(torch.float32)
+        if self.transposed:
+            t = t.t()
+        if self.rows is not None:
+            t = t[self.rows[0]:self.rows[1]]
+        t = t.contiguous()
+        if self.add_one:
+            t = 1.0 + t
+        if tuple(t.shape) != tuple(self.shape):  # the loader checked the header; a changed file shows here
+            raise ValueError(f"{self.path}: tensor {self.tensor} now gives shape {tuple(t.shape)}, expected "
+                             f"{tuple(self.shape)} (the file changed since it was loaded)")
+        return t
+
+
+def fake_parameters(model: torch.nn.Module, sources: Mapping[str, LazyTensor]) -> None:
+    """Give every parameter of ``model`` named in ``sources`` a float32 CPU ``FakeTensor`` of its shape, in place
+    (a parameter object shared by two names, a tied embedding, stays shared)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    done: dict[int, torch.nn.Parameter] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if name not in sources:
+            continue
+        if id(p) not in done:
+            with mode:
+                fake = torch.empty(sources[name].shape, dtype=torch.float32, device="cpu")
+            done[id(p)] = torch.nn.Parameter(fake, requires_grad=False)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, done[id(p)])
