@@ -35,13 +35,15 @@ def _dispatched(module, *, epilogues: bool = True, relax_mod=None):
     return ast.literal_eval(str(mod.attrs[EPILOGUE_STATS_ATTR])), mod
 
 
-def _llama(dim: int, hidden: int, pipeline: str):
+def _llama(dim: int, hidden: int, pipeline: str, *, bias: bool = False):
+    """A one-layer Llama through ``pipeline``; ``bias``: q/k/v/o with biases (Qwen2-like, ``bias.py``'s epilogue)."""
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
     from llmpress.models import Llama, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=hidden, max_seq_len=16)
+    cfg = LlamaConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=hidden, max_seq_len=16,
+                      qkv_bias=bias, o_bias=bias)
     module, records = run_pipeline(capture(Llama(cfg).eval()), pipeline, progress=False)
     assert next(r for r in records if r.name == "fuse_gate_up").stats["groups"] == ["model.layers.0.mlp.gate_up_proj"]
     return module
@@ -136,15 +138,17 @@ def _check_builds(module, dim_note: str):
 
 
 def test_w4a8_swiglu_epilogue_matches_reference():
-    """Integer GEMV/GEMM (256- and 512-bit forms) with the epilogue, 4-bit weights, int8 activations."""
-    _check_builds(_llama(128, 256, "fuse_gate_up,quantize(bits=4,group=128,exclude=lm_head),act_quant(bits=8)"),
-                  "w4a8")
+    """Integer GEMV/GEMM (256- and 512-bit forms) with the epilogue, 4-bit weights, int8 activations; q/k/v/o with
+    the bias epilogue (``test_tvm_bias_epilogue.py``)."""
+    _check_builds(_llama(128, 256, "fuse_gate_up,quantize(bits=4,group=128,exclude=lm_head),act_quant(bits=8)",
+                         bias=True), "w4a8, biased q/k/v/o")
 
 
 def test_fp32_swiglu_epilogue_matches_reference():
     """Float32 GEMV (decode) and GEMM (prefill, K in one cache block) with the epilogue; folded norms (the add +
-    norm kernel without a weight) and the final norm (with one: tied ``lm_head``, not folded)."""
-    _check_builds(_llama(128, 256, "fold_norm,fuse_gate_up"), "fp32")
+    norm kernel without a weight) and the final norm (with one: tied ``lm_head``, not folded); q/k/v/o with the bias
+    epilogue."""
+    _check_builds(_llama(128, 256, "fold_norm,fuse_gate_up", bias=True), "fp32, biased q/k/v/o")
 
 
 @pytest.mark.slow

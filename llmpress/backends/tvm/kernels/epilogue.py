@@ -38,10 +38,22 @@ def source_row(t: Any, r: Any, rows: int, inter: int) -> Any:
 
 
 def silu_mul(g: Any, u: Any) -> Any:
-    """``silu(g) * u = g * sigmoid(g) * u`` (TIR scalar expressions; TOPI's ``silu`` is ``g * sigmoid(g)``)."""
+    """``silu(g) * u = g u / (1 + exp(-g))`` (TIR float32 scalar or vector expressions).
+
+    ``exp`` is ``attention.fast_exp`` (range reduction + degree-7 polynomial, inline arithmetic), not
+    ``tirx.sigmoid``: LLVM lowers that to a call of libm's scalar ``expf`` through the PLT, two per tile in the
+    middle of the GEMV's parallel loop, which made the fused kernel 8-13% slower than the plain GEMV followed by
+    the separate silu kernel (``benchmarks/results/epilogue.md``). Polynomial vs ``expf``: within a few float32
+    ulps; at ``g < -88.4`` the clamp gives ``g * 6e-39 * u`` instead of ``g * exp(g) * u``, both ~0."""
     from tvm import tirx
 
-    return g * tirx.sigmoid(g) * u
+    from .attention import fast_exp
+
+    one = tirx.const(1.0, "float32")
+    lanes = int(g.ty.dtype.lanes)
+    if lanes > 1:
+        one = tirx.Broadcast(one, lanes)
+    return g * u / (one + fast_exp(-g))
 
 
 @dataclass(frozen=True)
