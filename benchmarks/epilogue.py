@@ -1,10 +1,11 @@
 """Fused epilogues on/off: TVM ``cpu`` decode tok/s and prefill ms of the w4a8 models, interleaved.
 
-Each shape (``shapes.py``: random weights with a trained model's scale) goes through the ``w4a8`` preset (which
-fuses gate/up) and is lowered twice for TVM ``cpu``: with the fusions (``TVMBackend(epilogues=True)``:
+Each shape (``shapes.py``: random weights with a trained model's scale, or a model folder, ``--model``) goes through
+the ``w4a8`` preset (which fuses gate/up) and is lowered three times for TVM ``cpu``: with the fusions (``TVMBackend(epilogues=True)``:
 the SwiGLU epilogue in the gate/up kernel, ``kernels/epilogue.py``, and residual add + RMSNorm as one
 kernel, ``kernels/add_norm.py``) and without them (``epilogues=False``: the separate split/silu/multiply kernel, the
-add and the two norm kernels). Both programs read the same weights and compute
+add and the two norm kernels), and with them in the decode function only (``epilogues="decode"``: prefill reads the
+same SwiGLU-layout weights with the plain GEMM and the separate kernels). The programs read the same weights and compute
 the same logits up to rounding: fp32 summation order, which w4a8's int8 activation quantization can amplify (an
 input one rounding away lands on the other side of a rounding boundary and its code moves a whole step; see
 ``test_tinystories_w4a8_perplexity_tvm_equals_reference``). Each row's largest logit difference from the reference
@@ -35,7 +36,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 log = logging.getLogger("benchmarks.epilogue")
 
-ROWS = {"fused": True, "separate kernels": False}
+ROWS = {"fused": True, "fused in decode only": "decode", "separate kernels": False}
 
 
 def build(shape: str, threads: int) -> list[tuple[dict, object, object]]:

@@ -34,7 +34,10 @@ class TVMBackend(Backend):
     name = "tvm"
 
     def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True,
-                 cpu_kernels: bool = True, epilogues: bool = False) -> None:
+                 cpu_kernels: bool = True, epilogues: bool | str = False) -> None:
+        if epilogues not in (True, False, "decode"):
+            raise ConfigError(f"TVMBackend(epilogues=...) is True, False or 'decode' (the decode function only), "
+                              f"not {epilogues!r}")
         # None: the shared ``converters.CONVERTERS`` (read at lowering time, so entries added later count)
         self.converters = converters
         self.inplace_cache = inplace_cache

@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 TRANSFORM = "transform_params"
 
 
-def prepare(prog: Any, spec: Any, *, epilogues: bool = False) -> Any:
+def prepare(prog: Any, spec: Any, *, epilogues: bool | str = False) -> Any:
     """``RelaxProgram`` -> ``RelaxProgram`` whose weights are in the kernels' layouts (see the module docstring);
-    ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``)."""
+    ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``, ``bias.py``, ``add_norm.py``): True in
+    every function, ``"decode"`` in the decode function only."""
     from .lower import RelaxProgram
 
     mod = _lift(prog.mod, spec, epilogues)
@@ -51,7 +52,7 @@ def prepare(prog: Any, spec: Any, *, epilogues: bool = False) -> Any:
     return RelaxProgram(main, prog.functions, names, prog.num_inputs, dict(zip(names, outputs)))
 
 
-def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool = False) -> Any | None:
+def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool | str = False) -> Any | None:
     """The Relax module of ``prog`` for variant target ``spec``, taking ``prepared``'s transformed weights; None
     (with a warning) when this target's kernels would want other weights (the variant is then left out)."""
     mod = _lift(prog.mod, spec, epilogues)
@@ -77,7 +78,7 @@ def _shape(var: Any) -> tuple:
     return (tuple(str(d) for d in var.ty.shape.values), str(var.ty.dtype))
 
 
-def _lift(mod: Any, spec: Any, epilogues: bool = False) -> Any:
+def _lift(mod: Any, spec: Any, epilogues: bool | str = False) -> Any:
     """Dispatch the quantized kernels (CPU targets), then lift every weight-only computation into one function."""
     from tvm import relax
 
@@ -85,11 +86,12 @@ def _lift(mod: Any, spec: Any, epilogues: bool = False) -> Any:
         from .isa import cpu_isa
         from .kernels.dispatch import dispatch_quant_kernels
 
-        mod = dispatch_quant_kernels(cpu_isa(spec.tvm), epilogues=epilogues)(mod)
+        functions = ("decode",) if epilogues == "decode" else None
+        mod = dispatch_quant_kernels(cpu_isa(spec.tvm), epilogues=bool(epilogues), functions=functions)(mod)
         if epilogues:  # residual add + RMSNorm in one kernel (kernels/add_norm.py)
             from .kernels.add_norm import fuse_add_norm
 
-            mod = fuse_add_norm()(mod)
+            mod = fuse_add_norm(functions)(mod)
     return relax.transform.LiftTransformParams(shared_transform=True)(mod)
 
 

@@ -162,8 +162,9 @@ def match_add_norm(func: Any) -> tuple[list[dict], list[tuple[str, str]]]:
     return found, near
 
 
-def fuse_add_norm() -> Any:
-    """Relax module pass: every matched residual add + RMSNorm -> one ``add_norm_func`` kernel (module docstring);
+def fuse_add_norm(functions: tuple[str, ...] | None = None) -> Any:
+    """Relax module pass: every matched residual add + RMSNorm of the Relax functions named in ``functions`` (None:
+    all) -> one ``add_norm_func`` kernel (module docstring);
     sets the module attribute ``llmpress.add_norm`` to ``repr({"fused": n, "near_misses": [...]})``."""
     import tvm
     from tvm import relax
@@ -243,7 +244,7 @@ def fuse_add_norm() -> Any:
         f = _Fuse(mod)
         near = []
         for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
+            if isinstance(func, relax.Function) and (functions is None or gv.name_hint in functions):
                 found, missed = match_add_norm(func)
                 f.by_s = {m["s"]: m for m in found}
                 f.skip = set()

@@ -13,7 +13,7 @@ first in the CPU pipeline, ``build.py``) rewrites every such call whose layer fi
     act_bits = 0:  y2d = call_tir(gemv_float | gemm_float, [x2d, w, sz])
     y     = reshape(y2d, [..., N])
 
-With ``epilogues`` (default), a fused gate/up linear whose output only feeds ``multiply(silu(g), u)`` (``g, u``
+With ``epilogues``, a fused gate/up linear whose output only feeds ``multiply(silu(g), u)`` (``g, u``
 its two halves) gets the SwiGLU epilogue (``epilogue.py``): its weights are repacked in the SwiGLU row order and
 its kernel writes ``silu(g) * u`` (``[.., I]``) directly, replacing the split, silu and multiply; a linear whose
 output only feeds ``add(y, b)`` (``b`` a float32 vector of its width: a bias) gets the bias epilogue (``bias.py``):
@@ -61,10 +61,13 @@ def _static(e: Any) -> int | None:
     return int(e) if isinstance(e, tirx.IntImm) else None
 
 
-def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transform.Pass:
+def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True,
+                           functions: tuple[str, ...] | None = None) -> tvm.transform.Pass:
     """The Relax module pass described in the module docstring, for CPU instruction set ``isa``; ``epilogues``:
     fuse the SwiGLU of fused gate/up linears and the bias adds into their kernels (False: the separate elementwise
-    kernels)."""
+    kernels); ``functions``: the Relax functions whose kernels get them (None: every one). A SwiGLU linear in
+    another function reads the same SwiGLU-layout weights (they are shared) with a plain kernel and puts its output
+    back in weight order (``epilogue.unpermute``; TVM fuses that gather into the separate silu kernel)."""
 
     @relax.expr_functor.mutator
     class _Dispatch(relax.PyExprMutator):
@@ -82,6 +85,7 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
             self.deferred: set = set()  # linears emitted at their bias add (after the bias's own binding)
             self.bias: BiasMatch | None = None  # the bias match of the linear being rewritten
             self.bias_applied = False
+            self.store_epilogue = True  # whether the kernels of the function being visited take the epilogues
             self.stats: dict[str, int] = {"swiglu_fused": 0, "swiglu_unpermuted": 0, "bias_fused": 0}
 
         def visit_var_binding_(self, binding):  # noqa: D102 - mutator protocol
@@ -193,7 +197,7 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
                 m = m * d
             x2d = self._rows(x, m, k)
             decode = _static(Analyzer().simplify(m)) == 1
-            fuse = sw and (decode or fgemm.gemm_swiglu_fits(k))
+            fuse = sw and self.store_epilogue and (decode or fgemm.gemm_swiglu_fits(k))
             bias = self.bias is not None
             ep = ("swiglu",) if fuse else ("bias",) if bias else ()
             if decode:
@@ -250,6 +254,7 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
             from tvm import te
 
             sw = self.swiglu is not None
+            fuse = sw and self.store_epilogue  # else: SwiGLU layout, plain kernel, output unpermuted
             bias = self.bias is not None
             ep = ("swiglu",) if sw else ()
 
@@ -272,7 +277,8 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
                 m = m * d
             m_static = _static(Analyzer().simplify(m))
             x2d = self._rows(x, m, in_f)
-            tag = ("sym" if layout.sym else "asym", out_f, in_f, f"g{group}") + ep + (("bias",) if bias else ())
+            tag = ("sym" if layout.sym else "asym", out_f, in_f, f"g{group}") + (("swiglu",) if fuse else ()) + (
+                ("bias",) if bias else ())
             if act_bits:
                 from .qact import act_quant_func
 
@@ -288,30 +294,30 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
                 if wide_applies(layout, isa):  # AVX-512 VNNI: two rows per 512-bit register
                     form, make = (("gemv_wide", gemv_wide_func) if m_static == 1 else ("gemm_wide", gemm_wide_func))
                     gv = self._func((form, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: make(layout, act_group, swiglu=sw, bias=bias))
+                                    lambda: make(layout, act_group, swiglu=fuse, bias=bias))
                 elif m_static == 1:
                     from .qgemv import gemv_int_func
 
                     gv = self._func(("gemv_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: gemv_int_func(layout, isa, act_group, swiglu=sw, bias=bias))
+                                    lambda: gemv_int_func(layout, isa, act_group, swiglu=fuse, bias=bias))
                 else:
                     from .qgemm import gemm_int_func
 
                     gv = self._func(("gemm_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: gemm_int_func(layout, isa, act_group, swiglu=sw, bias=bias))
-                return self._output(None, (w, sz), gv, m, out_f, lead, sw, layout.rows, extra=(qa, sa, asum))
+                                    lambda: gemm_int_func(layout, isa, act_group, swiglu=fuse, bias=bias))
+                return self._output(None, (w, sz), gv, m, out_f, lead, fuse, layout.rows, extra=(qa, sa, asum))
             else:
                 if m_static == 1:
                     from .qgemv import gemv_float_func
 
                     gv = self._func(("gemv_float", f"b{bits}", *tag),
-                                    lambda: gemv_float_func(layout, swiglu=sw, bias=bias))
+                                    lambda: gemv_float_func(layout, swiglu=fuse, bias=bias))
                 else:
                     from .qgemm import gemm_float_func
 
                     gv = self._func(("gemm_float", f"b{bits}", *tag),
-                                    lambda: gemm_float_func(layout, swiglu=sw, bias=bias))
-            return self._output(x2d, (w, sz), gv, m, out_f, lead, sw, layout.rows)
+                                    lambda: gemm_float_func(layout, swiglu=fuse, bias=bias))
+            return self._output(x2d, (w, sz), gv, m, out_f, lead, fuse, layout.rows)
 
     def gv_name(call) -> str:
         return call.args[0].name_hint
@@ -336,12 +342,14 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True) -> tvm.transf
                 m.weights = {p.name for p in func.params[n_in:]}
                 found, missed = match_swiglu(func, lambda v: is_linear(mod, v))
                 m.fused = {f.linear: f for f in found} if epilogues else {}
+                here = epilogues and (functions is None or gv.name_hint in functions)
+                m.store_epilogue = here
                 m.skip = set()
                 near += [(gv.name_hint, name, why) for name, why in missed]
                 biases, bias_missed = match_bias(func, lambda v: is_linear(mod, v))
                 values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-                m.biased = {b.out: (b, values[b.linear]) for b in biases} if epilogues else {}
-                m.deferred = set(b.linear for b in biases) if epilogues else set()
+                m.biased = {b.out: (b, values[b.linear]) for b in biases} if here else {}
+                m.deferred = set(b.linear for b in biases) if here else set()
                 bias_near += [f"{gv.name_hint}: {name}: {why}" for name, why in bias_missed]
                 m.builder_.update_func(gv, m.visit_expr(func))
         out = m.builder_.get()
