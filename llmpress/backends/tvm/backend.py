@@ -26,10 +26,11 @@ class TVMBackend(Backend):
     ``cpu_kernels`` (default True): on CPU targets, llmpress's kernels replace TVM's lowering of ops it runs slowly
     (``kernels/softmax.py``); False keeps TVM's own (for comparison).
     ``epilogues`` (default False): on CPU targets, the SwiGLU of a fused gate/up projection is computed in its linear
-    kernel's output stage (``kernels/epilogue.py``) and each residual add + RMSNorm is one kernel
-    (``kernels/add_norm.py``). Off by default because it does not pay yet: measured (``benchmarks/epilogue.py``,
-    ``results/epilogue.md``) decode is unchanged within noise (110M 0.97x, 1.1B 1.04x) and prefill is 5-18% slower
-    with the SwiGLU epilogue (its gate/up tiles hold half as many outputs)."""
+    kernel's output stage (``kernels/epilogue.py``), a linear's bias is added in its store (``kernels/bias.py``) and
+    each residual add + RMSNorm is one kernel (``kernels/add_norm.py``); ``"decode"``: in the decode function only
+    (prefill keeps the separate kernels, reading the same weights). Off by default because no gain is measured yet
+    (``benchmarks/epilogue.py``: idle, before the inline-exp and reshape fixes, decode 0.98x and prefill 6% slower;
+    after them only under load, within its ~10% noise; README)."""
 
     name = "tvm"
 
