@@ -42,9 +42,10 @@ def silu_mul(g: Any, u: Any) -> Any:
 
     ``exp`` is ``attention.fast_exp`` (range reduction + degree-7 polynomial, inline arithmetic), not
     ``tirx.sigmoid``: LLVM lowers that to a call of libm's scalar ``expf`` through the PLT (``callq expf@PLT``,
-    two per tile in the GEMV's parallel loop, every caller-saved vector register spilled around it). Measured at
-    kernel level (w4a8 GEMV + VM call, weights cycled cold, best of 15 rounds on a loaded machine): 110M gate/up
-    99.4 -> 96.5 us (separate GEMV + silu kernel: 124.9), 1.1B 555.8 -> 554.4 us (separate: 571.4). Polynomial vs
+    two per tile in the GEMV's parallel loop). Measured at kernel level (GEMV + VM call, weights cycled cold, 2
+    threads, medians of 15 interleaved rounds, bench lock, load 1.7): w4a8 110M gate/up 52.5 -> 49.3 us (plain GEMV
+    + separate silu kernel: 71.8), 1.1B 451.2 -> 424.6 us (separate: 442.1); int4 with float activations
+    (``gemv_float``) 110M 97.6 -> 96.2 (separate 90.5), 1.1B 656.5 -> 664.8 (separate 641.0). Polynomial vs
     ``expf``: within a few float32 ulps; at ``g < -88.4`` the clamp gives ``g * 6e-39 * u`` instead of
     ``g * exp(g) * u``, both ~0."""
     from tvm import tirx
