@@ -1,10 +1,11 @@
 """Fused epilogues on/off: TVM ``cpu`` decode tok/s and prefill ms of the w4a8 models, interleaved.
 
-Each shape (``shapes.py``: random weights with a trained model's scale) goes through the ``w4a8`` preset (which
-fuses gate/up) and is lowered twice for TVM ``cpu``: with the fusions (``TVMBackend(epilogues=True)``:
+Each shape (``shapes.py``: random weights with a trained model's scale, or a model folder, ``--model``) goes through
+the ``w4a8`` preset (which fuses gate/up) and is lowered three times for TVM ``cpu``: with the fusions (``TVMBackend(epilogues=True)``:
 the SwiGLU epilogue in the gate/up kernel, ``kernels/epilogue.py``, and residual add + RMSNorm as one
 kernel, ``kernels/add_norm.py``) and without them (``epilogues=False``: the separate split/silu/multiply kernel, the
-add and the two norm kernels). Both programs read the same weights and compute
+add and the two norm kernels), and with them in the decode function only (``epilogues="decode"``: prefill reads the
+same SwiGLU-layout weights with the plain GEMM and the separate kernels). The programs read the same weights and compute
 the same logits up to rounding: fp32 summation order, which w4a8's int8 activation quantization can amplify (an
 input one rounding away lands on the other side of a rounding boundary and its code moves a whole step; see
 ``test_tinystories_w4a8_perplexity_tvm_equals_reference``). Each row's largest logit difference from the reference
@@ -14,7 +15,7 @@ O(1)) stops the run. Timings:
 round measures both rows, medians over ``--repeats`` rounds), plus a ``profile_decode`` table per row (where one
 decode step spends its time, and how many VM calls it makes).
 
-Run: ``.venv/bin/python benchmarks/epilogue.py [--shapes 110m,1.1b] [--repeats 7]`` ->
+Run: ``.venv/bin/python benchmarks/epilogue.py [--shapes 110m,1.1b] [--model FOLDER] [--repeats 7]`` ->
 ``benchmarks/results/epilogue.{md,json}``. The 110M shape builds in about a minute per row on an idle 2-core
 machine; on a loaded one, compare the ratio, not the absolute rates.
 """
@@ -35,11 +36,12 @@ RESULTS = REPO / "benchmarks" / "results"
 
 log = logging.getLogger("benchmarks.epilogue")
 
-ROWS = {"fused": True, "separate kernels": False}
+ROWS = {"fused": True, "fused in decode only": "decode", "separate kernels": False}
 
 
 def build(shape: str, threads: int) -> list[tuple[dict, object, object]]:
-    """Both rows of ``shape``: ``[(row, compiled, lm), ...]``, each checked against the reference on one prompt."""
+    """Both rows of ``shape`` (a ``shapes.py`` name or a model folder): ``[(row, compiled, lm), ...]``, each checked
+    against the reference on one prompt."""
     from shapes import llama_folder
 
     from llmpress.api import prepare, run_pipeline
@@ -47,7 +49,9 @@ def build(shape: str, threads: int) -> list[tuple[dict, object, object]]:
     from llmpress.eval.generate import empty_cache
     from llmpress.passes.presets import PRESETS
 
-    module, _ = prepare(str(llama_folder(shape)), None)
+    folder = Path(shape) if Path(shape).is_dir() else llama_folder(shape)
+    module, _ = prepare(str(folder), None)
+    shape = folder.name if Path(shape).is_dir() else shape
     module, _ = run_pipeline(module, PRESETS["w4a8"], progress=False)
     out = []
     ids = torch.randint(3, module.lm.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -74,6 +78,8 @@ def build(shape: str, threads: int) -> list[tuple[dict, object, object]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="110m", help="comma-separated shapes.py names (110m, 1.1b)")
+    ap.add_argument("--model", action="append", default=[], help="a model folder measured after the shapes (e.g. "
+                    "/work/shared/models/tinystories-llama: at its size kernel and VM-call counts matter most)")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
@@ -85,14 +91,14 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     env = machine_env(threads=args.threads, prefill=args.prefill, decode=args.decode, repeats=args.repeats)
     rows, profiles = [], {}
-    for shape in args.shapes.split(","):
+    for shape in [s for s in args.shapes.split(",") if s] + args.model:
         built = build(shape, args.threads)
         interleaved_timings(built, {"prefill": args.prefill}, decode=args.decode, repeats=args.repeats)
         if not args.no_profile:
             from profile_decode import profile
 
             for row, compiled, _ in built:
-                profiles[f"{shape} {row['row']}"] = profile(_Art(compiled), prefill=args.prefill)
+                profiles[f"{row['shape']} {row['row']}"] = profile(_Art(compiled), prefill=args.prefill)
         rows += [row for row, _, _ in built]
     env["load_after"] = loadavg()
     Path(args.out + ".json").write_text(json.dumps({"env": env, "rows": rows, "profiles": profiles}, indent=1))

@@ -19,7 +19,7 @@ from ..passes.tiny_llama import capture_block  # noqa: E402
 pytestmark = pytest.mark.tvm
 
 
-def _dispatched(module, *, epilogues: bool = True, relax_mod=None):
+def _dispatched(module, *, epilogues: bool = True, relax_mod=None, functions=None):
     """``(stats, Relax module)`` after the CPU dispatch pass (AVX-512 VNNI instruction set) over ``module``
     translated to Relax (or over ``relax_mod``, a translation already made)."""
     import tvm
@@ -31,17 +31,19 @@ def _dispatched(module, *, epilogues: bool = True, relax_mod=None):
     if relax_mod is None:
         relax_mod = to_relax(module, inplace_cache=True, cpu_kernels=True).mod
     isa = cpu_isa(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}))
-    mod = dispatch_quant_kernels(isa, epilogues=epilogues)(relax_mod)
+    mod = dispatch_quant_kernels(isa, epilogues=epilogues, functions=functions)(relax_mod)
     return ast.literal_eval(str(mod.attrs[EPILOGUE_STATS_ATTR])), mod
 
 
-def _llama(dim: int, hidden: int, pipeline: str):
+def _llama(dim: int, hidden: int, pipeline: str, *, bias: bool = False):
+    """A one-layer Llama through ``pipeline``; ``bias``: q/k/v/o with biases (Qwen2-like, ``bias.py``'s epilogue)."""
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
     from llmpress.models import Llama, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=hidden, max_seq_len=16)
+    cfg = LlamaConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=hidden, max_seq_len=16,
+                      qkv_bias=bias, o_bias=bias)
     module, records = run_pipeline(capture(Llama(cfg).eval()), pipeline, progress=False)
     assert next(r for r in records if r.name == "fuse_gate_up").stats["groups"] == ["model.layers.0.mlp.gate_up_proj"]
     return module
@@ -111,13 +113,13 @@ def test_near_misses_are_reported_with_their_reason(kind, why):
     assert len(stats["swiglu_near_misses"]) == 1 and why in stats["swiglu_near_misses"][0], stats
 
 
-def _check_builds(module, dim_note: str):
+def _check_builds(module, dim_note: str, epilogues: bool | str = True):
     """Every build of ``cpu`` this host runs: prefill of 6 tokens, then one decode step, against the reference."""
     from llmpress.backends.tvm import TVMBackend
     from llmpress.backends.tvm.targets import missing_features
     from llmpress.eval.generate import empty_cache
 
-    compiled = TVMBackend(epilogues=True).lower(module, "cpu", progress=False)
+    compiled = TVMBackend(epilogues=epilogues).lower(module, "cpu", progress=False)
     ids, zero = torch.tensor([[1, 5, 9, 3, 7, 2]]), torch.zeros(1, dtype=torch.int64)
     ref = module.run(ids, zero, *empty_cache(module.lm))
     ref_step = module.run(torch.tensor([[4]]), torch.tensor([6]), *ref[1:])
@@ -136,15 +138,17 @@ def _check_builds(module, dim_note: str):
 
 
 def test_w4a8_swiglu_epilogue_matches_reference():
-    """Integer GEMV/GEMM (256- and 512-bit forms) with the epilogue, 4-bit weights, int8 activations."""
-    _check_builds(_llama(128, 256, "fuse_gate_up,quantize(bits=4,group=128,exclude=lm_head),act_quant(bits=8)"),
-                  "w4a8")
+    """Integer GEMV/GEMM (256- and 512-bit forms) with the epilogue, 4-bit weights, int8 activations; q/k/v/o with
+    the bias epilogue (``test_tvm_bias_epilogue.py``)."""
+    _check_builds(_llama(128, 256, "fuse_gate_up,quantize(bits=4,group=128,exclude=lm_head),act_quant(bits=8)",
+                         bias=True), "w4a8, biased q/k/v/o")
 
 
 def test_fp32_swiglu_epilogue_matches_reference():
     """Float32 GEMV (decode) and GEMM (prefill, K in one cache block) with the epilogue; folded norms (the add +
-    norm kernel without a weight) and the final norm (with one: tied ``lm_head``, not folded)."""
-    _check_builds(_llama(128, 256, "fold_norm,fuse_gate_up"), "fp32")
+    norm kernel without a weight) and the final norm (with one: tied ``lm_head``, not folded); q/k/v/o with the bias
+    epilogue."""
+    _check_builds(_llama(128, 256, "fold_norm,fuse_gate_up", bias=True), "fp32, biased q/k/v/o")
 
 
 @pytest.mark.slow
@@ -155,3 +159,13 @@ def test_fp32_unpermuted_gemm_matches_reference():
     stats, _ = _dispatched(module)
     assert stats["swiglu_fused"] == 1 and stats["swiglu_unpermuted"] == 2  # decode; prefill and prefill_last
     _check_builds(module, "fp32, K 1056")
+
+
+def test_decode_only_epilogues_match_reference():
+    """``epilogues="decode"``: decode's gate/up kernel writes silu(gate) * up; prefill's reads the same SwiGLU-layout
+    weights with the plain integer GEMM and puts its output back in weight order (the quantized ``unpermute``
+    path) for the separate silu kernel; add + RMSNorm fused in decode only."""
+    module = _llama(128, 256, "fuse_gate_up,quantize(bits=4,group=128,exclude=lm_head),act_quant(bits=8)")
+    stats, _ = _dispatched(module, functions=("decode",))
+    assert stats["swiglu_fused"] == 1 and stats["swiglu_unpermuted"] == 2  # decode; prefill and prefill_last
+    _check_builds(module, "w4a8, epilogues in decode only", epilogues="decode")

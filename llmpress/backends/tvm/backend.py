@@ -26,10 +26,10 @@ class TVMBackend(Backend):
     ``cpu_kernels`` (default True): on CPU targets, llmpress's kernels replace TVM's lowering of ops it runs slowly
     (``kernels/softmax.py``); False keeps TVM's own (for comparison).
     ``epilogues`` (default False): on CPU targets, the SwiGLU of a fused gate/up projection is computed in its linear
-    kernel's output stage (``kernels/epilogue.py``) and each residual add + RMSNorm is one kernel
-    (``kernels/add_norm.py``). Off by default because it does not pay yet: measured (``benchmarks/epilogue.py``,
-    ``results/epilogue.md``) decode is unchanged within noise (110M 0.97x, 1.1B 1.04x) and prefill is 5-18% slower
-    with the SwiGLU epilogue (its gate/up tiles hold half as many outputs).
+    kernel's output stage (``kernels/epilogue.py``), a linear's bias is added in its store (``kernels/bias.py``) and
+    each residual add + RMSNorm is one kernel (``kernels/add_norm.py``); ``"decode"``: in the decode function only
+    (prefill keeps the separate kernels, reading the same weights). Off by default because no gain is measured yet
+    (``benchmarks/epilogue.py``; README).
     ``sparse_kernels`` (default ``"auto"``): on CPU targets, a linear whose weight is sparse (measured from its zeros)
     runs ``kernels/sparse.py``'s kernel over a compressed weight where the measured crossover says it is faster
     (``kernels/sparse_plan.py``), else dense compute with a log line saying why; ``"always"`` forces the sparse
@@ -39,9 +39,12 @@ class TVMBackend(Backend):
     name = "tvm"
 
     def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True,
-                 cpu_kernels: bool = True, epilogues: bool = False, sparse_kernels: str = "auto") -> None:
+                 cpu_kernels: bool = True, epilogues: bool | str = False, sparse_kernels: str = "auto") -> None:
         from .kernels.sparse_plan import MODES
 
+        if epilogues not in (True, False, "decode"):
+            raise ConfigError(f"TVMBackend(epilogues=...) is True, False or 'decode' (the decode function only), "
+                              f"not {epilogues!r}")
         if sparse_kernels not in MODES:
             raise ConfigError(f"TVMBackend: sparse_kernels={sparse_kernels!r} must be one of {', '.join(MODES)}")
         self.sparse_kernels = sparse_kernels

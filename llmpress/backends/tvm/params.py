@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 TRANSFORM = "transform_params"
 
 
-def prepare(prog: Any, spec: Any, *, epilogues: bool = False, sparse_kernels: str = "auto") -> Any:
+def prepare(prog: Any, spec: Any, *, epilogues: bool | str = False, sparse_kernels: str = "auto") -> Any:
     """``RelaxProgram`` -> ``RelaxProgram`` whose weights are in the kernels' layouts (see the module docstring);
-    ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``); ``sparse_kernels``: ``"auto"`` |
-    ``"always"`` | ``"never"`` (``kernels/sparse_plan.py``; the decisions are in the module attribute
+    ``epilogues``: the CPU kernels' fused epilogues (``kernels/epilogue.py``, ``bias.py``, ``add_norm.py``): True in
+    every function, ``"decode"`` in the decode function only; ``sparse_kernels``: ``"auto"`` | ``"always"`` |
+    ``"never"`` (``kernels/sparse_plan.py``; the decisions are in the module attribute
     ``kernels.dispatch.SPARSE_STATS_ATTR``)."""
     from .lower import RelaxProgram
 
@@ -53,7 +54,7 @@ def prepare(prog: Any, spec: Any, *, epilogues: bool = False, sparse_kernels: st
     return RelaxProgram(main, prog.functions, names, prog.num_inputs, dict(zip(names, outputs)))
 
 
-def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool = False,
+def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool | str = False,
                     sparse_kernels: str = "auto") -> Any | None:
     """The Relax module of ``prog`` for variant target ``spec``, taking ``prepared``'s transformed weights; None
     (with a warning) when this target's kernels would want other weights (the variant is then left out)."""
@@ -80,7 +81,7 @@ def _shape(var: Any) -> tuple:
     return (tuple(str(d) for d in var.ty.shape.values), str(var.ty.dtype))
 
 
-def _lift(prog: Any, spec: Any, epilogues: bool = False, sparse_kernels: str = "auto") -> Any:
+def _lift(prog: Any, spec: Any, epilogues: bool | str = False, sparse_kernels: str = "auto") -> Any:
     """Dispatch the quantized (and sparse) kernels (CPU targets), then lift every weight-only computation into one
     function."""
     from tvm import relax
@@ -93,11 +94,12 @@ def _lift(prog: Any, spec: Any, epilogues: bool = False, sparse_kernels: str = "
 
         isa = cpu_isa(spec.tvm)
         plan = SparsePlan(prog.weights, prog.params, sparse_kernels, isa.arch)
-        mod = dispatch_quant_kernels(isa, epilogues=epilogues, sparse=plan)(mod)
+        functions = ("decode",) if epilogues == "decode" else None
+        mod = dispatch_quant_kernels(isa, epilogues=bool(epilogues), functions=functions, sparse=plan)(mod)
         if epilogues:  # residual add + RMSNorm in one kernel (kernels/add_norm.py)
             from .kernels.add_norm import fuse_add_norm
 
-            mod = fuse_add_norm()(mod)
+            mod = fuse_add_norm(functions)(mod)
     return relax.transform.LiftTransformParams(shared_transform=True)(mod)
 
 

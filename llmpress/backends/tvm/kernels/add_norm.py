@@ -30,9 +30,9 @@ LANES = 8
 
 
 def add_norm_func(d: int, eps: float, *, tokens: int | None, weight: bool) -> Any:
-    """``(a f32 [B, S, D], b f32 [B, S, D], w f32 [D]) -> (s, y f32 [B, S, D])`` (no ``w`` without ``weight``; the
-    language models' shape, so no reshape around the call): ``s = a + b``,
-    ``y = w * (s * rsqrt(mean(s^2) + eps))``; ``tokens``: B S when static (decode: 1)."""
+    """``(a f32 [M, D], b f32 [M, D], w f32 [D]) -> (s, y f32 [M, D])`` (no ``w`` without ``weight``; ``M`` the
+    token count, the rows the linear kernels read and write, so no reshape sits between them and this kernel):
+    ``s = a + b``, ``y = w * (s * rsqrt(mean(s^2) + eps))``; ``tokens``: M when static (decode: 1)."""
     from tvm.script import tirx as T
 
     from .qgemv import hsum
@@ -40,46 +40,46 @@ def add_norm_func(d: int, eps: float, *, tokens: int | None, weight: bool) -> An
     V = T.ramp(0, 1, LANES)
     f32 = "float32"
 
-    def at(buf, i, j, c):
-        return buf.vload([i, j, c * LANES], "float32x8")
+    def at(buf, i, c):
+        return buf.vload([i, c * LANES], "float32x8")
 
     @T.macro
-    def row(a, b, w, s, y, i, j):
+    def row(a, b, w, s, y, i):
         acc = T.alloc_buffer((LANES,), f32, scope="global")
         r = T.alloc_buffer((1,), f32, scope="global")
         acc[V] = T.broadcast(T.float32(0), LANES)
         for c in range(d // LANES):
-            s[i, j, T.ramp(c * LANES, 1, LANES)] = at(a, i, j, c) + at(b, i, j, c)
-            acc[V] = acc[V] + at(s, i, j, c) * at(s, i, j, c)
+            s[i, T.ramp(c * LANES, 1, LANES)] = at(a, i, c) + at(b, i, c)
+            acc[V] = acc[V] + at(s, i, c) * at(s, i, c)
         r[0] = T.rsqrt(hsum(acc) / T.float32(d) + T.float32(eps))
         for c in range(d // LANES):
             if w is not None:
-                y[i, j, T.ramp(c * LANES, 1, LANES)] = w.vload([c * LANES], "float32x8") * (
-                    at(s, i, j, c) * T.broadcast(r[0], LANES))
+                y[i, T.ramp(c * LANES, 1, LANES)] = w.vload([c * LANES], "float32x8") * (
+                    at(s, i, c) * T.broadcast(r[0], LANES))
             else:
-                y[i, j, T.ramp(c * LANES, 1, LANES)] = at(s, i, j, c) * T.broadcast(r[0], LANES)
+                y[i, T.ramp(c * LANES, 1, LANES)] = at(s, i, c) * T.broadcast(r[0], LANES)
 
     @T.prim_func(private=True)
     def with_weight(var_a: T.handle, var_b: T.handle, w: T.Buffer((d,), f32), var_s: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
-        B, S = T.int64(), T.int64()
-        a = T.match_buffer(var_a, (B, S, d), f32)
-        b = T.match_buffer(var_b, (B, S, d), f32)
-        s = T.match_buffer(var_s, (B, S, d), f32)
-        y = T.match_buffer(var_y, (B, S, d), f32)
-        for m in T.parallel(B * S) if tokens is None else T.serial(tokens):
-            row(a, b, w, s, y, m // S, m % S)
+        M = T.int64()
+        a = T.match_buffer(var_a, (M, d), f32)
+        b = T.match_buffer(var_b, (M, d), f32)
+        s = T.match_buffer(var_s, (M, d), f32)
+        y = T.match_buffer(var_y, (M, d), f32)
+        for m in T.parallel(M) if tokens is None else T.serial(tokens):
+            row(a, b, w, s, y, m)
 
     @T.prim_func(private=True)
     def without_weight(var_a: T.handle, var_b: T.handle, var_s: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
-        B, S = T.int64(), T.int64()
-        a = T.match_buffer(var_a, (B, S, d), f32)
-        b = T.match_buffer(var_b, (B, S, d), f32)
-        s = T.match_buffer(var_s, (B, S, d), f32)
-        y = T.match_buffer(var_y, (B, S, d), f32)
-        for m in T.parallel(B * S) if tokens is None else T.serial(tokens):
-            row(a, b, None, s, y, m // S, m % S)
+        M = T.int64()
+        a = T.match_buffer(var_a, (M, d), f32)
+        b = T.match_buffer(var_b, (M, d), f32)
+        s = T.match_buffer(var_s, (M, d), f32)
+        y = T.match_buffer(var_y, (M, d), f32)
+        for m in T.parallel(M) if tokens is None else T.serial(tokens):
+            row(a, b, None, s, y, m)
 
     return with_weight if weight else without_weight
 
@@ -162,8 +162,9 @@ def match_add_norm(func: Any) -> tuple[list[dict], list[tuple[str, str]]]:
     return found, near
 
 
-def fuse_add_norm() -> Any:
-    """Relax module pass: every matched residual add + RMSNorm -> one ``add_norm_func`` kernel (module docstring);
+def fuse_add_norm(functions: tuple[str, ...] | None = None) -> Any:
+    """Relax module pass: every matched residual add + RMSNorm of the Relax functions named in ``functions`` (None:
+    all) -> one ``add_norm_func`` kernel (module docstring);
     sets the module attribute ``llmpress.add_norm`` to ``repr({"fused": n, "near_misses": [...]})``."""
     import tvm
     from tvm import relax
@@ -171,17 +172,32 @@ def fuse_add_norm() -> Any:
 
     from .dispatch import DISPATCHED_ATTR
 
+    def same_shape(e, dims) -> bool:
+        shape = getattr(getattr(e, "ty", None), "shape", None)
+        return shape is not None and [str(v) for v in shape.values] == [str(v) for v in dims]
+
     @relax.expr_functor.mutator
     class _Fuse(relax.PyExprMutator):
+        """The kernel reads and writes ``[M, D]`` rows. An input that is ``reshape(v)`` of such rows (a linear's
+        output, ``dispatch.py``) is read as ``v``; the outputs keep their ``[.., D]`` vars as reshapes (views, left
+        to dead-code elimination when unread) and a reader ``reshape(out, [M, D])`` (the next linear's input) or
+        the next norm reads the rows themselves: no VM reshape call between the kernels."""
+
         def __init__(self, mod):
             super().__init__(mod)
             self.by_s: dict = {}
             self.skip: set = set()
             self.funcs: dict = {}
+            self.rows: dict = {}  # [.., D] var of a fused output -> its [M, D] var
             self.fused = 0
 
         def visit_var_binding_(self, binding):  # noqa: D102 - mutator protocol
             if binding.var in self.skip:
+                return None
+            val = binding.value
+            if (isinstance(val, relax.Call) and isinstance(val.op, tvm.ir.Op) and val.op.name == "relax.reshape"
+                    and val.args[0] in self.rows and same_shape(binding.var, self.rows[val.args[0]].ty.shape.values)):
+                self.set_var_remap(binding.var, self.rows[val.args[0]])
                 return None
             match = self.by_s.get(binding.var)
             if match is None:
@@ -200,20 +216,25 @@ def fuse_add_norm() -> Any:
                 f = add_norm_func(d, match["eps"], tokens=tokens, weight=weight)
                 f = f.with_attrs({DISPATCHED_ATTR: "add_norm", "op_pattern": 8, "tirx.is_scheduled": True})
                 gv = self.funcs[key] = bb.add_func(f, f"llmpress_add_norm_d{d}_t{tokens}{'_w' if weight else ''}")
-            three = len(shape) == 3  # [B, S, D]: the kernel's own shape; otherwise viewed as [1, M, D]
-            shape3 = shape if three else [1, m, d]
+            rows = [m, d]
 
             def arg(v):
+                if v in self.rows:
+                    return self.rows[v]
                 v = self.visit_expr(v)
-                return v if three else bb.emit(relax.op.reshape(v, relax.ShapeExpr(shape3)))
+                bound = self.lookup_binding(v) if isinstance(v, relax.Var) else None
+                if (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
+                        and bound.op.name == "relax.reshape" and same_shape(bound.args[0], rows)):
+                    return bound.args[0]
+                return v if same_shape(v, rows) else bb.emit(relax.op.reshape(v, relax.ShapeExpr(rows)))
 
             args = [arg(match["a"]), arg(match["b"])] + ([self.visit_expr(match["w"])] if weight else [])
-            ty = relax.TensorType(shape3, "float32")
+            ty = relax.TensorType(rows, "float32")
             res = bb.emit(relax.call_tir(gv, args, [ty, ty]))
             for k, old in ((0, binding.var), (1, match["out"])):
-                v = relax.TupleGetItem(res, k)
-                v = v if three else relax.op.reshape(v, relax.ShapeExpr(shape))
-                self.set_var_remap(old, bb.emit(v, name_hint=old.name))
+                v = bb.emit(relax.TupleGetItem(res, k))
+                self.rows[old] = v
+                self.set_var_remap(old, bb.emit(relax.op.reshape(v, relax.ShapeExpr(shape)), name_hint=old.name))
             self.skip.update(match["inner"] + [match["out"]])
             self.fused += 1
             return None
@@ -223,7 +244,7 @@ def fuse_add_norm() -> Any:
         f = _Fuse(mod)
         near = []
         for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
+            if isinstance(func, relax.Function) and (functions is None or gv.name_hint in functions):
                 found, missed = match_add_norm(func)
                 f.by_s = {m["s"]: m for m in found}
                 f.skip = set()

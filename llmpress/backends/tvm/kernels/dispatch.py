@@ -13,10 +13,12 @@ first in the CPU pipeline, ``build.py``) rewrites every such call whose layer fi
     act_bits = 0:  y2d = call_tir(gemv_float | gemm_float, [x2d, w, sz])
     y     = reshape(y2d, [..., N])
 
-With ``epilogues`` (default), a fused gate/up linear whose output only feeds ``multiply(silu(g), u)`` (``g, u``
+With ``epilogues``, a fused gate/up linear whose output only feeds ``multiply(silu(g), u)`` (``g, u``
 its two halves) gets the SwiGLU epilogue (``epilogue.py``): its weights are repacked in the SwiGLU row order and
-its kernel writes ``silu(g) * u`` (``[.., I]``) directly, replacing the split, silu and multiply. The pass logs every
-match and every near miss with its reason.
+its kernel writes ``silu(g) * u`` (``[.., I]``) directly, replacing the split, silu and multiply; a linear whose
+output only feeds ``add(y, b)`` (``b`` a float32 vector of its width: a bias) gets the bias epilogue (``bias.py``):
+``b`` is one more input of its kernel, added in the store, replacing the add. The pass logs every match and every
+near miss with its reason.
 
 GEMV when the token count is statically 1 (the ``decode`` function), GEMM otherwise; on AVX-512 VNNI the integer
 forms of single-plane layouts use the 512-bit kernels of ``qwide.py``.
@@ -43,6 +45,7 @@ from tvm.sym.analyzer import Analyzer
 
 from ..isa import CpuIsa
 from .common import KERNEL_ATTR
+from .bias import BiasMatch, match_bias
 from .epilogue import SwigluMatch, match_swiglu, unpermute
 from .qlayout import QLayout, why_not
 
@@ -50,8 +53,9 @@ __all__ = ["dispatch_quant_kernels", "DISPATCHED_ATTR", "EPILOGUE_STATS_ATTR", "
 
 log = logging.getLogger(__name__)
 
-#: Module attribute this pass sets: ``repr`` of ``{"swiglu_fused": n, "swiglu_unpermuted": n,
-#: "swiglu_near_misses": ["<function>: <var>: <why>", ...]}`` (linear call sites, every function counted).
+#: Module attribute this pass sets: ``repr`` of ``{"swiglu_fused": n, "swiglu_unpermuted": n, "bias_fused": n,
+#: "swiglu_near_misses": ["<function>: <var>: <why>", ...], "bias_near_misses": [...]}`` (linear call sites, every
+#: function counted).
 EPILOGUE_STATS_ATTR = "llmpress.epilogues"
 
 #: Module attribute this pass sets when given a ``SparsePlan``: ``repr`` of its ``decisions`` (weight name -> kernel,
@@ -66,9 +70,13 @@ def _static(e: Any) -> int | None:
     return int(e) if isinstance(e, tirx.IntImm) else None
 
 
-def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any = None) -> tvm.transform.Pass:
+def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, functions: tuple[str, ...] | None = None,
+                           sparse: Any = None) -> tvm.transform.Pass:
     """The Relax module pass described in the module docstring, for CPU instruction set ``isa``; ``epilogues``:
-    fuse the SwiGLU of fused gate/up linears into their kernels (False: the separate elementwise kernel);
+    fuse the SwiGLU of fused gate/up linears and the bias adds into their kernels (False: the separate elementwise
+    kernels); ``functions``: the Relax functions whose kernels get them (None: every one). A SwiGLU linear in
+    another function reads the same SwiGLU-layout weights (they are shared) with a plain kernel and puts its output
+    back in weight order (``epilogue.unpermute``; TVM fuses that gather into the separate silu kernel);
     ``sparse``: a ``sparse_plan.SparsePlan`` (None: no sparse kernels)."""
 
     @relax.expr_functor.mutator
@@ -84,11 +92,18 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
             self.skip: set = set()  # bindings a fused epilogue replaced
             self.swiglu: SwigluMatch | None = None  # the match of the linear being rewritten
             self.applied = ""  # what the rewrite of that linear did: "fused", "unpermuted" or ""
-            self.stats: dict[str, int] = {"swiglu_fused": 0, "swiglu_unpermuted": 0}
+            self.biased: dict = {}  # bias add's binding var -> (BiasMatch, the linear's value)
+            self.deferred: set = set()  # linears emitted at their bias add (after the bias's own binding)
+            self.bias: BiasMatch | None = None  # the bias match of the linear being rewritten
+            self.bias_applied = False
+            self.store_epilogue = True  # whether the kernels of the function being visited take the epilogues
+            self.stats: dict[str, int] = {"swiglu_fused": 0, "swiglu_unpermuted": 0, "bias_fused": 0}
 
         def visit_var_binding_(self, binding):  # noqa: D102 - mutator protocol
-            if binding.var in self.skip:
+            if binding.var in self.skip or binding.var in self.deferred:
                 return None
+            if binding.var in self.biased:
+                return self._biased(binding)
             match = self.fused.get(binding.var)
             if match is None:
                 return super().visit_var_binding_(binding)
@@ -103,6 +118,33 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
             if self.applied:
                 self.stats["swiglu_" + self.applied] += 1
             return None
+
+        def _biased(self, binding) -> None:
+            """``out = add(linear, b)``: the linear's kernel with the bias epilogue, bound to ``out``; the linear
+            then the add as they were when its kernel has no such form (a generic kernel)."""
+            match, value = self.biased[binding.var]
+            self.bias, self.bias_applied = match, False
+            new = self.visit_expr(value)
+            self.bias = None
+            if self.bias_applied:
+                self.set_var_remap(match.out, self.builder_.emit(new, name_hint=match.out.name))
+                self.stats["bias_fused"] += 1
+                return None
+            self.set_var_remap(match.linear, self.builder_.emit(new, name_hint=match.linear.name))
+            return super().visit_var_binding_(binding)
+
+        def _rows(self, x, m, k):
+            """``x`` as ``[m, k]`` rows: the input of its reshape when that is already such rows (the output of
+            another kernel: the SwiGLU epilogue's ``[M, I]`` read by the down projection), so no VM reshape call
+            sits between the kernels; otherwise ``reshape(x, [m, k])`` (a view)."""
+            bound = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            if (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == "relax.reshape"
+                    and getattr(bound.args[0].ty, "shape", None) is not None):
+                dims = list(bound.args[0].ty.shape.values)
+                an = Analyzer()
+                if len(dims) == 2 and an.can_prove_equal(dims[0], m) and an.can_prove_equal(dims[1], k):
+                    return bound.args[0]
+            return self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, k])))
 
         def _func(self, key: tuple, make) -> relax.GlobalVar:
             gv = self.funcs.get(key)
@@ -169,14 +211,17 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
             m = lead[0]
             for d in lead[1:]:
                 m = m * d
-            x2d = bb.emit(relax.op.reshape(x, relax.ShapeExpr([m, k])))
+            x2d = self._rows(x, m, k)
             decode = _static(Analyzer().simplify(m)) == 1
-            fuse = sw and (decode or fgemm.gemm_swiglu_fits(k))
-            ep = ("swiglu",) if fuse else ()
+            fuse = sw and self.store_epilogue and (decode or fgemm.gemm_swiglu_fits(k))
+            bias = self.bias is not None
+            ep = ("swiglu",) if fuse else ("bias",) if bias else ()
             if decode:
-                gv = self._func(("fgemv", isa.name, n, k) + ep, lambda: fgemm.gemv_func(n, k, isa, swiglu=fuse))
+                gv = self._func(("fgemv", isa.name, n, k) + ep,
+                                lambda: fgemm.gemv_func(n, k, isa, swiglu=fuse, bias=bias))
             else:
-                gv = self._func(("fgemm", isa.name, n, k) + ep, lambda: fgemm.gemm_func(n, k, isa, swiglu=fuse))
+                gv = self._func(("fgemm", isa.name, n, k) + ep,
+                                lambda: fgemm.gemm_func(n, k, isa, swiglu=fuse, bias=bias))
             return self._output(x2d, (wr,), gv, m, n, lead, fuse, fgemm.ROWS)
 
         def _tokens(self, x, k):
@@ -224,12 +269,18 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
             return relax.op.reshape(y, relax.ShapeExpr([*lead, n]))
 
         def _output(self, x2d, wr, gv, m, n, lead, fuse, rows, extra=()):
-            """Emit the kernel call ``gv(*extra or x2d, *wr)``; its output as the linear's (SwiGLU layout: in
-            weight row order again) or, when ``fuse``, as the multiply's (``[*lead, n/2]``)."""
+            """Emit the kernel call ``gv(*extra or x2d, *wr(, bias))``; its output as the linear's (SwiGLU layout:
+            in weight row order again), when ``fuse`` as the multiply's (``[*lead, n/2]``), with a bias as the
+            add's."""
             bb = self.builder_
             ins = list(extra) if extra else [x2d]
             width = n // 2 if fuse else n
-            y = bb.emit(relax.call_tir(gv, ins + list(wr), relax.TensorType([m, width], "float32")))
+            if self.bias is not None:
+                ins_b = [self.visit_expr(self.bias.bias)]
+                self.bias_applied = True
+            else:
+                ins_b = []
+            y = bb.emit(relax.call_tir(gv, ins + list(wr) + ins_b, relax.TensorType([m, width], "float32")))
             if self.swiglu is None:
                 return relax.op.reshape(y, relax.ShapeExpr([*lead, n]))
             self.applied = "fused" if fuse else "unpermuted"
@@ -268,6 +319,8 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
             from tvm import te
 
             sw = self.swiglu is not None
+            fuse = sw and self.store_epilogue  # else: SwiGLU layout, plain kernel, output unpermuted
+            bias = self.bias is not None
             ep = ("swiglu",) if sw else ()
 
             def make_repack():
@@ -288,8 +341,9 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
             for d in lead[1:]:
                 m = m * d
             m_static = _static(Analyzer().simplify(m))
-            x2d = bb.emit(relax.op.reshape(x, relax.ShapeExpr([m, in_f])))
-            tag = ("sym" if layout.sym else "asym", out_f, in_f, f"g{group}") + ep
+            x2d = self._rows(x, m, in_f)
+            tag = ("sym" if layout.sym else "asym", out_f, in_f, f"g{group}") + (("swiglu",) if fuse else ()) + (
+                ("bias",) if bias else ())
             if act_bits:
                 from .qact import act_quant_func
 
@@ -305,28 +359,30 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
                 if wide_applies(layout, isa):  # AVX-512 VNNI: two rows per 512-bit register
                     form, make = (("gemv_wide", gemv_wide_func) if m_static == 1 else ("gemm_wide", gemm_wide_func))
                     gv = self._func((form, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: make(layout, act_group, swiglu=sw))
+                                    lambda: make(layout, act_group, swiglu=fuse, bias=bias))
                 elif m_static == 1:
                     from .qgemv import gemv_int_func
 
                     gv = self._func(("gemv_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: gemv_int_func(layout, isa, act_group, swiglu=sw))
+                                    lambda: gemv_int_func(layout, isa, act_group, swiglu=fuse, bias=bias))
                 else:
                     from .qgemm import gemm_int_func
 
                     gv = self._func(("gemm_int", isa.name, f"b{bits}", *tag, f"a{act_group}"),
-                                    lambda: gemm_int_func(layout, isa, act_group, swiglu=sw))
-                return self._output(None, (w, sz), gv, m, out_f, lead, sw, layout.rows, extra=(qa, sa, asum))
+                                    lambda: gemm_int_func(layout, isa, act_group, swiglu=fuse, bias=bias))
+                return self._output(None, (w, sz), gv, m, out_f, lead, fuse, layout.rows, extra=(qa, sa, asum))
             else:
                 if m_static == 1:
                     from .qgemv import gemv_float_func
 
-                    gv = self._func(("gemv_float", f"b{bits}", *tag), lambda: gemv_float_func(layout, swiglu=sw))
+                    gv = self._func(("gemv_float", f"b{bits}", *tag),
+                                    lambda: gemv_float_func(layout, swiglu=fuse, bias=bias))
                 else:
                     from .qgemm import gemm_float_func
 
-                    gv = self._func(("gemm_float", f"b{bits}", *tag), lambda: gemm_float_func(layout, swiglu=sw))
-            return self._output(x2d, (w, sz), gv, m, out_f, lead, sw, layout.rows)
+                    gv = self._func(("gemm_float", f"b{bits}", *tag),
+                                    lambda: gemm_float_func(layout, swiglu=fuse, bias=bias))
+            return self._output(x2d, (w, sz), gv, m, out_f, lead, fuse, layout.rows)
 
     def gv_name(call) -> str:
         return call.args[0].name_hint
@@ -344,6 +400,7 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         m = _Dispatch(mod)
         near: list[tuple[str, str, str]] = []
+        bias_near: list[str] = []
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 n_in = int((func.attrs or {}).get("num_input", len(func.params)))
@@ -351,17 +408,29 @@ def dispatch_quant_kernels(isa: CpuIsa, *, epilogues: bool = True, sparse: Any =
                 m.pnames = dict(zip(func.params[n_in:], sparse.names)) if sparse is not None else {}
                 found, missed = match_swiglu(func, lambda v: is_linear(mod, v))
                 m.fused = {f.linear: f for f in found} if epilogues else {}
+                here = epilogues and (functions is None or gv.name_hint in functions)
+                m.store_epilogue = here
                 m.skip = set()
                 near += [(gv.name_hint, name, why) for name, why in missed]
+                biases, bias_missed = match_bias(func, lambda v: is_linear(mod, v))
+                values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+                m.biased = {b.out: (b, values[b.linear]) for b in biases} if here else {}
+                m.deferred = set(b.linear for b in biases) if here else set()
+                bias_near += [f"{gv.name_hint}: {name}: {why}" for name, why in bias_missed]
                 m.builder_.update_func(gv, m.visit_expr(func))
         out = m.builder_.get()
         for name, why in sorted(m.kept.items()):
             log.info("%s keeps the generic CPU kernel: %s", name, why)
         log.info("SwiGLU epilogue%s: %d linear(s) write silu(gate) * up, %d read the SwiGLU layout and re-order their "
                  "output", "" if epilogues else " (off)", m.stats["swiglu_fused"], m.stats["swiglu_unpermuted"])
+        log.info("bias epilogue%s: %d linear(s) add their bias in the store", "" if epilogues else " (off)",
+                 m.stats["bias_fused"])
         for fn, name, why in near:
             log.info("%s: %s is no SwiGLU epilogue: %s", fn, name, why)
-        stats = dict(m.stats, swiglu_near_misses=[f"{fn}: {name}: {why}" for fn, name, why in near])
+        for line in bias_near:
+            log.info("%s is no bias epilogue", line)
+        stats = dict(m.stats, swiglu_near_misses=[f"{fn}: {name}: {why}" for fn, name, why in near],
+                     bias_near_misses=bias_near)
         # the generic kernels (and activation fake-quant stages) no longer called are dropped
         out = relax.transform.DeadCodeElimination()(relax.transform.EliminateCommonSubexpr()(out))
         out = out.with_attr(EPILOGUE_STATS_ATTR, repr(stats))

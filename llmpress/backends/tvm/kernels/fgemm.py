@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bias import bias_buffer, plus_bias, with_bias
 from .qgemv import PARALLEL_MIN_MACS, hsum, store_rows
 from .qwide import _half_sum
 
@@ -68,9 +69,10 @@ def _wide(isa: Any) -> bool:
     return isa.name == "avx512vnni"
 
 
-def gemv_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
+def gemv_func(n: int, k: int, isa: Any, *, swiglu: bool = False, bias: bool = False) -> Any:
     """``(x f32 [1, K], w [N/4, K/8, 4, 8]) -> y f32 [1, N]``; ``[1, N/2]`` with ``swiglu`` (silu(gate) * up, the
-    weights repacked with ``swiglu``: ``epilogue.py``)."""
+    weights repacked with ``swiglu``: ``epilogue.py``); with ``bias`` a ``b f32 [N]`` input before ``y``, added in
+    the store (``bias.py``)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -78,6 +80,7 @@ def gemv_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
 
     NO = n // 2 if swiglu else n
     store = store_rows()
+    bvec = bias_buffer(n, bias)
 
     R, C, NT, KC = ROWS, CHUNK, n // ROWS, k // CHUNK
     par = n * k >= PARALLEL_MIN_MACS
@@ -88,7 +91,7 @@ def gemv_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
             v = x.vload([0, c * C], "float32x8")
             return tirx.vectorcombine("float32x16", v, v)
 
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, check_well_formed=bvec is None)
         def wide(x: T.Buffer((1, k), "float32"), w: T.Buffer((NT, KC, R, C), "float32"),
                  y: T.Buffer((1, NO), "float32")):
             T.func_attr({"tirx.noalias": True})
@@ -112,14 +115,14 @@ def gemv_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
                     y[0, t * P + 1] = silu_mul(_half_sum(acc, 0, 0, half=1), _half_sum(acc, 1, 0, half=1))
                 else:
                     for p in T.unroll(P):
-                        y[0, t * R + 2 * p] = _half_sum(acc, p, 0, half=0)
-                        y[0, t * R + 2 * p + 1] = _half_sum(acc, p, 0, half=1)
+                        y[0, t * R + 2 * p] = plus_bias(_half_sum(acc, p, 0, half=0), bvec, t * R + 2 * p)
+                        y[0, t * R + 2 * p + 1] = plus_bias(_half_sum(acc, p, 0, half=1), bvec, t * R + 2 * p + 1)
 
-        return wide
+        return with_bias(wide, bvec)
 
     V8 = T.ramp(0, 1, 8)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def narrow(x: T.Buffer((1, k), "float32"), w: T.Buffer((NT, KC, R, C), "float32"),
                y: T.Buffer((1, NO), "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -139,21 +142,21 @@ def gemv_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
                                                                                                 "float32x8")
             for r in T.unroll(R):
                 acc[r, 0, V8] = acc[r, 0, V8] + acc[r, 1, V8]
-            store(y, 0, t, acc, R, swiglu, 0)
+            store(y, 0, t, acc, R, swiglu, bvec, 0)
 
-    return narrow
+    return with_bias(narrow, bvec)
 
 
-def _kb_sum(y: Any, m: Any, col: Any, v: Any, kb: Any) -> Any:
-    """What ``y[m, col]`` becomes after K block ``kb`` adds ``v``: ``v`` for the first block."""
+def _kb_sum(y: Any, m: Any, col: Any, v: Any, kb: Any, bias: Any = None) -> Any:
+    """What ``y[m, col]`` becomes after K block ``kb`` adds ``v``: ``v`` (plus the bias) for the first block."""
     from tvm import tirx
 
-    return tirx.Select(kb == 0, v, y[m, col] + v)
+    return tirx.Select(kb == 0, plus_bias(v, bias, col), y[m, col] + v)
 
 
-def gemm_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
+def gemm_func(n: int, k: int, isa: Any, *, swiglu: bool = False, bias: bool = False) -> Any:
     """``(x f32 [M, K], w [N/4, K/8, 4, 8]) -> y f32 [M, N]``, M symbolic; ``[M, N/2]`` with ``swiglu``
-    (``gemm_swiglu_fits(k)`` must hold).
+    (``gemm_swiglu_fits(k)`` must hold); ``bias`` as ``gemv_func`` (added with the first K block's sums).
 
     Blocked for the caches: a task takes up to ``TILE_BLOCK`` tiles and sweeps them K block by K block (``K_BLOCK``
     chunks), token step by token step, so a step's activation rows (``MT x K_BLOCK`` floats) stay in L1 for every
@@ -164,13 +167,14 @@ def gemm_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
     if swiglu and not gemm_swiglu_fits(k):
         raise ValueError(f"fgemm: the SwiGLU epilogue needs K <= {K_BLOCK * CHUNK}, got {k}")
     if _wide(isa):
-        return _gemm_wide(n, k, swiglu)
+        return _gemm_wide(n, k, swiglu, bias)
     R, C, NT, KC = ROWS, CHUNK, n // ROWS, k // CHUNK
     MT, TB, KB = 2, _tile_block(NT), K_BLOCK
     V8 = T.ramp(0, 1, 8)
     store = store_rows()
+    bvec = bias_buffer(n, bias)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(var_x: T.handle, w: T.Buffer((NT, KC, R, C), "float32"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
@@ -192,16 +196,16 @@ def gemm_func(n: int, k: int, isa: Any, *, swiglu: bool = False) -> Any:
                         for mi in T.unroll(MT):
                             if m0 * MT + mi < M:
                                 if swiglu:  # one K block: the sums are final
-                                    store(y, m0 * MT + mi, tb * TB + tt, acc, R, True, mi)
+                                    store(y, m0 * MT + mi, tb * TB + tt, acc, R, True, None, mi)
                                 else:
                                     for r in T.unroll(R):
                                         y[m0 * MT + mi, (tb * TB + tt) * R + r] = _kb_sum(
-                                            y, m0 * MT + mi, (tb * TB + tt) * R + r, hsum(acc, r, mi), kb)
+                                            y, m0 * MT + mi, (tb * TB + tt) * R + r, hsum(acc, r, mi), kb, bvec)
 
-    return func
+    return with_bias(func, bvec)
 
 
-def _gemm_wide(n: int, k: int, swiglu: bool = False) -> Any:
+def _gemm_wide(n: int, k: int, swiglu: bool = False, bias: bool = False) -> Any:
     """The GEMM on 512-bit registers: a 64-byte load holds one chunk of rows 2p and 2p + 1, times the token's chunk
     repeated in both halves; 2 row pairs x ``MT_WIDE`` tokens = 12 float32x16 accumulators (12 independent FMA
     chains cover 2 FMA units x 4 cycles of latency), 2 weight loads and 6 activation loads per 12 FMAs. Blocked as
@@ -213,12 +217,13 @@ def _gemm_wide(n: int, k: int, swiglu: bool = False) -> Any:
 
     R, C, NT, KC = ROWS, CHUNK, n // ROWS, k // CHUNK
     P, MT, TB, KB, V = R // 2, MT_WIDE, _tile_block(NT), K_BLOCK, T.ramp(0, 1, 16)
+    bvec = bias_buffer(n, bias)
 
     def xx(x, m, c):
         v = x.vload([m, c * C], "float32x8")
         return tirx.vectorcombine("float32x16", v, v)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(var_x: T.handle, w: T.Buffer((NT, KC, R, C), "float32"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
@@ -248,9 +253,9 @@ def _gemm_wide(n: int, k: int, swiglu: bool = False) -> Any:
                                     for p in T.unroll(P):
                                         y[m0 * MT + mi, (tb * TB + tt) * R + 2 * p] = _kb_sum(
                                             y, m0 * MT + mi, (tb * TB + tt) * R + 2 * p,
-                                            _half_sum(acc, p, mi, half=0), kb)
+                                            _half_sum(acc, p, mi, half=0), kb, bvec)
                                         y[m0 * MT + mi, (tb * TB + tt) * R + 2 * p + 1] = _kb_sum(
                                             y, m0 * MT + mi, (tb * TB + tt) * R + 2 * p + 1,
-                                            _half_sum(acc, p, mi, half=1), kb)
+                                            _half_sum(acc, p, mi, half=1), kb, bvec)
 
-    return func
+    return with_bias(func, bvec)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bias import bias_buffer, with_bias
 from .qgemv import _zero, hsum, store_rows, unroll_factor
 from .qlayout import QLayout, codes, codes8
 
@@ -35,9 +36,10 @@ __all__ = ["gemm_int_func", "gemm_float_func", "MT"]
 MT = 2
 
 
-def gemm_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = False) -> Any:
+def gemm_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = False, bias: bool = False) -> Any:
     """``(qa i8 [M, K], sa f32 [M, K/act_group], asum f32 [M, K/group], w, sz) -> y f32 [M, N]``, M symbolic
-    (``[M, N/2]`` with ``swiglu``: silu(gate) * up, ``epilogue.py``)."""
+    (``[M, N/2]`` with ``swiglu``: silu(gate) * up, ``epilogue.py``; with ``bias`` a ``b f32 [N]`` input before ``y``,
+    ``bias.py``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -47,8 +49,9 @@ def gemm_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
     comp = not (layout.sym and layout.zero == 0)
     V = T.ramp(0, 1, 8)
     store = store_rows()
+    bvec = bias_buffer(N, bias)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(var_qa: T.handle, var_sa: T.handle, var_asum: T.handle, w: T.Buffer(layout.w_shape, layout.dtype),
              sz: T.Buffer(layout.sz_shape, "float32"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -91,21 +94,23 @@ def gemm_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
                                     * asum[T.min(m0 * MT + mi, M - 1), g] * T.float32(0.125), 8)
                 for mi in T.unroll(MT):
                     if m0 * MT + mi < M:
-                        store(y, m0 * MT + mi, t, facc, R, swiglu, mi)
+                        store(y, m0 * MT + mi, t, facc, R, swiglu, bvec, mi)
 
-    return func
+    return with_bias(func, bvec)
 
 
-def gemm_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
-    """``(x f32 [M, K], w, sz) -> y f32 [M, N]``, M symbolic (``[M, N/2]`` with ``swiglu``)."""
+def gemm_float_func(layout: QLayout, *, swiglu: bool = False, bias: bool = False) -> Any:
+    """``(x f32 [M, K], w, sz) -> y f32 [M, N]``, M symbolic (``[M, N/2]`` with ``swiglu``; ``bias`` as
+    ``gemm_int_func``)."""
     from tvm.script import tirx as T
 
     R, K, N, G = layout.rows, layout.in_features, layout.out_features, layout.group
     NT, NG = layout.tiles, layout.groups
     V = T.ramp(0, 1, 8)
     store = store_rows()
+    bvec = bias_buffer(N, bias)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(var_x: T.handle, w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
              var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -131,6 +136,6 @@ def gemm_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
                                 [T.min(m0 * MT + mi, M - 1), k8 * 8], "float32x8")
                 for mi in T.unroll(MT):
                     if m0 * MT + mi < M:
-                        store(y, m0 * MT + mi, t, acc, R, swiglu, mi)
+                        store(y, m0 * MT + mi, t, acc, R, swiglu, bvec, mi)
 
-    return func
+    return with_bias(func, bvec)

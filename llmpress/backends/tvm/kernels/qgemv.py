@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .bias import bias_buffer, with_bias
 from .qlayout import QLayout, codes, codes8
 
 __all__ = ["gemv_int_func", "gemv_float_func", "PARALLEL_MIN_MACS", "hsum", "unroll_factor", "store_rows"]
@@ -47,26 +48,27 @@ def hsum(buf: Any, *idx: Any, lanes: int = 8) -> Any:
 
 @functools.cache
 def store_rows() -> Any:
-    """TIR macro ``store_rows(y, m, t, acc, R, swiglu)``: the output stage of a tile of ``R`` rows whose sums are
+    """TIR macro ``store_rows(y, m, t, acc, R, swiglu, bias)``: the output stage of a tile of ``R`` rows whose sums are
     ``acc[r, 0:8]`` (token ``m``)::
 
-        y[m, t R + r] = sum(acc[r, :])                                        r < R
+        y[m, t R + r] = sum(acc[r, :]) (+ bias[t R + r])                      r < R
         y[m, t H + r] = silu_mul(sum(acc[r, :]), sum(acc[r + H, :]))          r < H = R/2, with ``swiglu``
 
     (the SwiGLU row order of ``epilogue.py``). ``idx``: further indices of ``acc`` before the lanes (the token of
     a GEMM step)."""
     from tvm.script import tirx as T
 
+    from .bias import plus_bias
     from .epilogue import silu_mul
 
     @T.macro
-    def store(y, m, t, acc, R, swiglu, *idx):
+    def store(y, m, t, acc, R, swiglu, bias, *idx):
         if swiglu:
             for r in T.unroll(R // 2):
                 y[m, t * (R // 2) + r] = silu_mul(hsum(acc, r, *idx), hsum(acc, r + R // 2, *idx))
         else:
             for r in T.unroll(R):
-                y[m, t * R + r] = hsum(acc, r, *idx)
+                y[m, t * R + r] = plus_bias(hsum(acc, r, *idx), bias, t * R + r)
 
     return store
 
@@ -85,9 +87,10 @@ def _zero(layout: QLayout, sz: Any, t: Any, g: Any, r: Any) -> Any:
     return tirx.const(float(layout.zero), "float32") if layout.sym else sz[t, g, r, 1]
 
 
-def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = False) -> Any:
+def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = False, bias: bool = False) -> Any:
     """``(qa i8 [1, K], sa f32 [1, K/act_group], asum f32 [1, K/group], w, sz) -> y f32 [1, N]``; with ``swiglu``
-    (weights in ``epilogue.source_row`` order) ``y f32 [1, N/2]`` = silu(gate) * up (``epilogue.py``)."""
+    (weights in ``epilogue.source_row`` order) ``y f32 [1, N/2]`` = silu(gate) * up (``epilogue.py``); with ``bias``
+    a ``b f32 [N]`` input before ``y``, added in the store (``bias.py``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -102,6 +105,7 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
     V = T.ramp(0, 1, 8)
     V16 = T.ramp(0, 1, 16)
     store = store_rows()
+    bvec = bias_buffer(N, bias)
 
     def k_of(g, b, so, si):
         return g * G + b * GA + (so * U + si) * 32
@@ -123,7 +127,7 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
                     iacc[r, V] = dot(iacc[r, V], codes(layout, w, t, k_of(g, b, so, si), r),
                                      qa.vload([0, k_of(g, b, so, si)], "int8x32"))
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
              w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
              y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
@@ -151,13 +155,13 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
                     if comp:
                         facc[r, V] = facc[r, V] - T.broadcast(
                             sz[t, g, r, 0] * _zero(layout, sz, t, g, r) * asum[0, g] * T.float32(0.125), 8)
-            store(y, 0, t, facc, R, swiglu)
+            store(y, 0, t, facc, R, swiglu, bvec)
 
-    return func
+    return with_bias(func, bvec)
 
 
-def gemv_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
-    """``(x f32 [1, K], w, sz) -> y f32 [1, N]`` (``[1, N/2]`` with ``swiglu``, as ``gemv_int_func``)."""
+def gemv_float_func(layout: QLayout, *, swiglu: bool = False, bias: bool = False) -> Any:
+    """``(x f32 [1, K], w, sz) -> y f32 [1, N]`` (``[1, N/2]`` with ``swiglu``, ``bias`` as ``gemv_int_func``)."""
     from tvm.script import tirx as T
 
     R, K, N, G = layout.rows, layout.in_features, layout.out_features, layout.group
@@ -165,6 +169,7 @@ def gemv_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
     par = N * K >= PARALLEL_MIN_MACS
     V = T.ramp(0, 1, 8)
     store = store_rows()
+    bvec = bias_buffer(N, bias)
     # Order of the 8-feature steps: when a group holds whole chunks, the values one byte run holds (feature
     # j, 32 + j, ... of the chunk) are decoded one after the other, so each 8-byte load is used at once.
     CH = layout.chunk if G % layout.chunk == 0 else 32
@@ -174,7 +179,7 @@ def gemv_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
     def k_of(g, so, j, i):
         return g * G + so * CH + i * 32 + j * 8
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(x: T.Buffer((1, K), "float32"), w: T.Buffer(layout.w_shape, layout.dtype),
              sz: T.Buffer(layout.sz_shape, "float32"), y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -205,6 +210,6 @@ def gemv_float_func(layout: QLayout, *, swiglu: bool = False) -> Any:
                     facc[r, V] = facc[r, V] + (gacc[r, 0, V] + gacc[r, 1, V] - T.broadcast(
                         _zero(layout, sz, t, g, r) * xsum[g] * T.float32(0.125), 8)) * T.broadcast(
                         sz[t, g, r, 0], 8)
-            store(y, 0, t, facc, R, swiglu)
+            store(y, 0, t, facc, R, swiglu, bvec)
 
-    return func
+    return with_bias(func, bvec)

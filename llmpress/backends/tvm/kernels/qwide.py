@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bias import bias_buffer, plus_bias, with_bias
 from .qgemv import PARALLEL_MIN_MACS, unroll_factor
 from .epilogue import silu_mul
 from .qlayout import QLayout
@@ -88,9 +89,10 @@ def _half_sum(buf: Any, *idx: Any, half: int) -> Any:
     return vals[0]
 
 
-def gemv_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> Any:
+def gemv_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False, bias: bool = False) -> Any:
     """``(qa i8 [1, K], sa f32 [1, K/act_group], asum f32 [1, K/group], w, sz) -> y f32 [1, N]`` (``[1, N/2]``
-    with ``swiglu``: silu(gate) * up, weights in the row order of ``epilogue.py``; needs ``R = 4``)."""
+    with ``swiglu``: silu(gate) * up, weights in the row order of ``epilogue.py``; needs ``R = 4``; with ``bias`` a
+    ``b f32 [N]`` input before ``y``, added in the store: ``bias.py``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -99,11 +101,12 @@ def gemv_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> 
     U = unroll_factor(SUB, 4)
     par = N * K >= PARALLEL_MIN_MACS
     V = T.ramp(0, 1, 16)
+    bvec = bias_buffer(N, bias)
 
     def k_of(g, b, so, si):
         return g * G + b * GA + (so * U + si) * 32
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
              w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
              y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
@@ -137,15 +140,15 @@ def gemv_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> 
                 y[0, t * P + 1] = silu_mul(_half_sum(facc, 0, half=1), _half_sum(facc, 1, half=1))
             else:
                 for p in T.unroll(P):
-                    y[0, t * R + 2 * p] = _half_sum(facc, p, half=0)
-                    y[0, t * R + 2 * p + 1] = _half_sum(facc, p, half=1)
+                    y[0, t * R + 2 * p] = plus_bias(_half_sum(facc, p, half=0), bvec, t * R + 2 * p)
+                    y[0, t * R + 2 * p + 1] = plus_bias(_half_sum(facc, p, half=1), bvec, t * R + 2 * p + 1)
 
-    return func
+    return with_bias(func, bvec)
 
 
-def gemm_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> Any:
+def gemm_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False, bias: bool = False) -> Any:
     """``(qa i8 [M, K], sa f32 [M, K/act_group], asum f32 [M, K/group], w, sz) -> y f32 [M, N]``, M symbolic
-    (``[M, N/2]`` with ``swiglu``, as ``gemv_wide_func``)."""
+    (``[M, N/2]`` with ``swiglu``, ``bias`` as ``gemv_wide_func``)."""
     from tvm.script import tirx as T
 
     R, K, N, G, GA = layout.rows, layout.in_features, layout.out_features, layout.group, act_group
@@ -153,11 +156,12 @@ def gemm_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> 
     P, MT = R // 2, MT_WIDE
     U = unroll_factor(SUB, 2)
     V = T.ramp(0, 1, 16)
+    bvec = bias_buffer(N, bias)
 
     def k_of(g, b, so, si):
         return g * G + b * GA + (so * U + si) * 32
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(var_qa: T.handle, var_sa: T.handle, var_asum: T.handle, w: T.Buffer(layout.w_shape, layout.dtype),
              sz: T.Buffer(layout.sz_shape, "float32"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -205,7 +209,9 @@ def gemm_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False) -> 
                                                                   _half_sum(facc, 1, mi, half=1))
                         else:
                             for p in T.unroll(P):
-                                y[m0 * MT + mi, t * R + 2 * p] = _half_sum(facc, p, mi, half=0)
-                                y[m0 * MT + mi, t * R + 2 * p + 1] = _half_sum(facc, p, mi, half=1)
+                                y[m0 * MT + mi, t * R + 2 * p] = plus_bias(_half_sum(facc, p, mi, half=0), bvec,
+                                                                           t * R + 2 * p)
+                                y[m0 * MT + mi, t * R + 2 * p + 1] = plus_bias(_half_sum(facc, p, mi, half=1), bvec,
+                                                                               t * R + 2 * p + 1)
 
-    return func
+    return with_bias(func, bvec)
