@@ -25,7 +25,7 @@ __all__ = ["DTYPES", "read_header", "read_tensor", "write_streamed", "tensor_byt
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
 }
 _CODES = {v: k for k, v in DTYPES.items()}
 
