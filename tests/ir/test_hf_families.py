@@ -13,7 +13,7 @@ import torch
 
 import llmpress
 from llmpress.ir.capture import capture
-from llmpress.errors import LlmpressError, LoadError
+from llmpress.errors import LoadError
 from llmpress.ir.loaders import load_model
 from llmpress.models import Llama
 
@@ -191,14 +191,19 @@ def test_sliding_window_shorter_than_cache_is_refused(tmp_path) -> None:
     assert load_model(folder, cache_len=16).model.cache_len == 16  # window covers the cache: exact
 
 
-def test_other_model_types_name_the_supported_ones(tmp_path) -> None:
+def test_other_model_types_take_the_generic_capture(tmp_path) -> None:
+    """A model type llmpress does not build itself (GPT-NeoX) is no longer refused: capture() of its folder goes
+    through transformers' StaticCache (``llmpress.ir.capture_hf``), with the same KV-cache calling convention."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, max_position_embeddings=32, hidden_size=16, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=32)).save_pretrained(
         str(tmp_path / "neox"))
-    with pytest.raises(LlmpressError, match=r"'gpt_neox'.*supported model_types: llama, mistral, qwen2, qwen3"):
-        llmpress.ir.capture(tmp_path / "neox")
+    module = llmpress.ir.capture(tmp_path / "neox")
+    lm = module.lm
+    assert lm.extra == {"capture": "hf_static_cache", "model_type": "gpt_neox"}
+    assert (lm.n_layers, lm.n_kv_heads, lm.head_dim, lm.vocab_size) == (1, 2, 8, 64)
+    assert len(module.user_inputs()) == 2 + 2 * lm.n_layers
 
 
 def test_cli_compiles_a_qwen2_folder(tmp_path) -> None:
