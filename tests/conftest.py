@@ -28,6 +28,15 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "TVM_NUM_THREADS" not in os.environ
     _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ["TVM_NUM_THREADS"] = str(max(1, _cpus // max(1, _workers)))
 
+# ``cpu`` builds its portable library alone here (``LLMPRESS_CPU_VARIANTS=0``): the AVX-512 VNNI variant doubles the
+# LLVM work of every ``cpu`` compile while this suite's CI machine (AVX2, no AVX-512) never runs it. The tests marked
+# ``cpu_variants`` (the variant builds, their kernels and the loaders' choice of library) build it as users get it.
+# Set before each test's setup, so the module-scoped builds of a marked file see it too.
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    os.environ["LLMPRESS_CPU_VARIANTS"] = "1" if item.get_closest_marker("cpu_variants") else "0"
+
+
 #: Test files that share per-process caches (``functools.cache`` of the real model's perplexities and calibration,
 #: the kernel library compiled for ``cpu``): under pytest-xdist one worker runs every file of a group, so each cached
 #: value is computed once, as in a one-process run.

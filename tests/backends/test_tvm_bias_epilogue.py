@@ -15,7 +15,7 @@ pytest.importorskip("tvm")
 from ..passes.tiny_llama import capture_block  # noqa: E402
 from .test_tvm_epilogue import _dispatched  # noqa: E402
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, pytest.mark.cpu_variants]
 
 
 def _biased_llama():

@@ -17,7 +17,7 @@ import torch
 
 from llmpress.errors import LlmpressError
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, pytest.mark.cpu_variants]
 
 VNNI = "cpu+avx512vnni"
 PROMPT = [1, 17, 42, 99, 5]

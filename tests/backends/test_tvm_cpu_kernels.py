@@ -26,7 +26,7 @@ from .quant_reference import act_inputs, exact_float, exact_int, kernel_codes, r
 
 tvm = pytest.importorskip("tvm")
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, pytest.mark.cpu_variants]
 
 
 def _spec(name: str):

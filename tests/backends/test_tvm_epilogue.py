@@ -16,7 +16,7 @@ pytest.importorskip("tvm")
 
 from ..passes.tiny_llama import capture_block  # noqa: E402
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, pytest.mark.cpu_variants]
 
 
 def _dispatched(module, *, epilogues: bool = True, relax_mod=None, functions=None):

@@ -16,6 +16,15 @@ def test_cpu_is_portable_x86_64_v3():
     assert "avx2" in s.features and "fma" in s.features
 
 
+def test_cpu_carries_the_vnni_variant_unless_told(monkeypatch):
+    monkeypatch.setenv("LLMPRESS_CPU_VARIANTS", "1")
+    assert [v.name for v in resolve_target("cpu").variants] == ["cpu+avx512vnni"]
+    monkeypatch.delenv("LLMPRESS_CPU_VARIANTS")
+    assert [v.name for v in resolve_target("cpu").variants] == ["cpu+avx512vnni"]  # the default: users get both
+    monkeypatch.setenv("LLMPRESS_CPU_VARIANTS", "0")
+    assert resolve_target("cpu").variants == ()
+
+
 def test_arm64_variants_add_features():
     base = resolve_target("arm64")
     assert base.tvm == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
