@@ -113,7 +113,8 @@ def layer_summary(module: Module) -> list[dict]:
 def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = "", target: Any = "reference",  # noqa: A001
             calibration: Any = None, tokenizer: Any = None, progress: bool = True, instruments: Sequence = (),
             reproducer_dir: str | None = None, seed: int = 0, output: str | Path | None = None,
-            overwrite: bool = False, calib_device: str | None = None) -> Artifact:
+            overwrite: bool = False, calib_device: str | None = None,
+            backend_options: dict[str, Any] | None = None) -> Artifact:
     """Capture ``model``, run ``pipeline`` over it, lower it for ``target``; return the Artifact (saved to
     ``output`` when given, replacing an existing artifact there only with ``overwrite=True``).
 
@@ -124,6 +125,8 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
     ``calib_device``: where calibration-driven passes (gptq, sparsify wanda/sparsegpt, factorize asvd/svd_llm)
     accumulate their statistics and run their per-layer math, e.g. ``"cuda"``; results come back to the CPU.
     ``None``: a recipe calibration's ``device``, else ``"cpu"``.
+    ``backend_options``: settings of the target's backend (``Backend.OPTIONS``; for TVM e.g.
+    ``{"sparse_kernels": "always", "epilogues": "decode"}``), recorded in the manifest.
     The returned artifact is callable like the model's forward and reports what each pass did (``.passes``).
 
     Everything that can be checked without the model is checked first (``llmpress.preflight``): the pipeline text
@@ -138,8 +141,8 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
     if calib_device is None:
         calib_device = getattr(calibration, "device", None)  # a recipe's [calibration] device
     check_compile(model, pipeline=pipeline, target=target, calibration=calibration, tokenizer=tokenizer,
-                  output=output, overwrite=overwrite, calib_device=calib_device)
-    backend = backend_for_target(target)
+                  output=output, overwrite=overwrite, calib_device=calib_device, backend_options=backend_options)
+    backend = backend_for_target(target).with_options(backend_options)
     module, tok = prepare(model, example_inputs, tokenizer=tokenizer)
     calib = _calibration(calibration, tok)
     bytes_before = parameter_bytes(module)
@@ -158,6 +161,7 @@ def compile(model: Any, example_inputs: tuple | None = None, *, pipeline: Any = 
         "backend": backend.name,
         "target": compiled.target_json(),
         "pipeline": str(pipeline) if pipeline is not None else "",
+        **({"backend_options": dict(backend_options)} if backend_options else {}),
         "resolved_pipeline": resolved_pipeline(records),  # what ran, with data-driven choices (autobits) explicit
         "passes": [r.to_json() if hasattr(r, "to_json") else r for r in records],
         "lm": module.lm.to_json() if module.lm else None,

@@ -2,7 +2,8 @@
 
 These forms are a contract other tools rely on:
 
-    llmpress compile MODEL (-p/--pipeline TEXT | --recipe FILE) [-t/--target T] [--calib FILE] [--calib-device D] -o DIR
+    llmpress compile MODEL (-p/--pipeline TEXT | --recipe FILE) [-t/--target T] [--calib FILE] [--calib-device D]
+                     [--backend-option KEY=VALUE ...] -o DIR
     llmpress run MODEL_OR_DIR [--prompt TEXT] [--max-new-tokens N] [--emulate]
     llmpress eval MODEL_OR_DIR --data FILE [--context 256] [--pipeline TEXT] [--json]
     llmpress inspect MODEL_OR_DIR [--json]
@@ -66,6 +67,18 @@ def _open(model: str, *, pipeline: str | None = None, tokenizer: str | None = No
     return art
 
 
+def _backend_options(items: list[str]) -> dict:
+    """``--backend-option KEY=VALUE`` (repeatable) -> ``{KEY: VALUE}``; ``true``/``false`` become booleans."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ConfigError(f"--backend-option {item!r}: expected KEY=VALUE, e.g. sparse_kernels=always")
+        v = value.strip()
+        out[key.strip()] = {"true": True, "false": False}.get(v.lower(), v)
+    return out
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
     import llmpress
 
@@ -81,13 +94,15 @@ def cmd_compile(a: argparse.Namespace) -> int:
             calib_device = recipe.calibration.device
     from .preflight import check_compile
 
+    options = _backend_options(a.backend_option or [])
     t0 = time.perf_counter()
     # Every mistake that can be found without the model is reported now, not after loading and capturing it.
     check_compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,
-                  output=a.output, overwrite=a.force, overwrite_flag="--force", calib_device=calib_device)
+                  output=a.output, overwrite=a.force, overwrite_flag="--force", calib_device=calib_device,
+                  backend_options=options)
     art = llmpress.compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,
                            progress=not a.quiet, reproducer_dir=a.reproducer_dir, output=a.output,
-                           overwrite=a.force, calib_device=calib_device)
+                           overwrite=a.force, calib_device=calib_device, backend_options=options)
     out = a.written = art.folder
     pb = art.manifest["parameter_bytes"]
     print(f"wrote {out} (target {art.manifest['target']['name']}, parameters {pb['before']:,} -> {pb['after']:,} bytes, "
@@ -274,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration text file (gptq, awq, smoothquant, autobits, distill; sparsify wanda/sparsegpt; factorize asvd/svd_llm; prune wanda)")
     c.add_argument("--calib-device", help="where calibration-driven passes run their heavy math: cpu (default) | "
                    "cuda | cuda:N; results come back to the CPU")
+    c.add_argument("--backend-option", action="append", metavar="KEY=VALUE",
+                   help="a setting of the target's backend (repeatable); TVM: epilogues=true|false|decode, "
+                   "sparse_kernels=auto|always|never, inplace_cache=true|false, cpu_kernels=true|false")
     c.add_argument("--tokenizer", help="tokenizer file (llama2.c models: found beside the .bin by default)")
     c.add_argument("--reproducer-dir", help="where a failing pass writes its crash reproducer")
     c.add_argument("-o", "--output", required=True, help="artifact folder (or .tar) to write")

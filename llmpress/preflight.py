@@ -58,7 +58,8 @@ def _quantizes(pipeline_passes: list) -> bool:
 
 def check_compile(model: Any, *, pipeline: Any = "", target: Any = "reference", calibration: Any = None,
                   tokenizer: Any = None, output: str | os.PathLike | None = None, overwrite: bool = False,
-                  overwrite_flag: str = "overwrite=True", calib_device: Any = None) -> list:
+                  overwrite_flag: str = "overwrite=True", calib_device: Any = None,
+                  backend_options: Any = None) -> list:
     """Everything about a compile that can be checked without loading the model; raises ``ConfigError`` (or
     ``LoadError`` for a missing model file). Returns the built passes."""
     from .backends import backend_for_target
@@ -69,7 +70,7 @@ def check_compile(model: Any, *, pipeline: Any = "", target: Any = "reference", 
         from .passes.manager import check_order
 
         check_order(passes)
-    backend_for_target(target)
+    backend_for_target(target).with_options(backend_options)  # unknown names, bad values
     from .passes.calib_device import resolve
 
     resolve(calib_device)  # an unknown device, or CUDA where there is none, before the model loads

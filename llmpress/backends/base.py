@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
+from ..errors import ConfigError
 from ..ir.module import Module
 
 __all__ = ["Backend", "Compiled", "Unsupported"]
@@ -72,6 +73,24 @@ class Compiled:
 
 class Backend:
     name: ClassVar[str] = ""
+    #: The options ``with_options`` takes (``compile(backend_options=...)``, ``llmpress compile --backend-option``)
+    #: -> what each does; empty: none.
+    OPTIONS: ClassVar[dict[str, str]] = {}
+
+    def with_options(self, options: Mapping[str, Any] | None) -> "Backend":
+        """This backend configured by ``options`` (a new instance; ``self`` when there are none). An unknown name or
+        a bad value is a ``ConfigError`` naming it and what is accepted."""
+        if not options:
+            return self
+        unknown = [k for k in options if k not in self.OPTIONS]
+        if unknown:
+            takes = (f"it takes {', '.join(sorted(self.OPTIONS))}" if self.OPTIONS else "it takes none")
+            raise ConfigError(f"backend option(s) {', '.join(map(repr, unknown))} unknown to the {self.name} backend "
+                              f"({takes})")
+        return self._configured(dict(options))
+
+    def _configured(self, options: dict[str, Any]) -> "Backend":  # pragma: no cover - only backends with OPTIONS
+        raise NotImplementedError
 
     def supports(self, target: Any) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -189,7 +189,7 @@ TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}
 @pytest.fixture(scope="module")
 def forced():
     """(model, sparsified module, program compiled with every sparse-eligible layer on the sparse kernels)."""
-    from llmpress.backends.tvm import TVMBackend
+    import llmpress
     from llmpress.models import Llama, LlamaConfig
 
     from llmpress.ir.capture import capture
@@ -201,7 +201,10 @@ def forced():
                               max_seq_len=32)).eval()
     module = capture(model)
     run_text(module, PIPELINE)
-    return model, module, TVMBackend(sparse_kernels="always").lower(module, TARGET, progress=False)
+    # Through compile()'s backend options, as a user forces them (``--backend-option sparse_kernels=always``)
+    art = llmpress.compile(module, target=TARGET, backend_options={"sparse_kernels": "always"}, progress=False)
+    assert art.manifest["backend_options"] == {"sparse_kernels": "always"}
+    return model, module, art.compiled
 
 
 def test_forced_sparse_kernels_match_the_reference(forced):

@@ -37,6 +37,12 @@ class TVMBackend(Backend):
     compiled program and of the artifact's payload."""
 
     name = "tvm"
+    OPTIONS = {
+        "epilogues": "true | false | decode: fused SwiGLU/bias/add+norm epilogues (default false)",
+        "sparse_kernels": "auto | always | never: sparse CPU kernels for sparse weights (default auto)",
+        "inplace_cache": "true | false: KV caches updated in place on CPU targets (default true)",
+        "cpu_kernels": "true | false: llmpress's CPU kernels where TVM's lowering is slow (default true)",
+    }
 
     def __init__(self, *, converters: Mapping[str, Converter] | None = None, inplace_cache: bool = True,
                  cpu_kernels: bool = True, epilogues: bool | str = False, sparse_kernels: str = "auto") -> None:
@@ -53,6 +59,14 @@ class TVMBackend(Backend):
         self.inplace_cache = inplace_cache
         self.cpu_kernels = cpu_kernels
         self.epilogues = epilogues
+
+    def _configured(self, options: dict[str, Any]) -> "TVMBackend":
+        kw = {"converters": self.converters, "inplace_cache": self.inplace_cache, "cpu_kernels": self.cpu_kernels,
+              "epilogues": self.epilogues, "sparse_kernels": self.sparse_kernels}
+        for key in ("inplace_cache", "cpu_kernels"):
+            if key in options and not isinstance(options[key], bool):
+                raise ConfigError(f"backend option {key}={options[key]!r}: true or false")
+        return TVMBackend(**{**kw, **options})
 
     def supports(self, target: Any) -> bool:
         if target in (None, "reference"):
