@@ -1,11 +1,11 @@
-"""Decode and prefill speed of compressed builds beside the dense one: pruned, factorized and 2:4-sparse w4a8.
+"""Decode and prefill speed of compressed builds beside the dense one: pruned, factorized and 2:4-sparse.
 
     .venv/bin/python benchmarks/compressed_speed.py                     # 110m shape, 5 rounds
     .venv/bin/python benchmarks/compressed_speed.py --shape 1.1b --rounds 7
     .venv/bin/python benchmarks/compressed_speed.py --rounds 1 --prefill 16 --decode 4   # a smoke run
 
 One model shape (``shapes.py``: random weights at a trained model's scale, ``--shape``, default 110m), compiled for
-``cpu`` by ``llmpress compile`` (``runtimes.llmpress_compile``) as four w4a8 builds (int4 g128 weights, dynamic int8
+``cpu`` by ``llmpress compile`` (``runtimes.llmpress_compile``) as w4a8 builds (int4 g128 weights, dynamic int8
 activations, every linear quantized as ``speed.py``'s rows):
 
 - ``dense``: ``fuse,quantize(bits=4,group=128),act_quant(bits=8)``;
@@ -14,8 +14,11 @@ activations, every linear quantized as ``speed.py``'s rows):
   does not change the speed, and a build needs no calibration data;
 - ``factorized``: ``factorize(ratio=0.5,multiple=128)`` first (every linear but the tied ``lm_head`` as two
   linears holding about half its parameters, ranks multiples of 128 so group 128 fits);
-- ``sparse 2:4``: ``sparsify(pattern=2:4)`` first. Its storage is dense-equivalent (zeros in the int4 weights; no
-  sparse kernel), so the same speed as ``dense`` is expected: the row shows whether that holds.
+- ``sparse 2:4``: ``sparsify(pattern=2:4)`` first. Its int8-activation layers have no sparse kernel (zeros in the
+  int4 weights, computed dense), so the same speed as ``dense`` is expected: the row shows whether that holds;
+- ``sparse 2:4 + w4a16``, twice over the same weights (int4 g128, float activations): ``--backend-option
+  sparse_kernels=never`` (dense compute, what ``auto`` picks for int4 2:4) and ``sparse_kernels=always`` (the int4
+  2:4 kernel of ``kernels/sparse.py``).
 
 Timed interleaved, round by round (``speed.time_group``: every build once per round after one warm-up round, the
 spinning worker threads of the previous build waited out before each), medians over ``--rounds``: prefill of a
@@ -41,25 +44,28 @@ RESULTS = HERE / "results"
 log = logging.getLogger("benchmarks.compressed_speed")
 
 W4A8 = "fuse,quantize(bits=4,group=128),act_quant(bits=8)"
-#: (label, pipeline): the dense build first, the ratios are against it
+W4A16_24 = "sparsify(pattern=2:4,exclude=lm_head),fuse,quantize(bits=4,group=128)"
+#: (label, pipeline, backend options): the dense build first, the ratios are against it
 BUILDS = [
-    ("dense w4a8", W4A8),
-    ("pruned mlp 25% + w4a8", f"prune(mlp=0.25,score=magnitude),{W4A8}"),
-    ("factorized 50% + w4a8", f"factorize(ratio=0.5,multiple=128,exclude=lm_head),{W4A8}"),
-    ("sparse 2:4 + w4a8", f"sparsify(pattern=2:4,exclude=lm_head),{W4A8}"),
+    ("dense w4a8", W4A8, {}),
+    ("pruned mlp 25% + w4a8", f"prune(mlp=0.25,score=magnitude),{W4A8}", {}),
+    ("factorized 50% + w4a8", f"factorize(ratio=0.5,multiple=128,exclude=lm_head),{W4A8}", {}),
+    ("sparse 2:4 + w4a8", f"sparsify(pattern=2:4,exclude=lm_head),{W4A8}", {}),
+    ("sparse 2:4 + w4a16, dense compute", W4A16_24, {"sparse_kernels": "never"}),
+    ("sparse 2:4 + w4a16, sparse kernel", W4A16_24, {"sparse_kernels": "always"}),
 ]
 
 
 def _slug(label: str) -> str:
-    return label.split()[0]
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
-def _compiled_from(out: Path, pipeline: str) -> bool:
+def _compiled_from(out: Path, pipeline: str, options: dict) -> bool:
     try:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("pipeline") == pipeline
+    return manifest.get("pipeline") == pipeline and manifest.get("backend_options", {}) == options
 
 
 def run(shape: str, rounds: int, prefill: int, decode: int, threads: int, reuse: bool) -> tuple[list[dict], dict]:
@@ -72,11 +78,13 @@ def run(shape: str, rounds: int, prefill: int, decode: int, threads: int, reuse:
     art_dir = HERE / ".cache" / "artifacts"
     art_dir.mkdir(parents=True, exist_ok=True)
     built, rows = [], []
-    for label, pipeline in BUILDS:
+    for label, pipeline, options in BUILDS:
         out = art_dir / f"{shape}-compressed-{_slug(label)}"
         try:
-            compile_s = None if reuse and _compiled_from(out, pipeline) else llmpress_compile(folder, pipeline, out)
-            built.append(llmpress_runtime(label, pipeline, "w4a8", threads, out, compile_s))
+            compile_s = (None if reuse and _compiled_from(out, pipeline, options)
+                         else llmpress_compile(folder, pipeline, out, options))
+            built.append(llmpress_runtime(label, pipeline, "w4a16" if "w4a16" in label else "w4a8", threads, out,
+                                          compile_s))
         except Exception as e:  # noqa: BLE001 - a build that fails here: a row saying why
             log.warning("%s %s: %s", shape, label, e)
             rows.append({"model": shape, "runtime": f"llmpress {label}", "pipeline": pipeline,
@@ -115,11 +123,15 @@ def markdown(rows: list[dict], env: dict) -> str:
                      f"{r.get('prefill_vs_dense', float('nan')):.3f} | {r['decode_tokens_per_s']:.1f} | "
                      f"{r.get('decode_vs_dense', float('nan')):.3f} | "
                      f"{' '.join(f'{s:g}' for s in r['decode_samples'])} | {comp} |")
-    lines += ["", "Pipelines:", ""] + [f"- {label}: `{pipe}`" for label, pipe in BUILDS]
-    lines += ["", "The 2:4 build's artifact stores its weights compressed (mask + values), but they are expanded at "
-              "load and computed dense (no sparse kernel): it reads as many bytes per token as dense, so any speed "
-              "difference from dense is noise. Pruning and factorization change shapes, so they read fewer bytes "
-              "and need no special kernel.", ""]
+    lines += ["", "Pipelines:", ""] + [f"- {label}: `{pipe}`" + "".join(f" `--backend-option {k}={v}`"
+                                                                        for k, v in opts.items())
+                                         for label, pipe, opts in BUILDS]
+    lines += ["", "Pruning and factorization change shapes, so they read fewer bytes and need no special kernel. The "
+              "2:4 w4a8 build computes dense (its int8-activation layers have no sparse kernel; the artifact stores "
+              "the weights compressed, expanded at load): it reads as many bytes per token as dense, so any speed "
+              "difference from dense is noise. The two w4a16 2:4 rows hold the same weights: dense compute (what "
+              "`sparse_kernels=auto` picks, `results/sparse_kernels.md`) against the int4 2:4 kernel "
+              "(`kernels/sparse.py`: two codes per group of four plus their positions, 3 bits per weight).", ""]
     return "\n".join(lines)
 
 

@@ -102,11 +102,14 @@ def torch_eager(folder: Path, threads: int) -> Runtime:
     return Runtime("PyTorch eager fp32", "fp32", nbytes, measure, info={"threads": threads}, close=close)
 
 
-def llmpress_compile(folder: Path, pipeline: str, out: Path) -> float:
-    """``llmpress compile`` as a command (the compile time a user waits); returns its wall seconds."""
+def llmpress_compile(folder: Path, pipeline: str, out: Path, options: dict | None = None) -> float:
+    """``llmpress compile`` as a command (the compile time a user waits); returns its wall seconds. ``options``:
+    ``--backend-option KEY=VALUE`` settings."""
     exe = str(Path(PYTHON).with_name("llmpress"))
     args = [exe, "compile", str(folder), "--target", "cpu", "-o", str(out), "-q", "--force",  # reruns replace it
             "--pipeline", pipeline or "dce"]
+    for k, v in (options or {}).items():
+        args += ["--backend-option", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
     return _cmd(args, f"llmpress compile {pipeline!r}")
 
 
