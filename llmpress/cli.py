@@ -83,6 +83,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     import llmpress
 
     pipeline, target, calib, calib_device = a.pipeline, a.target, a.calib, a.calib_device
+    options = _backend_options(a.backend_option or [])
     if a.recipe:
         from .passes.recipe import Recipe
 
@@ -92,9 +93,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
         calib = calib or recipe.calibration
         if calib_device is None and recipe.calibration is not None:
             calib_device = recipe.calibration.device
+        options = {**(recipe.backend or {}), **options}  # the command line's settings win
     from .preflight import check_compile
 
-    options = _backend_options(a.backend_option or [])
     t0 = time.perf_counter()
     # Every mistake that can be found without the model is reported now, not after loading and capturing it.
     check_compile(a.model, pipeline=pipeline, target=target, calibration=calib, tokenizer=a.tokenizer,

@@ -10,6 +10,9 @@ samples = 128                  # default 128
 seq_len = 256                  # default 256
 seed = 0                       # default 0
 device = "cuda"                # optional: where calibration math runs (compile's calib_device); default cpu
+
+[backend]                      # optional: the target backend's settings (compile's backend_options)
+sparse_kernels = "auto"        # TVM: epilogues, sparse_kernels, inplace_cache, cpu_kernels
 ```
 
 Unknown keys are errors (with "did you mean"), and so is pipeline text that does not parse or names an unknown
@@ -27,7 +30,7 @@ from .pipeline import Pipeline, build, parse
 
 __all__ = ["Recipe", "CalibrationSpec"]
 
-_TOP = ("pipeline", "target", "calibration")
+_TOP = ("pipeline", "target", "calibration", "backend")
 _CALIB = ("data", "samples", "seq_len", "seed", "device")
 
 
@@ -46,6 +49,7 @@ class Recipe:
     target: str | None
     calibration: CalibrationSpec | None
     path: str
+    backend: dict | None = None  # compile's backend_options; names and values checked against the target's backend
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -76,7 +80,7 @@ class Recipe:
     def from_dict(cls, data: Any, *, path: str | Path = "<recipe>") -> "Recipe":
         where = str(path)
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: a recipe is a table of keys (pipeline, target, calibration), "
+            raise ConfigError(f"{where}: a recipe is a table of keys (pipeline, target, calibration, backend), "
                               f"not {type(data).__name__}")
         _check_keys(data, _TOP, where, "")
         if "pipeline" not in data:
@@ -95,7 +99,13 @@ class Recipe:
         calibration = None
         if "calibration" in data:
             calibration = _calibration(data["calibration"], where, Path(path).parent)
-        return cls(pipeline=pipeline, target=target, calibration=calibration, path=where)
+        backend = data.get("backend")
+        if backend is not None and (not isinstance(backend, Mapping)
+                                    or not all(isinstance(v, (str, bool)) for v in backend.values())):
+            raise ConfigError(f"{where}: 'backend' must be a table of settings (strings or booleans), e.g. "
+                              f"sparse_kernels = \"always\", not {backend!r}")
+        return cls(pipeline=pipeline, target=target, calibration=calibration, path=where,
+                   backend=dict(backend) if backend else None)
 
 
 def _check_keys(data: Mapping, allowed: tuple[str, ...], where: str, table: str) -> None:

@@ -43,3 +43,23 @@ def test_cli_parses_and_checks_backend_options(tmp_path, capsys):
     assert main([*args, "--backend-option", "epilogues=true", "--backend-option", "inplace_cache=maybe"]) != 0
     assert "inplace_cache='maybe': true or false" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_recipes_backend_table_reaches_the_backend(tmp_path, capsys):
+    from llmpress.passes.recipe import Recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('pipeline = "exact"\ntarget = "cpu"\n\n[backend]\nsparse_kernels = "always"\nturbo = true\n')
+    assert Recipe.load(recipe).backend == {"sparse_kernels": "always", "turbo": True}
+    args = ["compile", MISSING, "--recipe", str(recipe), "-o", str(tmp_path / "a")]
+    assert main(args) != 0  # the recipe's settings are checked against the tvm backend, before the model
+    assert "'turbo' unknown to the tvm backend" in capsys.readouterr().err
+    recipe.write_text('pipeline = "exact"\ntarget = "cpu"\n\n[backend]\nsparse_kernels = "sometimes"\n')
+    # The command line's setting wins over the recipe's bad one: the compile gets as far as the missing model
+    assert main([*args, "--backend-option", "sparse_kernels=never"]) != 0
+    err = capsys.readouterr().err
+    assert "/nonexistent/model: no such file or folder" in err and "sometimes" not in err
+    assert main(args) != 0
+    assert "sparse_kernels='sometimes' must be one of" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"'backend' must be a table of settings"):
+        Recipe.from_dict({"pipeline": "exact", "backend": "fast"})
