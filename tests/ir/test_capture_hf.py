@@ -90,6 +90,21 @@ def test_generic_capture_follows_the_kv_cache_convention(stablelm) -> None:
     module.verify()
 
 
+@pytest.mark.tvm
+def test_generic_graph_lowers_whole_with_the_fused_attention_kernel(stablelm) -> None:
+    """transformers' ``.to(device)`` calls have a converter, so the captured graph is translated as it is (no
+    decomposition to core ATen, which would break the attention into its math) and every attention of prefill and
+    decode is the fused CPU kernel."""
+    from llmpress.backends.tvm.converters import CONVERTERS
+    from llmpress.backends.tvm.lower import _unsupported, to_relax
+
+    _, module = stablelm
+    assert _unsupported(module.exported_program, dict(CONVERTERS)) == []
+    prog = to_relax(module, inplace_cache=True, cpu_kernels=True)
+    for func in ("prefill", "decode"):
+        assert str(prog.mod[func]).count("llmpress_attention_h4_kv2_s32_d16") == 2, func
+
+
 def test_prefill_and_decode_equal_transformers(stablelm) -> None:
     folder, module = stablelm
     x = _ids()

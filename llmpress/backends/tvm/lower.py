@@ -105,7 +105,7 @@ def _unsupported(ep: ExportedProgram, conv: Mapping[str, Converter]) -> list[Uns
         if node.op != "call_function":
             continue
         full = op_full_name(node.target)
-        if full in conv:
+        if full in conv or full in ATEN_OVERRIDES:
             continue
         ns = getattr(node.target, "namespace", None)
         short = getattr(node.target, "__name__", str(node.target))

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from tvm import relax, tirx
 
 from .common import KERNEL_ATTR
@@ -145,12 +147,19 @@ def sdpa_converter(cpu_kernel: bool):
         ks = [_int(d) for d in k.ty.shape.values]
         b, h, _, d = qs
         _, kvh, s, _ = ks
-        if None in (b, h, d, kvh, s) or (kvh != h and not gqa) or h % kvh:
+        if None in (h, d, kvh) or (kvh != h and not gqa) or h % kvh:
             return importer._scaled_dot_product_attention(node)
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
         mask = importer.env[mask_node] if mask_node is not None else None
-        fits = (cpu_kernel and mask is not None and str(mask.ty.dtype) == "bool" and len(mask.ty.shape.values) == 2
-                and s % 8 == 0 and d % 8 == 0 and all(str(x.ty.dtype) == "float32" for x in (q, k, v)))
+        want = getattr(getattr(mask_node, "meta", {}).get("val"), "dtype", None)
+        if mask is not None and want == torch.bool and str(mask.ty.dtype) != "bool":
+            # torch.export proved a boolean mask; TVM 0.27's ``to.dtype_layout`` converter drops the dtype (a
+            # BERT mask arrives as int64)
+            mask = bb.emit(relax.op.astype(mask, "bool"))
+        # A symbolic batch or key length (an encoder's sequence) takes the Relax composition below
+        fits = (cpu_kernel and None not in (b, s) and mask is not None and str(mask.ty.dtype) == "bool"
+                and len(mask.ty.shape.values) == 2 and s % 8 == 0 and d % 8 == 0
+                and all(str(x.ty.dtype) == "float32" for x in (q, k, v)))
         if fits:
             tokens = _int(q.ty.shape.values[2])
             func = attention_func(b, h, kvh, s, d, scale, tokens).with_attrs(
