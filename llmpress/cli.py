@@ -69,6 +69,10 @@ def _open(model: str, *, pipeline: str | None = None, tokenizer: str | None = No
 def cmd_compile(a: argparse.Namespace) -> int:
     import llmpress
 
+    from .host import mmap_large_allocations
+
+    mmap_large_allocations()  # freed tensors go back to the system at once: the peak is what is held (host.py)
+
     pipeline, target, calib, calib_device = a.pipeline, a.target, a.calib, a.calib_device
     if a.recipe:
         from .passes.recipe import Recipe
