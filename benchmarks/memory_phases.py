@@ -8,7 +8,8 @@ phase's own peak. Usage::
 
     python benchmarks/memory_phases.py MODEL -p 'quantize(bits=4,group=128,exclude=lm_head)' -t cpu -o OUT --force -q
 
-A diagnostic, not a benchmark: ``benchmarks/memory.py`` measures the whole compile in a subprocess.
+``MEMORY_PHASES_TRIM=1`` also prints the resident set after ``malloc_trim`` at each boundary: what the C heap held
+freed. A diagnostic, not a benchmark: ``benchmarks/memory.py`` measures the whole compile in a subprocess.
 """
 from __future__ import annotations
 
