@@ -173,7 +173,8 @@ def compress_weights(weights: dict[str, torch.Tensor], keep: set[str] | frozense
     return out, records
 
 
-def compressed_entries(weights: Mapping[str, torch.Tensor], names: Sequence[str], keep: set[str] | frozenset = frozenset()
+def compressed_entries(weights: Mapping[str, torch.Tensor], names: Sequence[str],
+                       keep: set[str] | frozenset = frozenset()
                        ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
                                   dict[str, dict]]:
     """What ``compress_weights`` returns, as ``safetensors_io.write_streamed`` entries (``name -> (dtype, shape,
