@@ -121,3 +121,38 @@ def test_compressed_entries_match_compress_weights():
         dtype, shape, produce = entries[name]
         assert dtype == t.dtype and shape == tuple(t.shape)
         assert torch.equal(produce(), t)
+
+
+def test_encode_counts_in_blocks_as_in_one(monkeypatch):
+    """``encode`` counts element values a block at a time: the same records and bytes whatever the block size."""
+    from llmpress.backends.tvm import sparse_storage
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (40, 24), generator=g, dtype=torch.uint8)
+    codes[torch.rand(40, 24, generator=g) < 0.8] = 0x88  # mostly the fill code: stored compressed
+    floats = torch.randn(50, 30, generator=g) * (torch.rand(50, 30, generator=g) > 0.85)
+    for t in (codes, floats, torch.randint(0, 256, (33, 17), generator=g, dtype=torch.uint8)):
+        whole = sparse_storage.encode(t)
+        monkeypatch.setattr(sparse_storage, "_COUNT_BLOCK", 7)  # blocks that split elements' bytes unevenly
+        blocks = sparse_storage.encode(t)
+        monkeypatch.undo()
+        assert (whole is None) == (blocks is None)
+        if whole is not None:
+            assert whole[1] == blocks[1]
+            assert all(torch.equal(whole[0][k], blocks[0][k]) for k in ("values", "mask"))
+
+
+def test_int4_measure_across_row_blocks(monkeypatch):
+    """``measure_int4`` reads a few rows at a time: zeros summed over every block, and a dense group in the last
+    block still refuses the 2:4 kernel."""
+    from llmpress.backends.tvm.kernels import sparse_plan
+    from llmpress.ir.ops.wq_linear import pack_weight
+
+    monkeypatch.setattr(sparse_plan, "_MEASURE_ROWS", 3)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-7, 8, (10, 64), generator=g)
+    q.view(10, 16, 4)[..., 2:] = 0  # 2:4: two codes of every four are zero
+    info = sparse_plan.measure_int4(pack_weight(q, 4, sym=True), 64, 32)
+    assert isinstance(info, sparse_plan.Int4Sparse) and info.zeros == int((q == 0).sum())
+    q[9, :4] = torch.tensor([1, 2, 3, 0])
+    assert "not 2:4" in sparse_plan.measure_int4(pack_weight(q, 4, sym=True), 64, 32)
