@@ -19,8 +19,9 @@ Rows (``--rows``, default all but 7b): ``{110m,1.1b}-{fp32,bf16}-{rtn,gptq}`` an
   calibration samples of 128 tokens from ``calib.txt``.
 
 Results merge into ``benchmarks/results/memory.{md,json}`` keyed by row and ``--label`` (``before``: the code before
-lazy weights, run with ``--pythonpath`` pointing at that checkout; ``after``: this one), so rows can be measured in
-separate locked runs: ``flock /work/scratch/bench.lock python benchmarks/memory.py --rows 110m-fp32-rtn``.
+lazy weights, run with ``--pythonpath`` pointing at that checkout; ``after``: lazy weights, lowering unchanged;
+``streamed``: this one, lowering streamed too: transformed weights in chunks spilled to disk), so rows can be
+measured in separate locked runs: ``flock /work/scratch/bench.lock python benchmarks/memory.py --rows 110m-fp32-rtn``.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ SHAPE_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
                 rope_theta=10000.0, tie_word_embeddings=False)
 ROWS = [f"{s}-{d}-{p}" for s in ("110m", "1.1b") for d in ("fp32", "bf16") for p in ("rtn", "gptq")] + ["7b-bf16-rtn"]
 SHARD_BYTES = 2 * 1024 ** 3
+LABELS = ("before", "after", "streamed")
 
 
 def _copy_folder_files(src: Path, dst: Path) -> None:
@@ -189,14 +191,16 @@ def to_markdown(data: dict) -> str:
     lines = ["# Peak memory of `llmpress compile` (target `cpu`)", "",
              "Peak resident memory (`ru_maxrss` of the compile subprocess) against the bound *compressed size "
              "(artifact `weights.safetensors`) + one decoder layer in float32*. `before`: weights loaded eagerly in "
-             "float32; `after`: lazy weights (read one tensor at a time from the checkpoint when a pass asks). "
+             "float32; `after`: lazy weights (read one tensor at a time from the checkpoint when a pass asks); `streamed`: "
+             "lazy weights and streamed lowering (weights transformed in ~128 MB chunks spilled to a temporary file, "
+             "the artifact written one tensor at a time). "
              "Produced by `benchmarks/memory.py`; RTN = `" + PIPELINES["rtn"] + "`, GPTQ = `" + PIPELINES["gptq"]
              + "` with 16 x 128 calibration tokens. GB = 1e9 bytes.", "",
              "| row | checkpoint GB | code | peak GB | compressed GB | + one float layer GB | peak / bound | wall s "
              "| load before |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
-        for label in ("before", "after"):
+        for label in LABELS:
             r = data.get(row, {}).get(label)
             if r is None:
                 continue
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=",".join(r for r in ROWS if not r.startswith("7b")),
                     help=f"comma-separated rows of {', '.join(ROWS)}")
-    ap.add_argument("--label", default="after", choices=("before", "after"))
+    ap.add_argument("--label", default="streamed", choices=LABELS)
     ap.add_argument("--pythonpath", type=Path, default=ROOT, help="the llmpress checkout the compiles run")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts (in a temp folder)")
     ap.add_argument("--note", default="", help="recorded with the row (e.g. 'unlocked, nice 19': wall time is no "

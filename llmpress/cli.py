@@ -82,6 +82,10 @@ def _backend_options(items: list[str]) -> dict:
 def cmd_compile(a: argparse.Namespace) -> int:
     import llmpress
 
+    from .host import mmap_large_allocations
+
+    mmap_large_allocations()  # freed tensors go back to the system at once: the peak is what is held (host.py)
+
     pipeline, target, calib, calib_device = a.pipeline, a.target, a.calib, a.calib_device
     options = _backend_options(a.backend_option or [])
     if a.recipe:

@@ -45,14 +45,15 @@ class RelaxProgram:
     """A Relax module ready to build, and how to call it.
 
     ``functions``: the VM functions (``("prefill", "decode")`` or ``("main",)``); each takes ``num_inputs`` user
-    inputs followed by the weights named ``params`` (state-dict names), in that order.
+    inputs followed by the weights named ``params`` (state-dict names), in that order. ``weights``: the IR's
+    tensors by name; after ``params.prepare``, a ``spill.SpilledWeights`` (computed ones read from disk on access).
     """
 
     mod: Any  # tvm.IRModule
     functions: tuple[str, ...]
     params: list[str]
     num_inputs: int
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]
 
 
 def _decomp_table() -> dict:

@@ -12,6 +12,12 @@ computations into data:
 3. that function is built for *this* machine (whatever the target: a repack is a permutation of bytes, the same
    on every machine) and run once on the weights; the target library is built without it.
 
+Step 3 streams: ``transform_params`` is split into functions that each compute a group of about ``CHUNK_BYTES``
+of outputs (``_chunked``: the same bindings, fewer outputs, dead code removed), built together and called one after
+another; each group is written to a temporary file as it comes out (``spill.SpilledWeights``) and dropped, and a
+weight passed through unchanged stays the IR's tensor. Peak memory is the IR's weights + one group, where computing
+every output at once held a second copy of the compressed model.
+
 The artifact stores ``weights'`` (``safetensors``, by name) and the library reads them as they are. A weight that
 is passed through keeps its name; a computed one is named after the first weight it reads, ``<name>@<k>``
 (``model.layers.0.mlp.up_proj.qweight@0``: the tiled codes, ``@1``: the tiled scales).
@@ -24,11 +30,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["prepare", "prepare_variant", "TRANSFORM"]
+__all__ = ["prepare", "prepare_variant", "TRANSFORM", "CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
 TRANSFORM = "transform_params"
+#: Bytes of transformed weights one call of a ``transform_params`` chunk computes (at least one output per call).
+CHUNK_BYTES = 128 * 2 ** 20
 
 
 def prepare(prog: Any, spec: Any, *, epilogues: bool | str = False, sparse_kernels: str = "auto") -> Any:
@@ -48,10 +56,10 @@ def prepare(prog: Any, spec: Any, *, epilogues: bool | str = False, sparse_kerne
     if not _computes(transform):  # a selection of the weights (all passed through): nothing to run
         return RelaxProgram(main, prog.functions, names, prog.num_inputs, {n: prog.weights[n] for n in names})
     t0 = time.perf_counter()
-    outputs = _run_on_host(_only(mod, TRANSFORM), [prog.weights[n] for n in prog.params])
+    weights = _run_on_host(_only(mod, TRANSFORM), [prog.weights[n] for n in prog.params], names)
     log.info("weights transformed at compile time in %.1fs (%d -> %d tensors)", time.perf_counter() - t0,
              len(prog.params), len(names))
-    return RelaxProgram(main, prog.functions, names, prog.num_inputs, dict(zip(names, outputs)))
+    return RelaxProgram(main, prog.functions, names, prog.num_inputs, weights)
 
 
 def prepare_variant(prog: Any, prepared: Any, spec: Any, *, epilogues: bool | str = False,
@@ -122,27 +130,141 @@ def _without(mod: Any, name: str) -> Any:
     return relax.transform.DeadCodeElimination(entries)(out)
 
 
-def _run_on_host(mod: Any, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Build ``transform_params`` for this machine's CPU and run it (every core), returning torch tensors."""
+def _run_on_host(mod: Any, weights: list[torch.Tensor], names: list[str], *,
+                 chunk_bytes: int | None = None) -> Any:
+    """Build ``transform_params`` for this machine's CPU, split into chunks of about ``chunk_bytes`` of outputs
+    (default ``CHUNK_BYTES``), and run it chunk by chunk (every core), writing each output to a
+    ``spill.SpilledWeights`` as it comes out; outputs passed through unchanged are kept as the input tensors."""
     import tvm
     from tvm import relax
     from tvm.target.codegen import llvm_get_system_cpu
 
     from .build import cpu_pipeline
+    from .spill import SpilledWeights
     from .threads import configure
 
-    configure()  # every core, before the first parallel job sizes TVM's pool
-    target = tvm.target.Target({"kind": "llvm", "mcpu": str(llvm_get_system_cpu())})
-    ex = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
-    vm = relax.VirtualMachine(ex, tvm.cpu(0))
-    args = []
-    for t in weights:
-        t = t.detach().contiguous()
-        if t.data_ptr() % 64:  # TVM needs 64-byte aligned data
-            t = t.clone()
-        args.append(tvm.runtime.from_dlpack(t))
-    outs = vm[TRANSFORM](args)
-    return [torch.from_dlpack(o) for o in outs]
+    transform = mod[TRANSFORM]
+    fields = _result_fields(transform)
+    out = SpilledWeights(names)
+    computed = []
+    for i, src in enumerate(_passed_through(transform, fields)):
+        if src is None:
+            computed.append(i)
+        else:
+            out.keep(names[i], weights[src])
+    chunks = _chunks(computed, [_nbytes(fields[i]) for i in computed],
+                     CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    if chunks:
+        configure()  # every core, before the first parallel job sizes TVM's pool
+        target = tvm.target.Target({"kind": "llvm", "mcpu": str(llvm_get_system_cpu())})
+        ex = tvm.compile(_chunked(mod, chunks), target, relax_pipeline=cpu_pipeline(target))
+        # naive: an output's memory goes back when it is dropped, not into a pool the next chunk may not fit
+        vm = relax.VirtualMachine(ex, tvm.cpu(0), memory_cfg="naive")
+        args = []
+        for t in weights:
+            t = t.detach().contiguous()
+            if t.data_ptr() % 64:  # TVM needs 64-byte aligned data
+                t = t.clone()
+            args.append(tvm.runtime.from_dlpack(t))
+        for k, idx in enumerate(chunks):
+            outs = vm[f"{TRANSFORM}_{k}"](args)
+            for i, o in zip(idx, outs):
+                out.write(names[i], torch.from_dlpack(o))
+            del outs, o
+    return out.finish()
+
+
+def _result_fields(transform: Any) -> list[Any]:
+    """The output expressions of ``transform_params`` (the fields of the tuple it returns)."""
+    from tvm import relax
+
+    result = transform.body.body
+    if isinstance(result, relax.Tuple):
+        return list(result.fields)
+    for block in transform.body.blocks:
+        for b in block.bindings:
+            if b.var.same_as(result) and isinstance(b.value, relax.Tuple):
+                return list(b.value.fields)
+    raise ValueError("transform_params does not return a tuple")
+
+
+def _passed_through(transform: Any, fields: list[Any]) -> list[int | None]:
+    """For every output, the index of the input it is (passed through unchanged), else None."""
+    from tvm import relax
+
+    (param,) = transform.params
+    bindings = {b.var: b.value for block in transform.body.blocks for b in block.bindings}
+    out = []
+    for f in fields:
+        v = bindings.get(f, f) if isinstance(f, relax.Var) else f
+        passed = isinstance(v, relax.TupleGetItem) and v.tuple_value.same_as(param)
+        out.append(int(v.index) if passed else None)
+    return out
+
+
+def _nbytes(expr: Any) -> int | None:
+    """Bytes of a tensor expression of static shape, else None."""
+    import tvm
+
+    sinfo = expr.ty
+    shape = getattr(sinfo, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    n = 1
+    for d in shape.values:
+        if not isinstance(d, tvm.tirx.IntImm):
+            return None
+        n *= int(d)
+    return n * ((tvm.runtime.DataType(sinfo.dtype).bits * tvm.runtime.DataType(sinfo.dtype).lanes + 7) // 8)
+
+
+def _chunks(items: list[int], sizes: list[int | None], limit: int) -> list[list[int]]:
+    """``items`` cut, in order, into groups of at most ``limit`` bytes (a bigger or unsized item alone)."""
+    chunks: list[list[int]] = []
+    size = 0
+    for i, n in zip(items, sizes):
+        n = limit if n is None else n
+        if not chunks or size + n > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += n
+    return chunks
+
+
+def _chunked(mod: Any, chunks: list[list[int]]) -> Any:
+    """``mod`` (``transform_params`` and its kernels) with ``transform_params`` replaced by one function per chunk,
+    ``transform_params_<k>``: the same parameters and bindings, returning the outputs of chunk ``k`` only; dead
+    code elimination then drops each function's bindings that its outputs do not need."""
+    import tvm
+    from tvm import relax
+
+    from tvm.relax.utils import copy_with_new_vars
+
+    transform = mod[TRANSFORM]
+    fields = _result_fields(transform)
+    body = transform.body
+    result = body.body
+    funcs = {}
+    for k, idx in enumerate(chunks):
+        sub = relax.Tuple([fields[i] for i in idx])
+        var = relax.Var("outputs", relax.TupleType([fields[i].ty for i in idx]))
+        blocks = []
+        for block in body.blocks:
+            bindings = [b for b in block.bindings if not b.var.same_as(result)]
+            if len(bindings) != len(block.bindings):  # the block that binds the result tuple: bind ours instead
+                bindings.append(relax.VarBinding(var, sub))
+            blocks.append(type(block)(bindings))
+        seq = relax.SeqExpr(blocks, var if isinstance(result, relax.Var) else sub)
+        name = f"{TRANSFORM}_{k}"
+        func = relax.Function(transform.params, seq, var.ty, transform.is_pure, transform.attrs)
+        # a Relax variable is defined in one function only: each chunk gets its own copies
+        funcs[name] = copy_with_new_vars(func).with_attr("global_symbol", name)
+    out = tvm.IRModule({gv: f for gv, f in mod.functions_items() if not isinstance(f, relax.Function)},
+                       attrs=mod.attrs)
+    for name, f in funcs.items():
+        out[name] = f
+    return relax.transform.DeadCodeElimination(list(funcs))(out)
 
 
 def _output_names(transform: Any, names: list[str]) -> list[str]:

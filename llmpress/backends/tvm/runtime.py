@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from ...errors import ArtifactError, LlmpressError
 from ...ir.meta import LMInfo
 from ..base import Compiled
 from .build import TRANSFORM_PARAMS
-from .sparse_storage import compress_weights, expand_weights
+from .sparse_storage import compressed_entries, expand_weights
 from .targets import TargetSpec, host_arch, missing_features
 
 __all__ = ["TVMCompiled", "load_compiled", "LIB", "WEIGHTS"]
@@ -53,7 +53,7 @@ class TVMCompiled(Compiled):
 
     backend = "tvm"
 
-    def __init__(self, *, spec: TargetSpec, executable: Any, params: Sequence[str], weights: dict[str, torch.Tensor],
+    def __init__(self, *, spec: TargetSpec, executable: Any, params: Sequence[str], weights: Mapping[str, torch.Tensor],
                  functions: Sequence[str], num_inputs: int, lm: LMInfo | None,
                  device_code: dict[str, bytes] | None = None, lib_path: Path | None = None,
                  variants: Sequence[tuple[TargetSpec, Any, Path | None]] = (),
@@ -243,23 +243,14 @@ class TVMCompiled(Compiled):
             else:
                 export_library(ex, folder / name, spec)
             libs.append(name)
-        unique: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for name in self.params:
-            if name in unique:
-                continue
-            t = self.weights[name].detach().contiguous()
-            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-                t = t.clone()
-            seen.add(t.untyped_storage().data_ptr())
-            unique[name] = t
+        names = list(dict.fromkeys(self.params))
         # the compressed forms the sparse kernels read are stored as they are: no expansion at load
         reads = {r for d in self.sparse_kernels.values() if d["kernel"] == "sparse" for r in d["reads"]}
-        direct = {n for n in unique if "@" in n and n.split("@")[0] in reads}
-        stored, sparse = compress_weights(unique, keep=direct)
-        # streamed: one tensor at a time into the file, never a serialized copy of them all (save_file's way)
-        write_streamed(folder / WEIGHTS, {k: (t.dtype, tuple(t.shape), (lambda t=t: t)) for k, t in stored.items()},
-                       metadata={"format": "pt"})
+        direct = {n for n in names if "@" in n and n.split("@")[0] in reads}
+        # streamed: one tensor at a time read (weights computed at compile time wait on disk, spill.py), encoded
+        # and written, never a serialized copy of them all (save_file's way) nor all the encoded forms at once
+        entries, sparse = compressed_entries(self.weights, names, keep=direct)
+        write_streamed(folder / WEIGHTS, entries, metadata={"format": "pt"})
         payload = {"lib": LIB, "weights": WEIGHTS, "params": self.params, "functions": list(self.functions),
                    "num_inputs": self.num_inputs, "arch": self.spec.arch, "device": self.spec.device,
                    "target": self.spec.to_json(), "device_code": None,

@@ -29,13 +29,14 @@ and ``payload.sparse_weights[name]`` records ``format``, ``elem_bits``, ``fill``
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ...errors import ArtifactError
 
-__all__ = ["FORMAT", "MIN_SAVING", "OVERHEAD", "encode", "decode", "compress_weights", "expand_weights"]
+__all__ = ["FORMAT", "MIN_SAVING", "OVERHEAD", "encode", "decode", "compress_weights", "compressed_entries",
+           "expand_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_COUNT_BLOCK = 1 << 22  # bytes of a tensor counted at once
+
+
+def _counts(raw: torch.Tensor, bits: int) -> torch.Tensor:
+    """How often each ``bits``-bit element value occurs in ``raw`` (flat uint8), a block at a time."""
+    counts = torch.zeros(1 << bits, dtype=torch.int64)
+    for i in range(0, raw.numel(), _COUNT_BLOCK):
+        counts += torch.bincount(_elements(raw[i:i + _COUNT_BLOCK], bits), minlength=1 << bits)
+    return counts
+
+
 def encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict] | None:
     """``({"values", "mask"}, record)`` for tensor ``t`` when the bitmask format pays (module docstring), else None."""
     t = t.detach().contiguous()
@@ -92,16 +104,21 @@ def encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict] | None:
     dense = raw.numel()
     best = None
     for bits in ([8, 4, 2] if size == 1 else [8 * size]):
-        el = _elements(raw, bits)
-        fill = int(torch.bincount(el, minlength=1 << bits).argmax()) if bits <= 8 else 0
-        keep = el != fill
-        k = int(keep.sum())
-        stored = (k * bits + 7) // 8 + (el.numel() + 7) // 8
+        n = dense * 8 // bits
+        if bits <= 8:  # counted a block at a time: bincount widens every element to int64
+            counts = _counts(raw, bits)
+            fill = int(counts.argmax())
+            k = n - int(counts[fill])
+        else:
+            fill, k = 0, int(torch.count_nonzero(_elements(raw, bits)))
+        stored = (k * bits + 7) // 8 + (n + 7) // 8
         if best is None or stored < best[0]:
-            best = (stored, bits, fill, el, keep, k)
-    stored, bits, fill, el, keep, k = best
+            best = (stored, bits, fill, k)
+    stored, bits, fill, k = best
     if stored + OVERHEAD > dense * (1 - MIN_SAVING):
         return None
+    el = _elements(raw, bits)  # only now, for a tensor that is stored compressed
+    keep = el != fill
     tensors = {"values": _pack(el[keep], bits), "mask": _pack_mask(keep)}
     record = {"format": FORMAT, "elem_bits": bits, "fill": fill, "dtype": _dtype_name(t.dtype),
               "shape": list(t.shape), "nonfill": k, "dense_bytes": dense, "stored_bytes": stored}
@@ -154,6 +171,39 @@ def compress_weights(weights: dict[str, torch.Tensor], keep: set[str] | frozense
         log.info("%d sparse weight tensor(s) stored compressed: %s -> %s bytes", len(records), f"{dense:,}",
                  f"{stored:,}")
     return out, records
+
+
+def compressed_entries(weights: Mapping[str, torch.Tensor], names: Sequence[str],
+                       keep: set[str] | frozenset = frozenset()
+                       ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
+                                  dict[str, dict]]:
+    """What ``compress_weights`` returns, as ``safetensors_io.write_streamed`` entries (``name -> (dtype, shape,
+    produce)``, in the same order) and the records, with one tensor of ``weights`` in memory at a time: each is
+    read (``weights[name]``: a ``spill.SpilledWeights`` reads it from disk) and encoded now to learn its stored
+    sizes, then dropped; ``produce`` reads and encodes it again when the writer reaches it."""
+    entries: dict[str, tuple] = {}
+    records: dict[str, dict] = {}
+    for name in names:
+        t = weights[name]
+        enc = encode(t) if name not in keep else None
+        if enc is None:
+            entries[name] = (t.dtype, tuple(t.shape), lambda name=name: weights[name])
+            continue
+        tensors, record = enc
+        record["values"], record["mask"] = f"{name}#values", f"{name}#mask"
+        for part in ("values", "mask"):
+            def produce(name=name, part=part) -> torch.Tensor:
+                return encode(weights[name])[0][part]
+
+            entries[record[part]] = (tensors[part].dtype, tuple(tensors[part].shape), produce)
+        records[name] = record
+        del t, tensors, enc
+    if records:
+        dense = sum(r["dense_bytes"] for r in records.values())
+        stored = sum(r["stored_bytes"] for r in records.values())
+        log.info("%d sparse weight tensor(s) stored compressed: %s -> %s bytes", len(records), f"{dense:,}",
+                 f"{stored:,}")
+    return entries, records
 
 
 def expand_weights(weights: dict[str, torch.Tensor], records: Any, where: str) -> dict[str, torch.Tensor]:

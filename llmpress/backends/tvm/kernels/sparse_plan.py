@@ -104,11 +104,11 @@ def measure_float(w: torch.Tensor) -> FloatSparse | None:
     than ``MIN_SPARSITY`` zeros)."""
     if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] > 65536 or w.numel() == 0:
         return None
-    nz = w != 0
-    nnz = int(nz.sum())
+    nnz = int(torch.count_nonzero(w))  # no mask yet: a dense weight (the usual case) stops here
     n, k = w.shape
     if 1.0 - nnz / w.numel() < MIN_SPARSITY:
         return None
+    nz = w != 0
     rows = nz.sum(1)
     pad = (-n) % R
     per_tile = torch.cat([rows, rows.new_zeros(pad)]).reshape(-1, R).max(1).values
@@ -121,17 +121,25 @@ def int4_codes(qweight: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)[:, :k]
 
 
+_MEASURE_ROWS = 256
+
+
 def measure_int4(qweight: torch.Tensor, k: int, group: int) -> Int4Sparse | str:
     """``Int4Sparse`` when the codes (symmetric int4, zero code 8) are 2:4 with ``k % 8 == 0`` and ``group % 8 ==
     0``; else why not (a string)."""
     if k % 8 or group % 8:
         return f"in_features {k} and group {group} must be multiples of 8 for the int4 2:4 layout"
-    codes = int4_codes(qweight, k)
-    nz = codes != 8
-    per = nz.reshape(codes.shape[0], k // 4, 4).sum(-1)
-    if int(per.max()) > 2:
-        return f"not 2:4 (a group of 4 holds {int(per.max())} nonzero codes)"
-    return Int4Sparse(codes.shape[0], k, group, int((~nz).sum()))
+    # a few rows at a time: the codes, their mask and the group counts of a whole 7B matrix are ~10x its packed
+    # bytes, and a dense weight (the usual case) fails in its first rows
+    zeros = 0
+    for r in range(0, qweight.shape[0], _MEASURE_ROWS):
+        codes = int4_codes(qweight[r:r + _MEASURE_ROWS], k)
+        nz = codes != 8
+        worst = int(nz.reshape(codes.shape[0], k // 4, 4).sum(-1, dtype=torch.uint8).max())
+        if worst > 2:
+            return f"not 2:4 (a group of 4 holds {worst} nonzero codes)"
+        zeros += int(nz.numel() - torch.count_nonzero(nz))
+    return Int4Sparse(qweight.shape[0], k, group, zeros)
 
 
 def decide(form: str, arch: str, sparsity: float, mode: str) -> tuple[bool, str]:
