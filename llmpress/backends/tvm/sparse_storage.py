@@ -165,12 +165,16 @@ def compress_weights(weights: dict[str, torch.Tensor], keep: set[str] | frozense
         record["values"], record["mask"] = f"{name}#values", f"{name}#mask"
         out[record["values"]], out[record["mask"]] = tensors["values"], tensors["mask"]
         records[name] = record
+    _log_stored(records)
+    return out, records
+
+
+def _log_stored(records: dict[str, dict]) -> None:
     if records:
         dense = sum(r["dense_bytes"] for r in records.values())
         stored = sum(r["stored_bytes"] for r in records.values())
         log.info("%d sparse weight tensor(s) stored compressed: %s -> %s bytes", len(records), f"{dense:,}",
                  f"{stored:,}")
-    return out, records
 
 
 def compressed_entries(weights: Mapping[str, torch.Tensor], names: Sequence[str],
@@ -198,11 +202,7 @@ def compressed_entries(weights: Mapping[str, torch.Tensor], names: Sequence[str]
             entries[record[part]] = (tensors[part].dtype, tuple(tensors[part].shape), produce)
         records[name] = record
         del t, tensors, enc
-    if records:
-        dense = sum(r["dense_bytes"] for r in records.values())
-        stored = sum(r["stored_bytes"] for r in records.values())
-        log.info("%d sparse weight tensor(s) stored compressed: %s -> %s bytes", len(records), f"{dense:,}",
-                 f"{stored:,}")
+    _log_stored(records)
     return entries, records
 
 
