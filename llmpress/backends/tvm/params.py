@@ -296,12 +296,11 @@ def _output_names(transform: Any, names: list[str]) -> list[str]:
     result = transform.body.body
     if result.same_as(param):  # nothing transformed: the weights as they are
         return list(names)
-    fields = bindings[result].fields if isinstance(result, relax.Var) else result.fields
+    fields = _result_fields(transform)
     out, counts = [], {}
-    for f in fields:
-        v = bindings.get(f, f) if isinstance(f, relax.Var) else f
-        if isinstance(v, relax.TupleGetItem) and v.tuple_value.same_as(param):
-            out.append(names[int(v.index)])
+    for f, src in zip(fields, _passed_through(transform, fields)):
+        if src is not None:
+            out.append(names[src])
             continue
         d = sorted(deps(f))
         base = names[d[0]] if d else "const"
