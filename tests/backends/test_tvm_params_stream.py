@@ -3,7 +3,7 @@
 - chunked (one output per chunk) and unchunked runs give exactly the tensors of the single ``transform_params``
   function (built and run whole, as before streaming), same names, same order, same bytes;
 - only weights passed through unchanged stay in memory (the IR's own tensors, shared); computed ones are on disk;
-- ``compressed_entries`` (one tensor at a time) writes what ``compress_weights`` (all at once) wrote.
+- ``compressed_entries`` (one tensor at a time) writes each tensor or its ``encode`` form, which expands back.
 """
 from __future__ import annotations
 
@@ -106,21 +106,29 @@ def test_chunks_cut_in_order_by_bytes():
     assert _chunks([], [], 100) == []
 
 
-def test_compressed_entries_match_compress_weights():
-    from llmpress.backends.tvm.sparse_storage import compress_weights, compressed_entries
+def test_compressed_entries_write_each_tensor_or_its_encoding():
+    from llmpress.backends.tvm.sparse_storage import compressed_entries, encode, expand_weights
 
     g = torch.Generator().manual_seed(0)
     sparse = torch.randn(64, 64, generator=g) * (torch.rand(64, 64, generator=g) > 0.9)
     weights = {"a": torch.randn(8, 8, generator=g), "s": sparse, "codes": torch.full((32, 16), 0x88, dtype=torch.uint8),
                "kept": sparse.clone()}
-    stored, records = compress_weights(weights, keep={"kept"})
-    entries, records2 = compressed_entries(weights, list(weights), keep={"kept"})
-    assert records2 == records and list(entries) == list(stored)
+    entries, records = compressed_entries(weights, list(weights), keep={"kept"})
+    assert list(entries) == ["a", "s#values", "s#mask", "codes#values", "codes#mask", "kept"]
     assert set(records) == {"s", "codes"}
-    for name, t in stored.items():
-        dtype, shape, produce = entries[name]
-        assert dtype == t.dtype and shape == tuple(t.shape)
-        assert torch.equal(produce(), t)
+    written = {}
+    for name, (dtype, shape, produce) in entries.items():
+        t = produce()
+        assert dtype == t.dtype and shape == tuple(t.shape), name
+        written[name] = t
+    for name in ("s", "codes"):  # exactly what encode gives, records named after their parts
+        tensors, record = encode(weights[name])
+        assert records[name] == {**record, "values": f"{name}#values", "mask": f"{name}#mask"}
+        assert torch.equal(written[f"{name}#values"], tensors["values"])
+        assert torch.equal(written[f"{name}#mask"], tensors["mask"])
+    assert torch.equal(written["a"], weights["a"]) and torch.equal(written["kept"], weights["kept"])
+    back = expand_weights(written, records, "test")
+    assert all(torch.equal(back[n], weights[n]) for n in weights)
 
 
 def test_encode_counts_in_blocks_as_in_one(monkeypatch):

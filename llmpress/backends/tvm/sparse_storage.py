@@ -3,7 +3,7 @@
 This is the storage of weights whose kernels compute dense (the "dense compute" fallback). Layers that run a sparse
 kernel (``kernels/sparse.py``, chosen by ``kernels/sparse_plan.py``) already hold their weight in that kernel's
 compressed form (SELL-8 values + column indices, int4 2:4 codes + positions): those tensors are written as they
-are and read as they are (``compress_weights(keep=...)``). The decision is made at save time per weight tensor from its actual bytes, which makes it exact whatever
+are and read as they are (``compressed_entries(keep=...)``). The decision is made at save time per weight tensor from its actual bytes, which makes it exact whatever
 pass produced the tensor and needs no trust in pass metadata:
 
 - a tensor is read as ``n`` *elements* of ``e`` bits: its dtype's width, and for 1-byte dtypes also 4-bit and
@@ -35,8 +35,7 @@ import torch
 
 from ...errors import ArtifactError
 
-__all__ = ["FORMAT", "MIN_SAVING", "OVERHEAD", "encode", "decode", "compress_weights", "compressed_entries",
-           "expand_weights"]
+__all__ = ["FORMAT", "MIN_SAVING", "OVERHEAD", "encode", "decode", "compressed_entries", "expand_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -150,39 +149,14 @@ def decode(record: dict, values: torch.Tensor, mask: torch.Tensor, where: str = 
     return _pack(el, bits).view(dtype).reshape(shape)
 
 
-def compress_weights(weights: dict[str, torch.Tensor], keep: set[str] | frozenset = frozenset()
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The tensors to write (compressed ones replaced by ``name#values``/``name#mask``) and their records; the
-    tensors named in ``keep`` are written as they are (the compressed forms sparse kernels read directly)."""
-    out: dict[str, torch.Tensor] = {}
-    records: dict[str, dict] = {}
-    for name, t in weights.items():
-        enc = encode(t) if name not in keep else None
-        if enc is None:
-            out[name] = t
-            continue
-        tensors, record = enc
-        record["values"], record["mask"] = f"{name}#values", f"{name}#mask"
-        out[record["values"]], out[record["mask"]] = tensors["values"], tensors["mask"]
-        records[name] = record
-    _log_stored(records)
-    return out, records
-
-
-def _log_stored(records: dict[str, dict]) -> None:
-    if records:
-        dense = sum(r["dense_bytes"] for r in records.values())
-        stored = sum(r["stored_bytes"] for r in records.values())
-        log.info("%d sparse weight tensor(s) stored compressed: %s -> %s bytes", len(records), f"{dense:,}",
-                 f"{stored:,}")
-
-
 def compressed_entries(weights: Mapping[str, torch.Tensor], names: Sequence[str],
                        keep: set[str] | frozenset = frozenset()
                        ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
                                   dict[str, dict]]:
-    """What ``compress_weights`` returns, as ``safetensors_io.write_streamed`` entries (``name -> (dtype, shape,
-    produce)``, in the same order) and the records, with one tensor of ``weights`` in memory at a time: each is
+    """The tensors to write, as ``safetensors_io.write_streamed`` entries (``name -> (dtype, shape, produce)``, in
+    the order of ``names``; a compressed tensor replaced by ``name#values``/``name#mask``), and the records of the
+    compressed ones; the tensors named in ``keep`` are written as they are (the compressed forms sparse kernels
+    read directly). One tensor of ``weights`` is in memory at a time: each is
     read (``weights[name]``: a ``spill.SpilledWeights`` reads it from disk) and encoded now to learn its stored
     sizes, then dropped; ``produce`` reads and encodes it again when the writer reaches it."""
     entries: dict[str, tuple] = {}
@@ -202,7 +176,11 @@ def compressed_entries(weights: Mapping[str, torch.Tensor], names: Sequence[str]
             entries[record[part]] = (tensors[part].dtype, tuple(tensors[part].shape), produce)
         records[name] = record
         del t, tensors, enc
-    _log_stored(records)
+    if records:
+        dense = sum(r["dense_bytes"] for r in records.values())
+        stored = sum(r["stored_bytes"] for r in records.values())
+        log.info("%d sparse weight tensor(s) stored compressed: %s -> %s bytes", len(records), f"{dense:,}",
+                 f"{stored:,}")
     return entries, records
 
 
