@@ -9,8 +9,8 @@ Names (``resolve_target``):
   It also carries a second library built for ``x86-64-v4`` with AVX-512 VNNI (``variants``: Ice Lake and later
   Intel server cores, AMD Zen 4 and later), whose integer kernels use 512-bit ``vpdpbusd``; the loaders (Python
   and the C++ runner) run the most capable library the host supports. Both read the same weights. With the
-  environment variable ``LLMPRESS_CPU_VARIANTS=0`` ``cpu`` builds the portable library alone (measured: a
-  TinyStories int4 compile 6.9 -> 4.3 s; the test suite sets it, except in the tests of the variant builds).
+  environment variable ``LLMPRESS_CPU_VARIANTS=0`` ``cpu`` builds the portable library alone (one LLVM build
+  instead of two; the test suite sets it, except in the tests of the variant builds).
 - ``cpu:native``: ``mcpu`` = this machine's CPU (LLVM's host detection), for the host's best code; not portable.
 - ``arm64``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}`` cross-compiled and linked
   with ``aarch64-linux-gnu-g++``; ``arm64:dotprod``, ``arm64:i8mm`` (and ``arm64:dotprod+i8mm``) add those
