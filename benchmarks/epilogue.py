@@ -10,8 +10,8 @@ the same logits up to rounding: fp32 summation order, which w4a8's int8 activati
 input one rounding away lands on the other side of a rounding boundary and its code moves a whole step; see
 ``test_tinystories_w4a8_perplexity_tvm_equals_reference``). Each row's largest logit difference from the reference
 interpreter on one 16-token prompt is reported, and a row more than 10% of the logits' scale away (a wrong layout,
-O(1)) stops the run. Timings:
-``machine.interleaved_timings`` (one prefill of ``--prefill`` random tokens, then ``--decode`` greedy steps; each
+O(1)) stops the run. Timings: ``machine.step_timings`` (single decode steps, each timed alone, in blocks whose
+starting row rotates: the decode comparison), then ``machine.interleaved_timings`` (one prefill of ``--prefill`` random tokens, then ``--decode`` greedy steps; each
 round measures both rows, medians over ``--repeats`` rounds), plus a ``profile_decode`` table per row (where one
 decode step spends its time, and how many VM calls it makes).
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import interleaved_timings, loadavg, machine_env
+from machine import interleaved_timings, loadavg, machine_env, step_timings
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -84,15 +84,19 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per row in each block of the step timing")
+    ap.add_argument("--blocks", type=int, default=40, help="blocks of the step timing (rows rotate each block)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-row decode-step profile")
     ap.add_argument("--out", default=str(RESULTS / "epilogue"), help="output path without extension")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path.insert(0, str(REPO / "benchmarks"))
-    env = machine_env(threads=args.threads, prefill=args.prefill, decode=args.decode, repeats=args.repeats)
+    env = machine_env(threads=args.threads, prefill=args.prefill, decode=args.decode, repeats=args.repeats,
+                      steps=args.steps, blocks=args.blocks)
     rows, profiles = [], {}
     for shape in [s for s in args.shapes.split(",") if s] + args.model:
         built = build(shape, args.threads)
+        step_timings(built, prefill=args.prefill, steps=args.steps, blocks=args.blocks)
         interleaved_timings(built, {"prefill": args.prefill}, decode=args.decode, repeats=args.repeats)
         if not args.no_profile:
             from profile_decode import profile
@@ -116,11 +120,17 @@ class _Art:
 def markdown(env: dict, rows: list[dict], profiles: dict) -> str:
     lines = ["# Fused epilogues (SwiGLU in gate/up, residual add + RMSNorm): TVM cpu, w4a8", "",
              f"{env['cpu']}, {env['threads']} threads, {env['date']}, load {env['load_before']} -> "
-             f"{env.get('load_after', '?')}. Prefill of {env['prefill']} random tokens, then {env['decode']} greedy "
-             f"decode steps; medians of {env['repeats']} interleaved rounds. Ratio: fused / separate (> 1: fused "
-             "faster decode; < 1: fused faster prefill).", "",
-             "| shape | row | build | prefill ms | decode tok/s | ratio | max logit diff from reference | compile s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             f"{env.get('load_after', '?')}.", "",
+             f"Decode step: {env['blocks']} blocks of {env['steps']} single decode steps per row after a "
+             f"{env['prefill']}-token prefill, each step timed alone, rows taking turns and the starting row rotating "
+             "every block (`machine.step_timings`); median and 25th percentile of the step times. Step ratio: "
+             "separate / this row (> 1: this row decodes faster). Whole runs: prefill of "
+             f"{env['prefill']} random tokens then {env['decode']} greedy decode steps, medians of {env['repeats']} "
+             "interleaved rounds (ratios this row / separate: > 1 faster decode, < 1 faster prefill); these move by "
+             "a few percent between runs of the same build.", "",
+             "| shape | row | build | decode step ms (median / p25) | step ratio (median / p25) | prefill ms | "
+             "decode tok/s | whole-run ratio | max logit diff from reference | compile s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     base = {r["shape"]: r for r in rows if not r["epilogues"]}
     for r in rows:
         p = r["prefill"]
@@ -128,7 +138,10 @@ def markdown(env: dict, rows: list[dict], profiles: dict) -> str:
         ratio = (f"decode {p['decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f}x, "
                  f"prefill {p['prefill_ms'] / b['prefill_ms']:.3f}x")
         diff = f"{r['max_logit_diff']:.2g} (scale {r['logit_scale']:.2g})"
-        lines.append(f"| {r['shape']} | {r['row']} | {r['build']} | {p['prefill_ms']:.1f} | "
+        st, sb = r["step"], base[r["shape"]]["step"]
+        step = f"{st['median_ms']:.3f} / {st['p25_ms']:.3f}"
+        sratio = f"{sb['median_ms'] / st['median_ms']:.3f}x / {sb['p25_ms'] / st['p25_ms']:.3f}x"
+        lines.append(f"| {r['shape']} | {r['row']} | {r['build']} | {step} | {sratio} | {p['prefill_ms']:.1f} | "
                      f"{p['decode_tokens_per_s']:.1f} | {ratio} | {diff} | {r['compile_s']} |")
     if profiles:
         from profile_decode import profile_markdown

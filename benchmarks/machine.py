@@ -12,7 +12,7 @@ import llmpress.host
 # child processes) sleep between parallel regions. Before anything loads libgomp, take it back.
 llmpress.host.openmp_default()
 
-__all__ = ["machine_env", "loadavg", "interleaved_timings", "settle", "others_running"]
+__all__ = ["machine_env", "loadavg", "interleaved_timings", "step_timings", "settle", "others_running"]
 
 
 def loadavg() -> str:
@@ -51,6 +51,47 @@ def interleaved_timings(built: list, prefills: dict[str, int], *, decode: int, r
         for (row, _, _), (times, rates) in zip(built, samples):
             row[name] = summarize(prefill, times, rates)
             row[name]["decode_samples"] = [round(x, 1) for x in rates]
+
+
+def step_timings(built: list, *, prefill: int, steps: int, blocks: int) -> None:
+    """Latency of single decode steps of ``built`` = ``[(row dict, forward, LMInfo), ...]``, into ``row["step"]``.
+
+    Every row is prefilled once with ``prefill`` random tokens; then ``blocks`` blocks (after one warm-up block)
+    each run ``steps`` decode steps of every row at positions ``prefill .. prefill + steps - 1`` (the same work in
+    every block), each step timed alone. The rows take turns within a block and the row that starts rotates from
+    block to block: a burst of a neighbour's load hits all rows alike, and no row always runs first (in a fixed
+    order the first row of each block measured a few percent slower here, whichever it was). Reported: the median
+    and the 25th percentile of the step times (the percentile is what the machine gives with the least
+    interference), in ms. Whole-run tokens/s medians (``interleaved_timings``) moved by +-5% between runs of the
+    same build here, more than the differences this is meant to show."""
+    import statistics
+
+    import torch
+
+    from llmpress.eval.generate import empty_cache
+
+    state = []
+    with torch.no_grad():
+        for row, forward, lm in built:
+            ids = torch.randint(3, lm.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(0))
+            _, *caches = forward(ids, torch.zeros(1, dtype=torch.int64), *empty_cache(lm))
+            state.append(caches)
+        tok = torch.tensor([[5]])
+        times: list[list[float]] = [[] for _ in built]
+        n = len(built)
+        for b in range(blocks + 1):
+            for j in [(b + k) % n for k in range(n)]:
+                forward, caches = built[j][1], state[j]
+                for i in range(steps):
+                    t0 = time.perf_counter()
+                    _, *caches = forward(tok, torch.tensor([prefill + i]), *caches)
+                    t1 = time.perf_counter()
+                    if b:
+                        times[j].append(t1 - t0)
+                state[j] = caches
+    for (row, _, _), t in zip(built, times):
+        t = sorted(t)
+        row["step"] = {"median_ms": 1000 * statistics.median(t), "p25_ms": 1000 * t[len(t) // 4], "steps": len(t)}
 
 
 def others_running() -> bool:

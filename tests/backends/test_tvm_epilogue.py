@@ -144,6 +144,12 @@ def test_w4a8_swiglu_epilogue_matches_reference():
                          bias=True), "w4a8, biased q/k/v/o")
 
 
+def test_w4a16_swiglu_epilogue_matches_reference():
+    """Float-activation GEMV (``gemv_float_func``) with the epilogue: 4-bit weights, float32 activations; 96 gate/up
+    outputs per tile group so the vector ``silu_mul`` (``epilogue.swiglu_flush``) covers whole steps."""
+    _check_builds(_llama(128, 192, "fuse_gate_up,quantize(bits=4,group=32,exclude=lm_head)"), "w4a16")
+
+
 def test_fp32_swiglu_epilogue_matches_reference():
     """Float32 GEMV (decode) and GEMM (prefill, K in one cache block) with the epilogue; folded norms (the add +
     norm kernel without a weight) and the final norm (with one: tied ``lm_head``, not folded); q/k/v/o with the bias

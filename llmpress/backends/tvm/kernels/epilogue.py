@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SWIGLU", "SwigluMatch", "match_swiglu", "source_row", "silu_mul", "unpermute"]
+__all__ = ["SWIGLU", "SwigluMatch", "match_swiglu", "source_row", "silu_mul", "unpermute", "swiglu_tiles",
+           "swiglu_flush"]
 
 SWIGLU = "swiglu"
 
@@ -57,6 +58,37 @@ def silu_mul(g: Any, u: Any) -> Any:
     if lanes > 1:
         one = tirx.Broadcast(one, lanes)
     return g * u / (one + fast_exp(-g))
+
+
+#: SwiGLU outputs a GEMV computes together: ``silu_mul`` of 16 float32 lanes (two AVX2 registers)
+SWIGLU_LANES = 16
+
+
+def swiglu_tiles(tiles: int, per_tile: int, swiglu: bool) -> int:
+    """How many tiles of ``per_tile`` SwiGLU outputs a decode GEMV runs in one step of its parallel loop (``C``), so
+    that their ``C * per_tile`` gate and up sums, staged in a stack buffer, go through one vector ``silu_mul``
+    (``swiglu_flush``) instead of one scalar ``exp`` and division each; 1 without ``swiglu``. A power of two
+    dividing ``tiles``. Scalar per output, the epilogue cost a decode step more than the separate SwiGLU kernel
+    it replaces when ``K`` is small (tinystories-llama, K = 256: two dozen float operations per output against
+    a dot product of 256 codes)."""
+    if not swiglu:
+        return 1
+    c = max(1, SWIGLU_LANES // per_tile)
+    while tiles % c:
+        c //= 2
+    return c
+
+
+def swiglu_flush() -> Any:
+    """TIR macro ``flush(y, m, tc, gu, n)``: ``y[m, tc n : (tc + 1) n] = silu_mul(gu[0, :n], gu[1, :n])`` in one
+    ``float32 x n`` vector expression (``gu``: the staged gate and up sums of one step of ``swiglu_tiles``)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def flush(y, m, tc, gu, n):
+        y[m, T.ramp(tc * n, 1, n)] = silu_mul(gu[0, T.ramp(0, 1, n)], gu[1, T.ramp(0, 1, n)])
+
+    return flush
 
 
 @dataclass(frozen=True)

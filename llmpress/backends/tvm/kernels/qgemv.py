@@ -30,6 +30,7 @@ import functools
 from typing import Any
 
 from .bias import bias_buffer, with_bias
+from .epilogue import swiglu_flush, swiglu_tiles
 from .qlayout import QLayout, codes, codes8
 
 __all__ = ["gemv_int_func", "gemv_float_func", "PARALLEL_MIN_MACS", "hsum", "unroll_factor", "store_rows"]
@@ -73,6 +74,21 @@ def store_rows() -> Any:
     return store
 
 
+@functools.cache
+def stage_rows() -> Any:
+    """TIR macro ``stage(gu, ti, acc, R)``: the gate and up sums of tile ``ti`` of a ``swiglu_tiles`` step into
+    ``gu[0 | 1, ti H + r]`` (``H = R / 2``), for ``epilogue.swiglu_flush``."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def stage(gu, ti, acc, R):
+        for r in T.unroll(R // 2):
+            gu[0, ti * (R // 2) + r] = hsum(acc, r)
+            gu[1, ti * (R // 2) + r] = hsum(acc, r + R // 2)
+
+    return stage
+
+
 def unroll_factor(n: int, limit: int = 8) -> int:
     """The largest power of two <= ``limit`` dividing ``n``."""
     u = limit
@@ -105,7 +121,12 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
     V = T.ramp(0, 1, 8)
     V16 = T.ramp(0, 1, 16)
     store = store_rows()
+    stage, flush = stage_rows(), swiglu_flush()
     bvec = bias_buffer(N, bias)
+    # with swiglu: C tiles per step of the parallel loop, their HC outputs through one vector silu_mul (epilogue.py)
+    C = swiglu_tiles(NT, R // 2, swiglu)
+    HC = C * (R // 2)
+    staged = swiglu and HC > 1
 
     def k_of(g, b, so, si):
         return g * G + b * GA + (so * U + si) * 32
@@ -132,30 +153,38 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
              w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
              y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for t in T.parallel(NT) if par else T.serial(NT):
-            facc = T.alloc_buffer((R, 8), "float32", scope="global")
-            gacc = T.alloc_buffer((R, 8), "float32", scope="global")
-            iacc = T.alloc_buffer((R, 8), "int32", scope="global")
-            acc16 = T.alloc_buffer((R, 16), "int16", scope="global")
-            for r in T.unroll(R):
-                facc[r, V] = T.broadcast(T.float32(0), 8)
-            for g in range(NG):
+        for tc in T.parallel(NT // C) if par else T.serial(NT // C):
+            gu = T.alloc_buffer((2, HC), "float32", scope="global")
+            for ti in T.serial(C):
+                t = tc * C + ti
+                facc = T.alloc_buffer((R, 8), "float32", scope="global")
+                gacc = T.alloc_buffer((R, 8), "float32", scope="global")
+                iacc = T.alloc_buffer((R, 8), "int32", scope="global")
+                acc16 = T.alloc_buffer((R, 16), "int16", scope="global")
                 for r in T.unroll(R):
-                    gacc[r, V] = T.broadcast(T.float32(0), 8)
-                for b in range(BPG):
+                    facc[r, V] = T.broadcast(T.float32(0), 8)
+                for g in range(NG):
                     for r in T.unroll(R):
-                        iacc[r, V] = T.broadcast(T.int32(0), 8)
-                    for so in range(SUB // U):
-                        accumulate(iacc, acc16, w, qa, t, g, b, so)
+                        gacc[r, V] = T.broadcast(T.float32(0), 8)
+                    for b in range(BPG):
+                        for r in T.unroll(R):
+                            iacc[r, V] = T.broadcast(T.int32(0), 8)
+                        for so in range(SUB // U):
+                            accumulate(iacc, acc16, w, qa, t, g, b, so)
+                        for r in T.unroll(R):
+                            gacc[r, V] = gacc[r, V] + T.Cast("float32x8", iacc[r, V]) * T.broadcast(
+                                sa[0, g * BPG + b], 8)
                     for r in T.unroll(R):
-                        gacc[r, V] = gacc[r, V] + T.Cast("float32x8", iacc[r, V]) * T.broadcast(
-                            sa[0, g * BPG + b], 8)
-                for r in T.unroll(R):
-                    facc[r, V] = facc[r, V] + gacc[r, V] * T.broadcast(sz[t, g, r, 0], 8)
-                    if comp:
-                        facc[r, V] = facc[r, V] - T.broadcast(
-                            sz[t, g, r, 0] * _zero(layout, sz, t, g, r) * asum[0, g] * T.float32(0.125), 8)
-            store(y, 0, t, facc, R, swiglu, bvec)
+                        facc[r, V] = facc[r, V] + gacc[r, V] * T.broadcast(sz[t, g, r, 0], 8)
+                        if comp:
+                            facc[r, V] = facc[r, V] - T.broadcast(
+                                sz[t, g, r, 0] * _zero(layout, sz, t, g, r) * asum[0, g] * T.float32(0.125), 8)
+                if staged:
+                    stage(gu, ti, facc, R)
+                else:
+                    store(y, 0, t, facc, R, swiglu, bvec)
+            if staged:
+                flush(y, 0, tc, gu, HC)
 
     return with_bias(func, bvec)
 
@@ -169,7 +198,12 @@ def gemv_float_func(layout: QLayout, *, swiglu: bool = False, bias: bool = False
     par = N * K >= PARALLEL_MIN_MACS
     V = T.ramp(0, 1, 8)
     store = store_rows()
+    stage, flush = stage_rows(), swiglu_flush()
     bvec = bias_buffer(N, bias)
+    # with swiglu: C tiles per step of the parallel loop, their HC outputs through one vector silu_mul (epilogue.py)
+    C = swiglu_tiles(NT, R // 2, swiglu)
+    HC = C * (R // 2)
+    staged = swiglu and HC > 1
     # Order of the 8-feature steps: when a group holds whole chunks, the values one byte run holds (feature
     # j, 32 + j, ... of the chunk) are decoded one after the other, so each 8-byte load is used at once.
     CH = layout.chunk if G % layout.chunk == 0 else 32
@@ -191,25 +225,34 @@ def gemv_float_func(layout: QLayout, *, swiglu: bool = False, bias: bool = False
             for k in range(G // 8):
                 xacc[V] = xacc[V] + x.vload([0, g * G + k * 8], "float32x8")
             xsum[g] = hsum(xacc)
-        for t in T.parallel(NT) if par else T.serial(NT):
-            facc = T.alloc_buffer((R, 8), "float32", scope="global")
-            gacc = T.alloc_buffer((R, 2, 8), "float32", scope="global")
-            for r in T.unroll(R):
-                facc[r, V] = T.broadcast(T.float32(0), 8)
-            for g in range(NG):
+        for tc in T.parallel(NT // C) if par else T.serial(NT // C):
+            gu = T.alloc_buffer((2, HC), "float32", scope="global")
+            for ti in T.serial(C):
+                t = tc * C + ti
+                facc = T.alloc_buffer((R, 8), "float32", scope="global")
+                gacc = T.alloc_buffer((R, 2, 8), "float32", scope="global")
                 for r in T.unroll(R):
-                    gacc[r, 0, V] = T.broadcast(T.float32(0), 8)
-                    gacc[r, 1, V] = T.broadcast(T.float32(0), 8)
-                for so in range(STEPS):
-                    for j in T.unroll(4):
-                        for i in T.unroll(PER):
-                            for r in T.unroll(R):  # two chains per row: 8 independent multiply-add chains per tile
-                                gacc[r, i % 2, V] = gacc[r, i % 2, V] + T.Cast("float32x8", codes8(
-                                    layout, w, t, k_of(g, so, j, i), r)) * x.vload([0, k_of(g, so, j, i)], "float32x8")
-                for r in T.unroll(R):
-                    facc[r, V] = facc[r, V] + (gacc[r, 0, V] + gacc[r, 1, V] - T.broadcast(
-                        _zero(layout, sz, t, g, r) * xsum[g] * T.float32(0.125), 8)) * T.broadcast(
-                        sz[t, g, r, 0], 8)
-            store(y, 0, t, facc, R, swiglu, bvec)
+                    facc[r, V] = T.broadcast(T.float32(0), 8)
+                for g in range(NG):
+                    for r in T.unroll(R):
+                        gacc[r, 0, V] = T.broadcast(T.float32(0), 8)
+                        gacc[r, 1, V] = T.broadcast(T.float32(0), 8)
+                    for so in range(STEPS):
+                        for j in T.unroll(4):
+                            for i in T.unroll(PER):
+                                for r in T.unroll(R):  # two chains per row: 8 independent multiply-add chains
+                                    gacc[r, i % 2, V] = gacc[r, i % 2, V] + T.Cast("float32x8", codes8(
+                                        layout, w, t, k_of(g, so, j, i), r)) * x.vload([0, k_of(g, so, j, i)],
+                                                                                       "float32x8")
+                    for r in T.unroll(R):
+                        facc[r, V] = facc[r, V] + (gacc[r, 0, V] + gacc[r, 1, V] - T.broadcast(
+                            _zero(layout, sz, t, g, r) * xsum[g] * T.float32(0.125), 8)) * T.broadcast(
+                            sz[t, g, r, 0], 8)
+                if staged:
+                    stage(gu, ti, facc, R)
+                else:
+                    store(y, 0, t, facc, R, swiglu, bvec)
+            if staged:
+                flush(y, 0, tc, gu, HC)
 
     return with_bias(func, bvec)
