@@ -5,6 +5,9 @@ name -> ``ir.lazy.LazyTensor``, after the same checks as the eager loader (``hf.
 expected tensor present, a floating-point dtype, the shape ours needs after the checkpoint's transposes and row
 slices (Phi-3's fused projections, GPT-2's ``Conv1D``). ``load_hf(folder, lazy=True)`` builds the model around them
 (``ir.lazy.fake_parameters``); the data is read when a pass asks for a weight, one tensor at a time.
+
+``CheckpointHeaders`` is that header reading (each file's header once, a missing tensor or a non-float one named
+with its file), shared with ``hf_lazy_generic`` (the other transformers models).
 """
 from __future__ import annotations
 
@@ -16,47 +19,60 @@ from ...models.llama import LlamaConfig
 from ...safetensors_io import DTYPES, read_header
 from ..lazy import LazyTensor
 
-__all__ = ["lazy_llama_sources"]
+__all__ = ["CheckpointHeaders", "lazy_llama_sources"]
 
 log = logging.getLogger(__name__)
 
 _FLOAT_CODES = {k for k, v in DTYPES.items() if v.is_floating_point}
 
 
-def lazy_llama_sources(folder: Path, c: LlamaConfig) -> dict[str, LazyTensor]:
-    from .hf import _weight_files, checkpoint_sources, expected_llama_shapes
+class CheckpointHeaders:
+    """The tensors of a folder's checkpoint (``model.safetensors`` or the shards its index lists), by name, from
+    the headers alone."""
 
-    mapping = _weight_files(folder)
-    single = folder / "model.safetensors"
-    headers: dict[Path, tuple[dict, int]] = {}
+    def __init__(self, folder: Path) -> None:
+        from .hf import _weight_files
 
-    def header(f: Path) -> tuple[dict, int]:
-        if f not in headers:
+        self.folder = folder
+        self.single = folder / "model.safetensors"
+        self._headers: dict[Path, tuple[dict, int]] = {}
+        self.files: dict[str, Path] = _weight_files(folder) or {k: self.single for k in self.header(self.single)[0]}
+
+    def header(self, f: Path) -> tuple[dict, int]:
+        if f not in self._headers:
             if not f.is_file():
                 raise LoadError(f"{f.name}: missing weight file {f}")
             try:
-                headers[f] = read_header(f)
+                self._headers[f] = read_header(f)
             except (OSError, ValueError) as e:
                 raise LoadError(f"{f.name}: unreadable safetensors file {f} (truncated or corrupt: {e})") from e
-        return headers[f]
+        return self._headers[f]
 
-    if not mapping:
-        mapping = {k: single for k in header(single)[0]}
-    sources = checkpoint_sources(c, set(mapping))
-    out: dict[str, LazyTensor] = {}
-    dtypes: dict[str, int] = {}
-    for name, shape in expected_llama_shapes(c).items():
-        src, b, e, transposed = sources.get(name, (name, None, None, False))
-        f = mapping.get(src)
+    def entry(self, src: str) -> tuple[Path, dict, int]:
+        """``(file, header entry, data start)`` of float tensor ``src``; a LoadError naming the file otherwise."""
+        f = self.files.get(src)
         if f is None:
-            fname = "model.safetensors" if single.is_file() else "model.safetensors.index.json"
-            raise LoadError(f"{fname}: missing tensor {src} (in {folder})")
-        entries, start = header(f)
+            fname = self.single.name if self.single.is_file() else "model.safetensors.index.json"
+            raise LoadError(f"{fname}: missing tensor {src} (in {self.folder})")
+        entries, start = self.header(f)
         entry = entries.get(src)
         if entry is None:
             raise LoadError(f"{f.name}: missing tensor {src} (listed in the index, absent from {f})")
         if entry.get("dtype") not in _FLOAT_CODES:
             raise LoadError(f"{f.name}: tensor {src} has dtype {entry.get('dtype')}, expected a float tensor")
+        return f, entry, start
+
+
+def lazy_llama_sources(folder: Path, c: LlamaConfig) -> dict[str, LazyTensor]:
+    from .hf import checkpoint_sources, expected_llama_shapes
+
+    ckpt = CheckpointHeaders(folder)
+    sources = checkpoint_sources(c, set(ckpt.files))
+    out: dict[str, LazyTensor] = {}
+    dtypes: dict[str, int] = {}
+    for name, shape in expected_llama_shapes(c).items():
+        src, b, e, transposed = sources.get(name, (name, None, None, False))
+        f, entry, start = ckpt.entry(src)
         dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + 1
         got = tuple(int(d) for d in entry["shape"])
         if transposed:
