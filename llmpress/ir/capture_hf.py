@@ -264,4 +264,7 @@ def capture_hf(model: nn.Module, *, cache_len: int | None = None, info: dict | N
     info = {**(info or {}), "model_class": type(wrapper.hf).__name__, "capture": "hf_static_cache"}
     log.info("captured %s (%s) through transformers' StaticCache: %d layers, cache_len %d", kind,
              type(wrapper.hf).__name__, len(wrapper.layer_types), wrapper.cache_len)
-    return Module(ep, lm=wrapper.lm_info(), info=info)
+    from .lazy import LAZY_ATTR
+
+    # a model loaded lazily (loaders.hf_generic) has fake parameters: the Module reads each one when a pass asks
+    return Module(ep, lm=wrapper.lm_info(), info=info, lazy=getattr(wrapper.hf, LAZY_ATTR, None))

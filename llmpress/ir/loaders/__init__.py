@@ -43,9 +43,9 @@ def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_l
 
     ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of Llama models, of other
     transformers models (their ``StaticCache``) and of ONNX decoders exported with ``past_key_values`` (default: the
-    model's context length). ``lazy``: Hugging Face Llama-family folders leave their weights in the checkpoint until
-    a pass reads them (``load_hf``), for ``capture``/``compile``, which read them one at a time; other formats load
-    as usual.
+    model's context length). ``lazy``: Hugging Face folders leave their weights in the checkpoint until a pass reads
+    them (``load_hf``; transformers' models only where the checkpoint names their parameters one to one,
+    ``hf_generic``), for ``capture``/``compile``, which read them one at a time; other formats load as usual.
     """
     p = Path(path).expanduser()
     if not p.exists():

@@ -12,8 +12,9 @@ and assigned into a module built on the meta device, so no second copy of the we
 half-precision state dict) is ever held. End-of-sequence ids come from ``config.json`` and
 ``generation_config.json``.
 
-Other model types load through ``transformers.AutoModelForCausalLM``; ``capture`` takes them with the same KV-cache
-calling convention through transformers' ``StaticCache`` (``llmpress.ir.capture_hf``), or refuses them naming why.
+Other model types load through ``transformers.AutoModelForCausalLM`` (``hf_generic``: lazily too, where the
+checkpoint names its parameters one to one); ``capture`` takes them with the same KV-cache calling convention
+through transformers' ``StaticCache`` (``llmpress.ir.capture_hf``), or refuses them naming why.
 """
 from __future__ import annotations
 
@@ -351,9 +352,10 @@ def _read_llama_weights(folder: Path, c: LlamaConfig) -> dict[str, torch.Tensor]
 def load_hf(folder: Path, *, cache_len: int | None = None, lazy: bool = False) -> tuple[torch.nn.Module, dict]:
     """Build the model of a Hugging Face folder; returns it and ``config.json``.
 
-    ``lazy`` (Llama family): read no weight now; the parameters are shape-only fakes and the module carries where
-    each one is (``hf_lazy``, ``ir.lazy``): ``capture`` hands them to the ``ir.Module``, which reads a weight when a
-    pass asks. Such a module cannot run in PyTorch itself; capture it."""
+    ``lazy``: read no weight now; the parameters are shape-only fakes and the module carries where each one is
+    (``hf_lazy``, ``hf_generic``, ``ir.lazy``): ``capture`` hands them to the ``ir.Module``, which reads a weight when
+    a pass asks. Such a module cannot run in PyTorch itself; capture it. Other model types whose checkpoint names are
+    not transformers' parameter names one to one load eagerly (``hf_generic``)."""
     cfg = read_config(folder)
     if cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
         c = llama_config(cfg, folder / "config.json", cache_len=cache_len)
@@ -388,15 +390,9 @@ def load_hf(folder: Path, *, cache_len: int | None = None, lazy: bool = False) -
         log.info("loaded Hugging Face %s %s: dim %d, %d layers, vocab %d, eos %s", c.arch, folder, c.dim,
                  c.n_layers, c.vocab_size, list(c.eos_ids) or [c.eos_id])
         return model.eval(), cfg
-    try:
-        from transformers import AutoModelForCausalLM
+    from .hf_generic import load_generic
 
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-    except Exception as e:
-        raise LoadError(f"{folder}: transformers could not load model_type {cfg.get('model_type')!r}: "
-                        f"{type(e).__name__}: {e}") from e
-    if cache_len is not None:  # where transformers' export recipe reads the static cache length (capture_hf does)
-        model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": int(cache_len)}
+    model = load_generic(folder, cfg, cache_len=cache_len, lazy=lazy)
     log.info("%s: model_type %r is not one llmpress builds itself (%s); loaded through transformers, captured "
              "generically with its StaticCache", folder, cfg.get("model_type"), ", ".join(SUPPORTED_MODEL_TYPES))
-    return model.eval(), cfg
+    return model, cfg
