@@ -8,12 +8,16 @@ pages included) and its wall time. The bound a layer-by-layer compiler should me
 
 (the layer's q/k/v/o, gate/up/down and norm weights at 4 bytes each); the row's ratio is ``peak / bound``.
 
-Rows (``--rows``, default all but 7b): ``{110m,1.1b}-{fp32,bf16}-{rtn,gptq}`` and ``7b-bf16-rtn``.
+Rows (``--rows``, default the Llama rows but 7b): ``{110m,1.1b}-{fp32,bf16}-{rtn,gptq}``, ``7b-bf16-rtn``, and
+``{110m,1.1b}-stablelm-bf16-rtn`` (a model type llmpress does not build itself: transformers' model, captured through
+its StaticCache, lazily since ``loaders.hf_generic``).
 
 - models: the cached random-weight shapes of ``shapes.py`` (fp32); the bf16 copies are written next to them
   (``benchmarks/.cache/models/<shape>-bf16``) tensor by tensor. ``7b-bf16`` is a Llama-2-7B shape (dim 4096, 32
   layers, hidden 11008, vocab 32000) written directly in bf16, sharded (~13.5 GB, random normal(0, 0.02) weights,
-  never held in memory whole).
+  never held in memory whole). ``<shape>-stablelm-bf16``: a StableLM of the 110M / TinyLlama-1.1B shape (same
+  dims, heads, vocab, tying; StableLM's LayerNorms with bias and RoPE over a quarter of each head), written the
+  same way from transformers' ``StableLmConfig``.
 - ``rtn``: ``quantize(bits=4,group=128,exclude=lm_head)`` (the ``w4a16`` preset without its ``fuse`` step: fusing
   q/k/v before quantizing holds every fused float matrix at once); ``gptq``: the ``w4a16-gptq`` preset with 16
   calibration samples of 128 tokens from ``calib.txt``.
@@ -55,6 +59,7 @@ SHAPE_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
                 intermediate_size=11008, vocab_size=32000, max_position_embeddings=512, rms_norm_eps=1e-5,
                 rope_theta=10000.0, tie_word_embeddings=False)
 ROWS = [f"{s}-{d}-{p}" for s in ("110m", "1.1b") for d in ("fp32", "bf16") for p in ("rtn", "gptq")] + ["7b-bf16-rtn"]
+GENERIC_ROWS = [f"{s}-stablelm-bf16-rtn" for s in ("110m", "1.1b")]
 SHARD_BYTES = 2 * 1024 ** 3
 LABELS = ("before", "after", "streamed")
 
@@ -87,19 +92,40 @@ def bf16_folder(shape: str) -> Path:
 
 def folder_7b() -> Path:
     """A Llama-2-7B-shaped bf16 checkpoint, random weights, in ~2 GB shards with an index."""
-    from shapes import write_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     dst = CACHE / "7b-bf16"
-    if (dst / ".complete").is_file():
-        return dst
+    if not (dst / ".complete").is_file():
+        _write_random_bf16(dst, LlamaConfig(**SHAPE_7B, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+                                            torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]))
+    return dst
+
+
+def stablelm_folder(shape: str) -> Path:
+    """``<shape>-stablelm-bf16``: StableLM with the dims of ``shapes.SHAPES[shape]``, random weights, bf16."""
+    from transformers import StableLmConfig
+
+    dst = CACHE / f"{shape}-stablelm-bf16"
+    if not (dst / ".complete").is_file():
+        dims = {k: v for k, v in SHAPES[shape].items() if k != "rms_norm_eps"}
+        _write_random_bf16(dst, StableLmConfig(**dims, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
+                                               architectures=["StableLmForCausalLM"]))
+    return dst
+
+
+def _write_random_bf16(dst: Path, config) -> None:
+    """``config``'s causal LM as a bf16 checkpoint in ~2 GB shards with an index: normal(0, 0.02) matrices, norm
+    weights 1, biases 0, generated tensor by tensor (the model is built on the meta device, never held)."""
+    from shapes import write_tokenizer
+    from transformers import AutoModelForCausalLM
+
     dst.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SHAPE_7B, hidden_act="silu", bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
-                         architectures=["LlamaForCausalLM"])
     config.save_pretrained(dst)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = AutoModelForCausalLM.from_config(config)
+    # state_dict() lists a tied lm_head too; save_pretrained drops it, and so do we
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
+              if not (config.tie_word_embeddings and k == "lm_head.weight")}
     shards: list[dict[str, tuple]] = [{}]
     size = 0
     for k, s in shapes.items():
@@ -111,24 +137,25 @@ def folder_7b() -> Path:
         size += n
     g = torch.Generator().manual_seed(0)
 
-    def make(s: tuple) -> torch.Tensor:
+    def make(k: str, s: tuple) -> torch.Tensor:
         if len(s) == 1:
-            return torch.ones(s, dtype=torch.bfloat16)
+            return (torch.zeros if k.endswith("bias") else torch.ones)(s, dtype=torch.bfloat16)
         return torch.empty(s).normal_(0.0, 0.02, generator=g).to(torch.bfloat16)
 
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_streamed(dst / name, {k: (torch.bfloat16, s, (lambda s=s: make(s))) for k, s in shard.items()},
+        write_streamed(dst / name, {k: (torch.bfloat16, s, (lambda k=k, s=s: make(k, s))) for k, s in shard.items()},
                        metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     write_tokenizer(dst / "tokenizer.model", config.vocab_size)
     (dst / ".complete").write_text("done\n")
-    return dst
 
 
-def model_folder(shape: str, dtype: str) -> Path:
+def model_folder(shape: str, dtype: str, family: str = "llama") -> Path:
+    if family == "stablelm":
+        return stablelm_folder(shape)
     if shape == "7b":
         return folder_7b()
     return llama_folder(shape) if dtype == "fp32" else bf16_folder(shape)
@@ -147,8 +174,8 @@ def layer_float_bytes(folder: Path) -> int:
 
 
 def run_row(row: str, pythonpath: Path, keep: bool) -> dict:
-    shape, dtype, method = row.split("-")
-    folder = model_folder(shape, dtype)
+    shape, family, dtype, method = _parse_row(row)
+    folder = model_folder(shape, dtype, family)
     out = Path(tempfile.mkdtemp(prefix=f"llmpress-mem-{row}-"))
     cmd = [sys.executable, "-m", "llmpress", "compile", str(folder), "--target", "cpu", "-o", str(out / "art"), "--force",
            "-q"]
@@ -162,7 +189,9 @@ def run_row(row: str, pythonpath: Path, keep: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
     load = loadavg()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # cwd: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH; run from a checkout,
+    # the child would import that checkout's llmpress whatever --pythonpath says
+    proc = subprocess.Popen(cmd, env=env, cwd=str(pythonpath), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     log = proc.stdout.read().decode(errors="replace")
@@ -183,6 +212,12 @@ def run_row(row: str, pythonpath: Path, keep: bool) -> dict:
     return res
 
 
+def _parse_row(row: str) -> tuple[str, str, str, str]:
+    """``shape[-family]-dtype-method`` -> (shape, family, dtype, method); the family defaults to llama."""
+    parts = row.split("-")
+    return (parts[0], "llama", *parts[1:]) if len(parts) == 3 else tuple(parts)
+
+
 def _gb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e9:.2f}"
 
@@ -199,7 +234,7 @@ def to_markdown(data: dict) -> str:
              "| row | checkpoint GB | code | peak GB | compressed GB | + one float layer GB | peak / bound | wall s "
              "| load before |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for row in ROWS:
+    for row in ROWS + GENERIC_ROWS:
         for label in LABELS:
             r = data.get(row, {}).get(label)
             if r is None:
@@ -217,7 +252,7 @@ def to_markdown(data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=",".join(r for r in ROWS if not r.startswith("7b")),
-                    help=f"comma-separated rows of {', '.join(ROWS)}")
+                    help=f"comma-separated rows of {', '.join(ROWS + GENERIC_ROWS)}")
     ap.add_argument("--label", default="streamed", choices=LABELS)
     ap.add_argument("--pythonpath", type=Path, default=ROOT, help="the llmpress checkout the compiles run")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts (in a temp folder)")
@@ -226,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prepare-only", action="store_true", help="write the models the rows need and stop")
     a = ap.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
+    bad = [r for r in rows if r not in ROWS + GENERIC_ROWS]
     if bad:
-        ap.error(f"unknown rows {bad}; known: {', '.join(ROWS)}")
+        ap.error(f"unknown rows {bad}; known: {', '.join(ROWS + GENERIC_ROWS)}")
     if a.prepare_only:
         for r in rows:
-            print(model_folder(*r.split("-")[:2]))
+            shape, family, dtype, _ = _parse_row(r)
+            print(model_folder(shape, dtype, family))
         return 0
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "memory.json"
