@@ -148,43 +148,49 @@ def gemv_int_func(layout: QLayout, isa: Any, act_group: int, *, swiglu: bool = F
                     iacc[r, V] = dot(iacc[r, V], codes(layout, w, t, k_of(g, b, so, si), r),
                                      qa.vload([0, k_of(g, b, so, si)], "int8x32"))
 
+    @T.macro
+    def tile(facc, qa, sa, asum, w, sz, t):
+        # facc[r, :] = the 8 lane sums of tile t's row r (scale, zero point and activation scales applied)
+        gacc = T.alloc_buffer((R, 8), "float32", scope="global")
+        iacc = T.alloc_buffer((R, 8), "int32", scope="global")
+        acc16 = T.alloc_buffer((R, 16), "int16", scope="global")
+        for r in T.unroll(R):
+            facc[r, V] = T.broadcast(T.float32(0), 8)
+        for g in range(NG):
+            for r in T.unroll(R):
+                gacc[r, V] = T.broadcast(T.float32(0), 8)
+            for b in range(BPG):
+                for r in T.unroll(R):
+                    iacc[r, V] = T.broadcast(T.int32(0), 8)
+                for so in range(SUB // U):
+                    accumulate(iacc, acc16, w, qa, t, g, b, so)
+                for r in T.unroll(R):
+                    gacc[r, V] = gacc[r, V] + T.Cast("float32x8", iacc[r, V]) * T.broadcast(
+                        sa[0, g * BPG + b], 8)
+            for r in T.unroll(R):
+                facc[r, V] = facc[r, V] + gacc[r, V] * T.broadcast(sz[t, g, r, 0], 8)
+                if comp:
+                    facc[r, V] = facc[r, V] - T.broadcast(
+                        sz[t, g, r, 0] * _zero(layout, sz, t, g, r) * asum[0, g] * T.float32(0.125), 8)
+
     @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
              w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
              y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for tc in T.parallel(NT // C) if par else T.serial(NT // C):
-            gu = T.alloc_buffer((2, HC), "float32", scope="global")
-            for ti in T.serial(C):
-                t = tc * C + ti
-                facc = T.alloc_buffer((R, 8), "float32", scope="global")
-                gacc = T.alloc_buffer((R, 8), "float32", scope="global")
-                iacc = T.alloc_buffer((R, 8), "int32", scope="global")
-                acc16 = T.alloc_buffer((R, 16), "int16", scope="global")
-                for r in T.unroll(R):
-                    facc[r, V] = T.broadcast(T.float32(0), 8)
-                for g in range(NG):
-                    for r in T.unroll(R):
-                        gacc[r, V] = T.broadcast(T.float32(0), 8)
-                    for b in range(BPG):
-                        for r in T.unroll(R):
-                            iacc[r, V] = T.broadcast(T.int32(0), 8)
-                        for so in range(SUB // U):
-                            accumulate(iacc, acc16, w, qa, t, g, b, so)
-                        for r in T.unroll(R):
-                            gacc[r, V] = gacc[r, V] + T.Cast("float32x8", iacc[r, V]) * T.broadcast(
-                                sa[0, g * BPG + b], 8)
-                    for r in T.unroll(R):
-                        facc[r, V] = facc[r, V] + gacc[r, V] * T.broadcast(sz[t, g, r, 0], 8)
-                        if comp:
-                            facc[r, V] = facc[r, V] - T.broadcast(
-                                sz[t, g, r, 0] * _zero(layout, sz, t, g, r) * asum[0, g] * T.float32(0.125), 8)
-                if staged:
+        if staged:
+            for tc in T.parallel(NT // C) if par else T.serial(NT // C):
+                gu = T.alloc_buffer((2, HC), "float32", scope="global")
+                for ti in T.serial(C):
+                    facc = T.alloc_buffer((R, 8), "float32", scope="global")
+                    tile(facc, qa, sa, asum, w, sz, tc * C + ti)
                     stage(gu, ti, facc, R)
-                else:
-                    store(y, 0, t, facc, R, swiglu, bvec)
-            if staged:
                 flush(y, 0, tc, gu, HC)
+        else:
+            for t in T.parallel(NT) if par else T.serial(NT):
+                facc = T.alloc_buffer((R, 8), "float32", scope="global")
+                tile(facc, qa, sa, asum, w, sz, t)
+                store(y, 0, t, facc, R, swiglu, bvec)
 
     return with_bias(func, bvec)
 
@@ -213,6 +219,27 @@ def gemv_float_func(layout: QLayout, *, swiglu: bool = False, bias: bool = False
     def k_of(g, so, j, i):
         return g * G + so * CH + i * 32 + j * 8
 
+    @T.macro
+    def tile(facc, x, xsum, w, sz, t):
+        # facc[r, :] = the 8 lane sums of tile t's row r (scale and zero point applied)
+        gacc = T.alloc_buffer((R, 2, 8), "float32", scope="global")
+        for r in T.unroll(R):
+            facc[r, V] = T.broadcast(T.float32(0), 8)
+        for g in range(NG):
+            for r in T.unroll(R):
+                gacc[r, 0, V] = T.broadcast(T.float32(0), 8)
+                gacc[r, 1, V] = T.broadcast(T.float32(0), 8)
+            for so in range(STEPS):
+                for j in T.unroll(4):
+                    for i in T.unroll(PER):
+                        for r in T.unroll(R):  # two chains per row: 8 independent multiply-add chains per tile
+                            gacc[r, i % 2, V] = gacc[r, i % 2, V] + T.Cast("float32x8", codes8(
+                                layout, w, t, k_of(g, so, j, i), r)) * x.vload([0, k_of(g, so, j, i)], "float32x8")
+            for r in T.unroll(R):
+                facc[r, V] = facc[r, V] + (gacc[r, 0, V] + gacc[r, 1, V] - T.broadcast(
+                    _zero(layout, sz, t, g, r) * xsum[g] * T.float32(0.125), 8)) * T.broadcast(
+                    sz[t, g, r, 0], 8)
+
     @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(x: T.Buffer((1, K), "float32"), w: T.Buffer(layout.w_shape, layout.dtype),
              sz: T.Buffer(layout.sz_shape, "float32"), y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
@@ -225,34 +252,18 @@ def gemv_float_func(layout: QLayout, *, swiglu: bool = False, bias: bool = False
             for k in range(G // 8):
                 xacc[V] = xacc[V] + x.vload([0, g * G + k * 8], "float32x8")
             xsum[g] = hsum(xacc)
-        for tc in T.parallel(NT // C) if par else T.serial(NT // C):
-            gu = T.alloc_buffer((2, HC), "float32", scope="global")
-            for ti in T.serial(C):
-                t = tc * C + ti
-                facc = T.alloc_buffer((R, 8), "float32", scope="global")
-                gacc = T.alloc_buffer((R, 2, 8), "float32", scope="global")
-                for r in T.unroll(R):
-                    facc[r, V] = T.broadcast(T.float32(0), 8)
-                for g in range(NG):
-                    for r in T.unroll(R):
-                        gacc[r, 0, V] = T.broadcast(T.float32(0), 8)
-                        gacc[r, 1, V] = T.broadcast(T.float32(0), 8)
-                    for so in range(STEPS):
-                        for j in T.unroll(4):
-                            for i in T.unroll(PER):
-                                for r in T.unroll(R):  # two chains per row: 8 independent multiply-add chains
-                                    gacc[r, i % 2, V] = gacc[r, i % 2, V] + T.Cast("float32x8", codes8(
-                                        layout, w, t, k_of(g, so, j, i), r)) * x.vload([0, k_of(g, so, j, i)],
-                                                                                       "float32x8")
-                    for r in T.unroll(R):
-                        facc[r, V] = facc[r, V] + (gacc[r, 0, V] + gacc[r, 1, V] - T.broadcast(
-                            _zero(layout, sz, t, g, r) * xsum[g] * T.float32(0.125), 8)) * T.broadcast(
-                            sz[t, g, r, 0], 8)
-                if staged:
+        if staged:
+            for tc in T.parallel(NT // C) if par else T.serial(NT // C):
+                gu = T.alloc_buffer((2, HC), "float32", scope="global")
+                for ti in T.serial(C):
+                    facc = T.alloc_buffer((R, 8), "float32", scope="global")
+                    tile(facc, x, xsum, w, sz, tc * C + ti)
                     stage(gu, ti, facc, R)
-                else:
-                    store(y, 0, t, facc, R, swiglu, bvec)
-            if staged:
                 flush(y, 0, tc, gu, HC)
+        else:
+            for t in T.parallel(NT) if par else T.serial(NT):
+                facc = T.alloc_buffer((R, 8), "float32", scope="global")
+                tile(facc, x, xsum, w, sz, t)
+                store(y, 0, t, facc, R, swiglu, bvec)
 
     return with_bias(func, bvec)

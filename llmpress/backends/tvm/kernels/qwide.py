@@ -111,51 +111,58 @@ def gemv_wide_func(layout: QLayout, act_group: int, *, swiglu: bool = False, bia
     def k_of(g, b, so, si):
         return g * G + b * GA + (so * U + si) * 32
 
+    @T.macro
+    def tile(facc, qa, sa, asum, w, sz, t):
+        # facc[p, :] = the 16 lane sums of tile t's row pair p (scales and zero points applied)
+        gacc = T.alloc_buffer((P, 16), "float32", scope="global")
+        iacc = T.alloc_buffer((P, 16), "int32", scope="global")
+        for p in T.unroll(P):
+            facc[p, V] = T.broadcast(T.float32(0), 16)
+        for g in range(NG):
+            for p in T.unroll(P):
+                gacc[p, V] = T.broadcast(T.float32(0), 16)
+            for b in range(BPG):
+                for p in T.unroll(P):
+                    iacc[p, V] = T.broadcast(T.int32(0), 16)
+                for so in range(SUB // U):
+                    for si in T.unroll(U):
+                        for p in T.unroll(P):
+                            iacc[p, V] = _vnni(iacc[p, V], _codes64(layout, w, t, k_of(g, b, so, si), p),
+                                               _act64(qa, 0, k_of(g, b, so, si)))
+                for p in T.unroll(P):
+                    gacc[p, V] = gacc[p, V] + T.Cast("float32x16", iacc[p, V]) * T.broadcast(
+                        sa[0, g * BPG + b], 16)
+            for p in T.unroll(P):
+                facc[p, V] = facc[p, V] + (gacc[p, V] - _pair(
+                    _zero(layout, sz, t, g, 2 * p), _zero(layout, sz, t, g, 2 * p + 1)) * T.broadcast(
+                    asum[0, g] * T.float32(0.125), 16)) * _pair(sz[t, g, 2 * p, 0], sz[t, g, 2 * p + 1, 0])
+
     @T.prim_func(private=True, check_well_formed=bvec is None)
     def func(qa: T.Buffer((1, K), "int8"), sa: T.Buffer((1, K // GA), "float32"), asum: T.Buffer((1, NG), "float32"),
              w: T.Buffer(layout.w_shape, layout.dtype), sz: T.Buffer(layout.sz_shape, "float32"),
              y: T.Buffer((1, N // 2 if swiglu else N), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for tc in T.parallel(NT // C) if par else T.serial(NT // C):
-            gu = T.alloc_buffer((2, HC), "float32", scope="global")
-            for ti in T.serial(C):
-                t = tc * C + ti
-                facc = T.alloc_buffer((P, 16), "float32", scope="global")
-                gacc = T.alloc_buffer((P, 16), "float32", scope="global")
-                iacc = T.alloc_buffer((P, 16), "int32", scope="global")
-                for p in T.unroll(P):
-                    facc[p, V] = T.broadcast(T.float32(0), 16)
-                for g in range(NG):
-                    for p in T.unroll(P):
-                        gacc[p, V] = T.broadcast(T.float32(0), 16)
-                    for b in range(BPG):
-                        for p in T.unroll(P):
-                            iacc[p, V] = T.broadcast(T.int32(0), 16)
-                        for so in range(SUB // U):
-                            for si in T.unroll(U):
-                                for p in T.unroll(P):
-                                    iacc[p, V] = _vnni(iacc[p, V], _codes64(layout, w, t, k_of(g, b, so, si), p),
-                                                       _act64(qa, 0, k_of(g, b, so, si)))
-                        for p in T.unroll(P):
-                            gacc[p, V] = gacc[p, V] + T.Cast("float32x16", iacc[p, V]) * T.broadcast(
-                                sa[0, g * BPG + b], 16)
-                    for p in T.unroll(P):
-                        facc[p, V] = facc[p, V] + (gacc[p, V] - _pair(
-                            _zero(layout, sz, t, g, 2 * p), _zero(layout, sz, t, g, 2 * p + 1)) * T.broadcast(
-                            asum[0, g] * T.float32(0.125), 16)) * _pair(sz[t, g, 2 * p, 0], sz[t, g, 2 * p + 1, 0])
-                if staged:  # pair 0: gate rows t H, t H + 1; pair 1: their up rows (epilogue.py)
-                    for h in T.unroll(2):
+        if staged:
+            for tc in T.parallel(NT // C) if par else T.serial(NT // C):
+                gu = T.alloc_buffer((2, HC), "float32", scope="global")
+                for ti in T.serial(C):
+                    facc = T.alloc_buffer((P, 16), "float32", scope="global")
+                    tile(facc, qa, sa, asum, w, sz, tc * C + ti)
+                    for h in T.unroll(2):  # pair 0: gate rows t H, t H + 1; pair 1: their up rows (epilogue.py)
                         gu[0, ti * P + h] = _half_sum(facc, 0, half=h)
                         gu[1, ti * P + h] = _half_sum(facc, 1, half=h)
-                elif swiglu:
+                flush(y, 0, tc, gu, HC)
+        else:
+            for t in T.parallel(NT) if par else T.serial(NT):
+                facc = T.alloc_buffer((P, 16), "float32", scope="global")
+                tile(facc, qa, sa, asum, w, sz, t)
+                if swiglu:  # pair 0: gate rows t H, t H + 1; pair 1: their up rows (epilogue.py)
                     y[0, t * P] = silu_mul(_half_sum(facc, 0, half=0), _half_sum(facc, 1, half=0))
                     y[0, t * P + 1] = silu_mul(_half_sum(facc, 0, half=1), _half_sum(facc, 1, half=1))
                 else:
                     for p in T.unroll(P):
                         y[0, t * R + 2 * p] = plus_bias(_half_sum(facc, p, half=0), bvec, t * R + 2 * p)
                         y[0, t * R + 2 * p + 1] = plus_bias(_half_sum(facc, p, half=1), bvec, t * R + 2 * p + 1)
-            if staged:
-                flush(y, 0, tc, gu, HC)
 
     return with_bias(func, bvec)
 
