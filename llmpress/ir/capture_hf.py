@@ -27,10 +27,9 @@ cache per call) and passes a ``[B, 1, T, S]`` mask, a form the backends' fused a
 exporting a model that runs with ``sdpa``, ``GQA_ATTENTION`` (registered with transformers' ``AttentionInterface``)
 computes the same ``softmax(scale q k^T, masked) v`` as one ``scaled_dot_product_attention(q, k, v, mask[0, 0],
 enable_gqa=True)`` over the unrepeated cache, the form ``llmpress.models.Llama`` emits; anything else (dropout,
-soft-capping, attention sinks, a per-batch mask) goes to transformers' own SDPA function unchanged. Open: a decode
-profile of the TVM ``cpu`` build of the generic tinystories graph still shows no call to ``llmpress_attention``
-(``benchmarks/results/capture_paths.md`` measures the gap to our decoder), so something else in this graph keeps
-the converter on its fallback; not yet found.
+soft-capping, attention sinks, a per-batch mask) goes to transformers' own SDPA function unchanged. The TVM ``cpu``
+build then runs it through the fused attention kernel like our decoder's graph (once transformers' ``.to(device)``
+calls got a converter, ``backends/tvm/converters._to_device``; ``benchmarks/results/capture_paths.md``).
 
 The model's submodules sit directly under the wrapper (``model.layers.0.self_attn.q_proj``, ``lm_head``): node
 source paths and weight names are the checkpoint's, as with ``llmpress.models.Llama``.

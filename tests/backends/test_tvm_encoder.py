@@ -44,3 +44,23 @@ def test_bert_encoder_compiles_for_cpu_with_its_own_signature() -> None:
     with torch.no_grad():  # the mask matters to the check: without it the padded sentence's states differ
         unmasked = model(ids, torch.ones_like(mask)).last_hidden_state
     assert (unmasked[1] - want.last_hidden_state[1]).abs().max() > 1e-3
+
+
+class _OnesAnd(torch.nn.Module):
+    """transformers' mask start (``masking_utils.and_masks``): ``q_idx.new_ones((), dtype=bool) & mask``."""
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return idx.new_ones((), dtype=torch.bool) & (mask > 0)
+
+
+def test_new_ones_keeps_its_dtype() -> None:
+    """TVM 0.27's ``new_ones`` converter made ``idx``'s dtype (int64), which turned BERT's boolean attention mask into
+    int64 (``converters._new_ones``)."""
+    pytest.importorskip("tvm")
+    import llmpress
+
+    idx, mask = torch.arange(6).view(2, 3), torch.tensor([[1, 0, 1], [0, 1, 1]])
+    art = llmpress.compile(_OnesAnd(), (idx, mask), target="cpu", progress=False)
+    got = torch.as_tensor(art(idx, mask))
+    assert got.dtype == torch.bool, got.dtype
+    assert torch.equal(got, _OnesAnd()(idx, mask))

@@ -104,11 +104,27 @@ def _to_device(node, importer):
     return importer.block_builder.emit(relax.op.astype(x, str(dtype).removeprefix("torch.")))
 
 
+def _new_ones(node, importer):
+    """``x.new_ones(size, dtype=d)``: ones of ``dtype`` (``x``'s when not given). TVM 0.27's converter ignores the
+    ``dtype`` keyword and makes ``x``'s: transformers' mask functions start from ``q_idx.new_ones((), dtype=bool)``
+    (``masking_utils.and_masks``) and ``&`` the padding mask into it, so a BERT-style encoder's boolean attention mask
+    arrived in the attention converter as int64 (the fused kernel takes bool only)."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x = args[0]
+    size = args[1] if isinstance(args[1], (list, tuple)) else args[1:]
+    dtype = node.kwargs.get("dtype")
+    dt = str(x.ty.dtype) if dtype is None else importer._convert_data_type(dtype, importer.env)
+    return importer.block_builder.emit(relax.op.full(relax.ShapeExpr(list(size)), relax.const(1, dt), dt))
+
+
 #: ATen op (full name) -> a converter that replaces the frontend's own (same signature as CONVERTERS).
 ATEN_OVERRIDES: dict[str, Converter] = {
     "aten.masked_fill.Scalar": _masked_fill_scalar,
     "aten.slice.Tensor": _slice_tensor,
     "aten.to.device": _to_device,
+    "aten.new_ones.default": _new_ones,
 }
 
 

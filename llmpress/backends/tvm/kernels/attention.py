@@ -23,8 +23,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from tvm import relax, tirx
 
 from .common import KERNEL_ATTR
@@ -151,12 +149,6 @@ def sdpa_converter(cpu_kernel: bool):
             return importer._scaled_dot_product_attention(node)
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
         mask = importer.env[mask_node] if mask_node is not None else None
-        want = getattr(getattr(mask_node, "meta", {}).get("val"), "dtype", None)
-        if mask is not None and want == torch.bool and str(mask.ty.dtype) != "bool":
-            # torch.export proved a boolean mask, but TVM 0.27's translation of BERT's mask chain (int64 input,
-            # .to(bool), index, expand) hands it over as int64; where it is lost is not found (a converter for
-            # ``to.dtype_layout`` honouring the dtype did not change it), so the cast is made here
-            mask = bb.emit(relax.op.astype(mask, "bool"))
         # A symbolic batch or key length (an encoder's sequence) takes the Relax composition below
         fits = (cpu_kernel and None not in (b, s) and mask is not None and str(mask.ty.dtype) == "bool"
                 and len(mask.ty.shape.values) == 2 and s % 8 == 0 and d % 8 == 0
