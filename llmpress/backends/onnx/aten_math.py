@@ -8,7 +8,8 @@ Where ATen and ONNX differ:
 - arithmetic follows ATen type promotion: operands are cast to the node's output dtype (ONNX has no implicit
   promotion); Python scalars become constants of that dtype (as ATen computes ``x + 1e-5`` in x's dtype);
 - ``rsqrt(x)`` is ``Reciprocal(Sqrt(x))``, ``silu(x)`` is ``x * Sigmoid(x)``, ``pow(x, 2)`` is ``x * x``;
-- ``linear(x, W)`` is ``MatMul(x, W^T)`` with ``W^T`` stored once as an initializer.
+- ``linear(x, W)`` is ``MatMul(x, W^T)`` with ``W^T`` stored once as an initializer;
+- ``to`` (any overload: dtype, device, layout) is a ``Cast`` or an ``Identity``: an ONNX model has one device.
 """
 from __future__ import annotations
 
@@ -163,22 +164,24 @@ def _masked_fill(ex: Any, node: fx.Node) -> str:
     return b.op("Where", [b.value(mask), operand(b, v, dt), b.value(x)])
 
 
-@_register(aten.logical_and.default, aten.bitwise_and.Tensor)
+@_register(aten.logical_and.default, aten.bitwise_and.Tensor, aten.__and__.Tensor)
 def _and(ex: Any, node: fx.Node) -> str:
     if val(node).dtype != torch.bool:
         raise unsupported(node, "bitwise and on non-boolean tensors")
     return ex.b.op("And", [ex.b.value(node.args[0]), ex.b.value(node.args[1])])
 
 
-@_register(aten.logical_or.default, aten.bitwise_or.Tensor)
+@_register(aten.logical_or.default, aten.bitwise_or.Tensor, aten.__or__.Tensor)
 def _or(ex: Any, node: fx.Node) -> str:
     if val(node).dtype != torch.bool:
         raise unsupported(node, "bitwise or on non-boolean tensors")
     return ex.b.op("Or", [ex.b.value(node.args[0]), ex.b.value(node.args[1])])
 
 
-@_register(aten._to_copy.default, aten.to.dtype, aten.type_as.default)
+@_register(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default)
 def _to(ex: Any, node: fx.Node) -> str:
+    """A cast to the node's dtype, else Identity: ONNX has one device, so ``to(device=...)`` (transformers moves
+    positions and masks to the model's device) and ``layout``/``memory_format`` change nothing."""
     src = val(node.args[0])
     return ex.b.cast(ex.b.value(node.args[0]), src.dtype, val(node).dtype) if src.dtype != val(node).dtype \
         else ex.b.op("Identity", [ex.b.value(node.args[0])])

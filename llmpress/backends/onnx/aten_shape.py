@@ -7,7 +7,12 @@ Where ATen and ONNX differ:
 - ``expand`` sizes of ``-1`` become ``1`` (ONNX ``Expand`` broadcasts, so 1 keeps the input dimension);
 - ``index.Tensor`` with one index tensor is ``Gather`` on that axis; several index tensors are not supported;
 - ``scatter.src`` is ``ScatterElements`` (index and src must have the same shape, as in our Llama's cache writes);
-- ``arange`` with static bounds is a constant; ``squeeze`` of a dimension that is not 1 is a no-op, as in ATen.
+- ``arange`` with static bounds is a constant; ``squeeze`` of a dimension that is not 1 is a no-op, as in ATen;
+- ``contiguous`` is an ``Identity`` (ONNX values have no strides), and so is ``dropout`` in inference
+  (``train=False`` or ``p=0``: what ``torch.export`` records from a model in ``eval()``); a training dropout is
+  refused (it is random);
+- ``chunk`` is ``Split`` with the sizes ATen computed (``ceil(n / chunks)`` each, the last one shorter, and fewer
+  than ``chunks`` outputs where ``n`` runs out), read from the node's recorded outputs.
 """
 from __future__ import annotations
 
@@ -39,6 +44,19 @@ def _register(*targets: Any) -> Callable:
 @_register(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 def _reshape(ex: Any, node: fx.Node) -> str:
     return ex.b.op("Reshape", [ex.b.value(node.args[0]), ex.b.int_vector(node.args[1])])
+
+
+@_register(aten.contiguous.default)
+def _contiguous(ex: Any, node: fx.Node) -> str:
+    return ex.b.op("Identity", [ex.b.value(node.args[0])])
+
+
+@_register(aten.dropout.default)
+def _dropout(ex: Any, node: fx.Node) -> str:
+    x, p, train = node.args[0], node.args[1], node.args[2]
+    if train and p:
+        raise unsupported(node, f"dropout in training mode (p={p}): export the model in eval()")
+    return ex.b.op("Identity", [ex.b.value(x)])
 
 
 @_register(aten.transpose.int)
@@ -148,6 +166,16 @@ def _split(ex: Any, node: fx.Node) -> list[str]:
     return ex.b.op("Split", [ex.b.value(x), ex.b.const(sizes, np.int64)], outputs=len(sizes), axis=dim)
 
 
+@_register(aten.chunk.default)
+def _chunk(ex: Any, node: fx.Node) -> list[str]:
+    x = node.args[0]
+    dim = axis(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), rank(x))
+    sizes = [v.shape[dim] for v in val(node)]
+    if not all(isinstance(s, int) for s in sizes):
+        raise unsupported(node, "chunk of a dynamic dimension")
+    return ex.b.op("Split", [ex.b.value(x), ex.b.const(sizes, np.int64)], outputs=len(sizes), axis=dim)
+
+
 @_register(aten.index.Tensor)
 def _index(ex: Any, node: fx.Node) -> str:
     x, indices = node.args
@@ -223,6 +251,14 @@ def _filled(ex: Any, node: fx.Node, size: Any, fill: Any) -> str:
 @_register(aten.zeros.default, aten.ones.default)
 def _zeros_ones(ex: Any, node: fx.Node) -> str:
     return _filled(ex, node, node.args[0], 0 if node.target == aten.zeros.default else 1)
+
+
+@_register(aten.new_zeros.default, aten.new_ones.default, aten.new_full.default)
+def _new_filled(ex: Any, node: fx.Node) -> str:
+    """``x.new_ones(size)`` and kin: a tensor of ``size`` in the node's dtype (``x`` only lends its dtype and device,
+    which the recorded output already carries)."""
+    fill = {aten.new_zeros.default: 0, aten.new_ones.default: 1}.get(node.target)
+    return _filled(ex, node, node.args[1], node.args[2] if fill is None else fill)
 
 
 # -- symbolic integers -------------------------------------------------------------------------------------------
