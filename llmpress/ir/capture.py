@@ -12,6 +12,9 @@ Accepted models:
   ``(input_ids, attention_mask)``): its own ``forward`` on ``example_inputs``, returning what it returns (a
   ``ModelOutput`` flattened to its tensors, in field order).
 - a path (Hugging Face folder, llama2.c ``.bin``, ``.onnx`` file): loaded with ``llmpress.ir.load_model`` first.
+
+Every path ends in the IR's linear form (``ir.linear_form``): an ``addmm(b, x, W)`` on a stored ``[in, out]``
+weight (GPT-2's ``Conv1D``) becomes ``aten.linear`` with ``W`` stored transposed under its own name.
 """
 from __future__ import annotations
 
@@ -139,4 +142,8 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any, *, lm:
     info.setdefault("model_class", type(model).__name__)
     from .lazy import LAZY_ATTR
 
-    return Module(ep, lm=lm, info=info, lazy=getattr(model, LAZY_ATTR, None))
+    from .linear_form import addmm_to_linear
+
+    module = Module(ep, lm=lm, info=info, lazy=getattr(model, LAZY_ATTR, None))
+    addmm_to_linear(module)  # Conv1D-style layers (x @ W + b, W stored [in, out]) as aten.linear: ir.linear_form
+    return module

@@ -31,6 +31,9 @@ soft-capping, attention sinks, a per-batch mask) goes to transformers' own SDPA 
 build then runs it through the fused attention kernel like our decoder's graph (once transformers' ``.to(device)``
 calls got a converter, ``backends/tvm/converters._to_device``; ``benchmarks/results/capture_paths.md``).
 
+``Conv1D`` layers (GPT-2, OpenAI GPT: ``addmm`` on an ``[in, out]`` weight in transformers' graph) are put in the
+IR's linear form (``ir.linear_form``), so the passes find them as they find any ``nn.Linear``.
+
 The model's submodules sit directly under the wrapper (``model.layers.0.self_attn.q_proj``, ``lm_head``): node
 source paths and weight names are the checkpoint's, as with ``llmpress.models.Llama``.
 
@@ -265,5 +268,9 @@ def capture_hf(model: nn.Module, *, cache_len: int | None = None, info: dict | N
              type(wrapper.hf).__name__, len(wrapper.layer_types), wrapper.cache_len)
     from .lazy import LAZY_ATTR
 
+    from .linear_form import addmm_to_linear
+
     # a model loaded lazily (loaders.hf_generic) has fake parameters: the Module reads each one when a pass asks
-    return Module(ep, lm=wrapper.lm_info(), info=info, lazy=getattr(wrapper.hf, LAZY_ATTR, None))
+    module = Module(ep, lm=wrapper.lm_info(), info=info, lazy=getattr(wrapper.hf, LAZY_ATTR, None))
+    addmm_to_linear(module)  # GPT-2's Conv1D layers (addmm on [in, out] weights) in the linear form passes match
+    return module

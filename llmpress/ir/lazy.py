@@ -16,7 +16,7 @@ parameter would not mix with the model's CPU buffers), and ``ir.Module`` keeps `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -46,6 +46,13 @@ class LazyTensor:
     @property
     def stored_dtype(self) -> torch.dtype:
         return DTYPES[self.entry[0]]
+
+    def transposed_view(self) -> "LazyTensor | None":
+        """The source of this 2-D weight transposed (``load()`` then gives ``W^t``), or None where the row cut
+        comes after the transpose and so cannot be swapped with it."""
+        if self.rows is not None or len(self.shape) != 2:
+            return None
+        return replace(self, transposed=not self.transposed, shape=(self.shape[1], self.shape[0]))
 
     def load(self) -> torch.Tensor:
         code, shape, begin, end = self.entry

@@ -239,6 +239,36 @@ class Module:
         self._store(name, tensor.detach())  # another name tied to a lazy one keeps reading the old tensor
         self._runner = None
 
+    def transpose_weight(self, node: fx.Node) -> None:
+        """Store the 2-D weight behind placeholder ``node`` transposed, under its name (a layout change made at
+        capture: a ``Conv1D``'s ``[in, out]`` becomes a linear's ``[out, in]``, ``ir.linear_form``). A lazy weight
+        stays lazy where its source can read it transposed; the placeholder's shape follows. The caller rewrites
+        every reader of ``node``; refused for a weight that backs another placeholder (whose readers would see
+        the new layout unannounced)."""
+        name = self.weight_name(node)
+        if name is None:
+            raise VerifyError(f"transpose_weight: {node.name} is not a weight placeholder")
+        if sum(1 for s in self.signature.input_specs if s.target == name) > 1:
+            raise VerifyError(f"transpose_weight: {name} backs several placeholders (a tied weight)")
+        old = self.stored_weights()[name]
+        if old.dim() != 2:
+            raise VerifyError(f"transpose_weight: {name} has {old.dim()} dims, not 2")
+        src = self._lazy.get(name)
+        flipped = src.transposed_view() if src is not None else None
+        if src is not None and flipped is None:
+            old = src.load()  # read now: its source cannot give the transpose
+        self._store(name, old.detach().t().contiguous())  # a fake (lazy) weight gives a fake of the new shape
+        if flipped is not None:
+            self._lazy[name] = flipped
+        fm = self.fake_mode()
+        shape = (old.shape[1], old.shape[0])
+        if fm is None:
+            node.meta["val"] = torch.empty(shape, dtype=old.dtype, device="meta")
+        else:
+            with fm:
+                node.meta["val"] = torch.empty(shape, dtype=old.dtype)
+        self._runner = None
+
     def add_input(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, after: fx.Node) -> fx.Node:
         """Add a user input (a placeholder right after the placeholder ``after``) of a static ``shape``/``dtype``.
 

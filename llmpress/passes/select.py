@@ -1,8 +1,9 @@
 """Selectors: which nodes a pass touches.
 
 Structure first, names only filter (STYLE.md): ``linear_nodes`` finds every ``aten.linear`` whose weight is a stored
-2-D tensor by looking at the graph, and a ``Selector`` built from ``include``/``exclude`` globs then narrows that set
-by source-module path.
+2-D tensor by looking at the graph (capture puts GPT-2's ``Conv1D`` ``addmm`` layers in that form:
+``ir.linear_form``), and a ``Selector`` built from ``include``/``exclude`` globs then narrows that set by
+source-module path.
 
 A pattern matches a module path when it ``fnmatch``-es any run of consecutive dotted segments of it: the full path,
 any dotted suffix (``down_proj`` matches ``model.layers.0.mlp.down_proj``) and any enclosing module
@@ -25,6 +26,19 @@ from .base import SelectOptions
 __all__ = ["linear_nodes", "Selector", "select_linears", "pattern_matches", "why_none_selected"]
 
 _LINEAR = torch.ops.aten.linear.default
+_ADDMM = torch.ops.aten.addmm.default
+
+
+def _addmm_skip(module: Module, node: fx.Node) -> str | None:
+    """Why an ``aten.addmm`` on a stored weight (a ``Conv1D``-style layer that capture left as it was) is no
+    linear to the passes, or None for an addmm on computed matrices (no layer at all)."""
+    from ..ir.linear_form import addmm_problem
+
+    w = node.args[2] if len(node.args) > 2 else None
+    if not isinstance(w, fx.Node) or module.weight_name(w) is None:
+        return None
+    why = addmm_problem(module, node) or "not put in linear form (capture does: ir.linear_form.addmm_to_linear)"
+    return f"addmm on a stored weight left out of the linear form: {why}"
 
 
 def _linear_problem(module: Module, node: fx.Node) -> str | None:
@@ -98,12 +112,19 @@ def why_none_selected(module: Module, skipped: list[tuple[str, str]], pass_name:
 def select_linears(module: Module, options: SelectOptions) -> tuple[list[fx.Node], list[tuple[str, str]]]:
     """Weight linears the options select, and (source path, reason) for every linear left out.
 
-    Left out are linears whose weight is not a stored 2-D tensor (structure) and those the globs filter out.
+    Left out are linears whose weight is not a stored 2-D tensor (structure), those the globs filter out, and
+    ``addmm`` layers on stored weights that are not in the IR's linear form (``ir.linear_form``: capture puts
+    GPT-2's ``Conv1D`` in it; one left as addmm is named here, never passed over in silence).
     """
     sel = Selector.from_options(options)
     selected: list[fx.Node] = []
     skipped: list[tuple[str, str]] = []
     for n in module.graph.nodes:
+        if n.op == "call_function" and n.target is _ADDMM:
+            why = _addmm_skip(module, n)
+            if why is not None:
+                skipped.append((source_path(n) or n.name, why))
+            continue
         if n.op != "call_function" or n.target is not _LINEAR:
             continue
         path = source_path(n) or n.name
