@@ -7,7 +7,8 @@ transformers' code leaves ops in the graph that our own decoder never emits: ``.
 reference bit for bit: identities, a split, a cast and boolean logic, no arithmetic); then the case that failed
 before, ``llmpress.compile(folder, pipeline="quantize(bits=4,group=16)", target="onnx")`` on a tiny random StableLM
 folder, whose logits through a prefill and two decode steps equal the reference target's at the tolerance of
-``test_onnx_export.py`` (1e-5: ORT's MatMulNBits and GEMMs sum in another order; see that file's docstring).
+``test_onnx_export.py`` (1e-5: ORT's MatMulNBits and GEMMs sum in another order; see that file's docstring); and
+transformers' Phi-3, Gemma 2 and GPT-2, whose graphs carry the rest of those ops, in float32 likewise.
 """
 from __future__ import annotations
 
@@ -104,3 +105,37 @@ def test_int4_generic_folder_compiles_for_onnx(stablelm) -> None:
         got = ours(nxt, torch.tensor([pos]), *got[1:])
         want = ref(nxt, torch.tensor([pos]), *want[1:])
         close(got, want, f"decode T=1 at position {pos}")
+
+
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32)
+
+
+@pytest.mark.parametrize("kind, kw, ops", [
+    ("phi3", {**_SMALL, "pad_token_id": 0}, ["aten.chunk.default", "aten.contiguous.default"]),  # gate_up split
+    ("gemma2", {**_SMALL, "head_dim": 16, "sliding_window": 8},  # sliding-window mask: & of masks
+     ["aten.new_ones.default", "aten.__and__.Tensor"]),
+    ("gpt2", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32),  # Conv1D: linears
+     ["aten.dropout.default", "aten.linear.default"]),
+])
+def test_generic_families_export_in_float(tmp_path, kind, kw, ops) -> None:
+    """transformers' Phi-3, Gemma 2 and GPT-2 (models llmpress's own loaders cover for folders) captured
+    generically: the graphs carry the other translated ops, and ONNX Runtime equals the reference through a prefill
+    of 5 and one decode step (tolerance of ``test_onnx_export.py``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmpress.ir.capture_hf import capture_hf
+
+    torch.manual_seed(0)
+    module = capture_hf(AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw)).eval(), cache_len=16)
+    hist = module.op_histogram()
+    assert all(hist[op] >= 1 for op in ops) and "aten.addmm.default" not in hist, hist
+    program = OrtProgram(export(module, tmp_path / f"{kind}.onnx"))
+    ids = torch.randint(0, VOCAB - 2, (1, 5), generator=torch.Generator().manual_seed(3))
+    ref = module.run(ids, torch.tensor([0]), *empty_cache(module.lm))
+    got = program(ids, torch.tensor([0]), *empty_cache(module.lm))
+    nxt = ref[0][:, -1:].argmax(-1)
+    for step, (a, b) in enumerate([(got, ref), (program(nxt, torch.tensor([5]), *got[1:]),
+                                                module.run(nxt, torch.tensor([5]), *ref[1:]))]):
+        for o, r in zip(a, b):
+            torch.testing.assert_close(torch.as_tensor(o), r, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
