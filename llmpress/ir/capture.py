@@ -140,10 +140,16 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any, *, lm:
     except Exception as e:
         raise LlmpressError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
     info.setdefault("model_class", type(model).__name__)
-    from .lazy import LAZY_ATTR
+    return exported_module(ep, model, lm=lm, info=info)
 
+
+def exported_module(ep: Any, model: nn.Module, *, lm: LMInfo | None, info: dict) -> Module:
+    """The ``ir.Module`` of ``ep`` (exported from ``model``), as every capture path ends: the lazy sources a loader
+    left on ``model`` (its fake parameters are read when a pass asks, ``ir.lazy``), and ``Conv1D``-style layers
+    (``x @ W + b``, ``W`` stored ``[in, out]``) in the IR's linear form (``ir.linear_form``)."""
+    from .lazy import LAZY_ATTR
     from .linear_form import addmm_to_linear
 
     module = Module(ep, lm=lm, info=info, lazy=getattr(model, LAZY_ATTR, None))
-    addmm_to_linear(module)  # Conv1D-style layers (x @ W + b, W stored [in, out]) as aten.linear: ir.linear_form
+    addmm_to_linear(module)
     return module

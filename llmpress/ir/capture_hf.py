@@ -247,8 +247,6 @@ def capture_hf(model: nn.Module, *, cache_len: int | None = None, info: dict | N
                dynamic: bool = True):
     """Capture a transformers causal LM (or an ``HFStaticCacheLM``) into an ``ir.Module`` with the KV-cache
     calling convention and ``LMInfo``; ``dynamic`` makes the token count dynamic (1..cache_len)."""
-    from .module import Module
-
     wrapper = model if isinstance(model, HFStaticCacheLM) else HFStaticCacheLM(model, cache_len=cache_len)
     kind = _model_type(wrapper.hf)
     example = wrapper.example_inputs(seq_len=8)
@@ -266,11 +264,6 @@ def capture_hf(model: nn.Module, *, cache_len: int | None = None, info: dict | N
     info = {**(info or {}), "model_class": type(wrapper.hf).__name__, "capture": "hf_static_cache"}
     log.info("captured %s (%s) through transformers' StaticCache: %d layers, cache_len %d", kind,
              type(wrapper.hf).__name__, len(wrapper.layer_types), wrapper.cache_len)
-    from .lazy import LAZY_ATTR
+    from .capture import exported_module
 
-    from .linear_form import addmm_to_linear
-
-    # a model loaded lazily (loaders.hf_generic) has fake parameters: the Module reads each one when a pass asks
-    module = Module(ep, lm=wrapper.lm_info(), info=info, lazy=getattr(wrapper.hf, LAZY_ATTR, None))
-    addmm_to_linear(module)  # GPT-2's Conv1D layers (addmm on [in, out] weights) in the linear form passes match
-    return module
+    return exported_module(ep, wrapper.hf, lm=wrapper.lm_info(), info=info)
