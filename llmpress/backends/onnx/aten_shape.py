@@ -11,8 +11,9 @@ Where ATen and ONNX differ:
 - ``contiguous`` is an ``Identity`` (ONNX values have no strides), and so is ``dropout`` in inference
   (``train=False`` or ``p=0``: what ``torch.export`` records from a model in ``eval()``); a training dropout is
   refused (it is random);
-- ``chunk`` is ``Split`` with the sizes ATen computed (``ceil(n / chunks)`` each, the last one shorter, and fewer
-  than ``chunks`` outputs where ``n`` runs out), read from the node's recorded outputs.
+- ``split``, ``split_with_sizes`` and ``chunk`` are ``Split`` with the sizes ATen computed (``chunk``:
+  ``ceil(n / chunks)`` each, the last one shorter, and fewer than ``chunks`` outputs where ``n`` runs out), read
+  from the node's recorded outputs.
 """
 from __future__ import annotations
 
@@ -145,34 +146,16 @@ def _stack(ex: Any, node: fx.Node) -> str:
     return b.op("Concat", parts, axis=dim)
 
 
-@_register(aten.split_with_sizes.default)
-def _split_with_sizes(ex: Any, node: fx.Node) -> list[str]:
-    x, sizes = node.args[0], node.args[1]
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    if not all(isinstance(s, int) for s in sizes):
-        raise unsupported(node, "split sizes must be static")
-    return ex.b.op("Split", [ex.b.value(x), ex.b.const(list(sizes), np.int64)], outputs=len(sizes),
-                   axis=axis(dim, rank(x)))
-
-
-@_register(aten.split.Tensor)
+@_register(aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
 def _split(ex: Any, node: fx.Node) -> list[str]:
-    x, size = node.args[0], node.args[1]
-    dim = axis(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), rank(x))
-    n = val(x).shape[dim]
-    if not isinstance(n, int) or not isinstance(size, int):
-        raise unsupported(node, "split of a dynamic dimension")
-    sizes = [min(size, n - i) for i in range(0, n, size)]
-    return ex.b.op("Split", [ex.b.value(x), ex.b.const(sizes, np.int64)], outputs=len(sizes), axis=dim)
-
-
-@_register(aten.chunk.default)
-def _chunk(ex: Any, node: fx.Node) -> list[str]:
+    """``Split`` with the sizes ATen computed, read from the node's recorded outputs: ``split_with_sizes`` as given,
+    ``split`` in pieces of ``size`` and ``chunk`` in ``ceil(n / chunks)`` (the last piece shorter in both, and
+    ``chunk`` gives fewer than ``chunks`` where ``n`` runs out)."""
     x = node.args[0]
     dim = axis(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), rank(x))
     sizes = [v.shape[dim] for v in val(node)]
     if not all(isinstance(s, int) for s in sizes):
-        raise unsupported(node, "chunk of a dynamic dimension")
+        raise unsupported(node, f"{node.target.__name__} of a dynamic dimension (sizes must be static)")
     return ex.b.op("Split", [ex.b.value(x), ex.b.const(sizes, np.int64)], outputs=len(sizes), axis=dim)
 
 
