@@ -51,8 +51,9 @@ def test_transformers_ops_translate_exactly(tmp_path) -> None:
     module = capture(_TransformersOps(), (x, ids), dynamic=({1: seq}, {1: seq}))
     hist = module.op_histogram()
     for op in ("aten.chunk.default", "aten.contiguous.default", "aten.dropout.default", "aten.to.device",
-               "aten.to.dtype_layout", "aten.new_ones.default", "aten.__and__.Tensor"):
+               "aten.new_ones.default", "aten.__and__.Tensor"):
         assert hist[op] >= 1, (op, hist)  # the graph really carries what this test is about
+    assert "aten.to.dtype_layout" not in hist  # y.to(x.device): the identity on one device, dropped at capture
     assert check(module) == []
     program = OrtProgram(export(module, tmp_path / "ops.onnx"))
     for t in (4, 7):  # the token count is one symbolic dimension of the file
