@@ -2,7 +2,7 @@
 
 A backend lowers an ``ir.Module`` for a target and gives back a ``Compiled`` program that follows the module's
 calling convention (for LMs, ``forward(input_ids, start_pos, *caches) -> (logits, *caches)``; see
-``llmpress.models.llama``), can write its payload files into an artifact folder, and can be loaded back from one.
+``llmpress.ir.capture_hf``), can write its payload files into an artifact folder, and can be loaded back from one.
 
 Backends are picked through a dict (``llmpress.backends.get_backend``), never an ``if target == ...`` chain.
 """

@@ -1,6 +1,6 @@
 """Greedy generation with a KV cache, for anything that follows the LM calling convention.
 
-``forward(input_ids[B,T], start_pos[1], *caches) -> (logits, *caches)`` (see ``llmpress.models.llama``): the
+``forward(input_ids[B,T], start_pos[1], *caches) -> (logits, *caches)`` (see ``llmpress.ir.capture_hf``): the
 prompt is one prefill call, then each new token is one decode call (T = 1) that reads and updates the cache, so
 the prefix is never recomputed.
 """

@@ -1,13 +1,14 @@
 """Capture: turn a model into an ``ir.Module`` with ``torch.export``.
 
 Accepted models:
-- ``llmpress.models.Llama`` (what the loaders build from Hugging Face Llama folders and llama2.c checkpoints): captured
-  with its KV-cache calling convention and a dynamic sequence length, so one graph serves prefill and decode.
-- a Hugging Face ``PreTrainedModel`` causal LM of another architecture: captured generically through transformers'
-  own ``StaticCache`` (``llmpress.ir.capture_hf``) with the same KV-cache calling convention, or refused with an
-  error naming the model type and why transformers cannot export it. Given ``example_inputs``, it is captured as
-  ``input_ids -> logits`` without a cache (``use_cache=False``) instead. Folders of the families in
-  ``loaders.hf.SUPPORTED_MODEL_TYPES`` load as ``Llama``.
+- a Hugging Face ``PreTrainedModel`` causal LM (what the loaders build from Hugging Face folders and llama2.c
+  checkpoints): captured through transformers' own ``StaticCache`` (``llmpress.ir.capture_hf``) with the KV-cache
+  calling convention and a dynamic token count, so one graph serves prefill and decode; or refused with an error
+  naming the model type and why transformers cannot export it. Given ``example_inputs``, it is captured as
+  ``input_ids -> logits`` without a cache (``use_cache=False``) instead.
+- a module of one's own that follows the calling convention (``forward(input_ids, start_pos, *caches) -> (logits,
+  *caches)``, see ``capture_hf``) and says so with ``lm_info() -> LMInfo`` and ``example_inputs(seq_len)``:
+  captured with a dynamic token count (1..``cache_len``) and its ``LMInfo``, like a transformers model.
 - any other ``nn.Module``, including Hugging Face models that are not causal LMs (a BERT-style encoder called with
   ``(input_ids, attention_mask)``): its own ``forward`` on ``example_inputs``, returning what it returns (a
   ``ModelOutput`` flattened to its tensors, in field order).
@@ -46,13 +47,8 @@ class _LogitsOnly(nn.Module):
 
 
 def lm_info(model: nn.Module) -> LMInfo | None:
-    from ..models.llama import Llama
-
-    if isinstance(model, Llama):
-        c = model.config
-        return LMInfo(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, cache_len=model.cache_len,
-                      vocab_size=c.vocab_size, bos_id=c.bos_id, eos_id=c.eos_id, eos_ids=tuple(c.eos_ids))
-    # an imported ONNX decoder run with a static cache (PastKVDecoder), or a transformers LM (HFStaticCacheLM)
+    """The ``LMInfo`` a module following the calling convention reports (a module of one's own, an imported ONNX
+    decoder with a static cache, ``PastKVDecoder``, or a transformers LM, ``HFStaticCacheLM``); None otherwise."""
     if callable(getattr(model, "lm_info", None)):
         return model.lm_info()
     return None
@@ -65,8 +61,6 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
     ``dynamic``: True makes the sequence dimension (dim 1 of the first input) dynamic for language models; False
     exports static shapes; anything else is passed to ``torch.export`` as ``dynamic_shapes``.
     """
-    from ..models.llama import Llama
-
     info = dict(info or {})
     if isinstance(model, (str, Path)):
         from .loaders import load_model
@@ -84,12 +78,12 @@ def capture(model: Any, example_inputs: tuple | None = None, *, dynamic: bool | 
             raise LlmpressError("capture(): a transformers causal LM takes dynamic=True or False (its token count)")
         return capture_hf(model, info=info, dynamic=dynamic)
     lm = lm_info(model)
-    if isinstance(model, Llama):
+    if lm is not None and not hasattr(model, "dynamic_shapes"):  # the calling convention, a module of one's own
         if example_inputs is None:
             example_inputs = model.example_inputs(seq_len=8)
         ds = None
         if dynamic is True:
-            seq = torch.export.Dim("seq", min=1, max=model.cache_len)
+            seq = torch.export.Dim("seq", min=1, max=lm.cache_len)
             ds = ({1: seq}, None, tuple(None for _ in example_inputs[2:]))
         elif dynamic is not False:
             ds = dynamic
@@ -145,11 +139,14 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any, *, lm:
 
 def exported_module(ep: Any, model: nn.Module, *, lm: LMInfo | None, info: dict) -> Module:
     """The ``ir.Module`` of ``ep`` (exported from ``model``), as every capture path ends: the lazy sources a loader
-    left on ``model`` (its fake parameters are read when a pass asks, ``ir.lazy``), and ``Conv1D``-style layers
-    (``x @ W + b``, ``W`` stored ``[in, out]``) in the IR's linear form (``ir.linear_form``)."""
+    left on ``model`` (its fake parameters are read when a pass asks, ``ir.lazy``), identity casts dropped
+    (``ir.canonical``), and ``Conv1D``-style layers (``x @ W + b``, ``W`` stored ``[in, out]``) in the IR's linear
+    form (``ir.linear_form``)."""
+    from .canonical import drop_identity_ops
     from .lazy import LAZY_ATTR
     from .linear_form import addmm_to_linear
 
     module = Module(ep, lm=lm, info=info, lazy=getattr(model, LAZY_ATTR, None))
+    drop_identity_ops(module)
     addmm_to_linear(module)
     return module

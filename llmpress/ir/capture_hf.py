@@ -2,7 +2,7 @@
 
 Any ``PreTrainedModel`` causal LM that transformers can run with its ``StaticCache`` (what
 ``transformers.integrations.executorch`` exports for ExecuTorch) is captured with the signature every llmpress
-backend and runner shares (``llmpress.models.llama``, ``LMInfo``)::
+backend and runner shares (``LMInfo``)::
 
     forward(input_ids: int64[B, T], start_pos: int64[1], k_0, v_0, ..., k_{L-1}, v_{L-1})
         -> (logits: float[B, T, V], k_0', v_0', ..., k_{L-1}', v_{L-1}')
@@ -26,16 +26,16 @@ Attention: transformers' SDPA path repeats each KV head for its query group (``r
 cache per call) and passes a ``[B, 1, T, S]`` mask, a form the backends' fused attention kernels do not take. While
 exporting a model that runs with ``sdpa``, ``GQA_ATTENTION`` (registered with transformers' ``AttentionInterface``)
 computes the same ``softmax(scale q k^T, masked) v`` as one ``scaled_dot_product_attention(q, k, v, mask[0, 0],
-enable_gqa=True)`` over the unrepeated cache, the form ``llmpress.models.Llama`` emits; anything else (dropout,
+enable_gqa=True)`` over the unrepeated cache, the form the backends' attention kernels take; anything else (dropout,
 soft-capping, attention sinks, a per-batch mask) goes to transformers' own SDPA function unchanged. The TVM ``cpu``
-build then runs it through the fused attention kernel like our decoder's graph (once transformers' ``.to(device)``
-calls got a converter, ``backends/tvm/converters._to_device``; ``benchmarks/results/capture_paths.md``).
+build then runs it through the fused attention kernel (with a converter for transformers' ``.to(device)`` calls,
+``backends/tvm/converters._to_device``; ``benchmarks/results/capture_paths.md``).
 
 ``Conv1D`` layers (GPT-2, OpenAI GPT: ``addmm`` on an ``[in, out]`` weight in transformers' graph) are put in the
 IR's linear form (``ir.linear_form``), so the passes find them as they find any ``nn.Linear``.
 
 The model's submodules sit directly under the wrapper (``model.layers.0.self_attn.q_proj``, ``lm_head``): node
-source paths and weight names are the checkpoint's, as with ``llmpress.models.Llama``.
+source paths and weight names are the checkpoint's.
 
 Refused with ``UnsupportedOpError`` naming the model type and the reason: models transformers does not mark as
 static-cache compileable (``_can_compile_fullgraph``: recurrent state, custom caches), cache layers that are not
@@ -162,7 +162,7 @@ def _static_layer_class():
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
             b, h, t, _ = key_states.shape
             pos = (self.cumulative_length + torch.arange(t, device=key_states.device)).view(1, 1, t, 1)
-            # scatter along the position axis (as llmpress.models.Llama writes its cache): every backend lowers it,
+            # scatter along the position axis: every backend lowers it,
             # where index_copy decomposes into an index_put over a partial index that TVM's importer refuses
             self.keys = torch.scatter(self.keys, 2, pos.expand(b, h, t, self.k_head_dim),
                                       key_states.to(self.keys.dtype))

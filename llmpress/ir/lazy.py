@@ -1,11 +1,11 @@
 """Lazy weights: a checkpoint tensor named, not read, until a pass asks for it.
 
 A ``LazyTensor`` says where one of our float32 weights comes from: a safetensors file, the checkpoint tensor's
-header entry, and how ours is cut from it (transposed, then rows ``[begin, end)``; ``add_one``: Gemma's norms store
-``w`` for ``1 + w``). ``load()`` reads that one tensor (``safetensors_io.read_tensor``: plain file I/O, no memory
-map left behind) and returns
+header entry, and whether ours is its transpose (``ir.linear_form`` stores a ``Conv1D`` weight transposed).
+``load()`` reads that one tensor (``safetensors_io.read_tensor``: plain file I/O, no memory map left behind) and
+returns
 
-    W = float32(T^t if transposed else T)[begin:end] (+ 1 if add_one)
+    W = float32(T^t if transposed else T)
 
 exactly what the eager loader computes, so a lazily loaded model rewrites to the same bits.
 
@@ -39,18 +39,15 @@ class LazyTensor:
     entry: tuple         # (dtype code, shape, begin, end) of the safetensors header entry
     data_start: int
     shape: tuple[int, ...]
-    rows: tuple[int, int] | None = None
     transposed: bool = False
-    add_one: bool = False
 
     @property
     def stored_dtype(self) -> torch.dtype:
         return DTYPES[self.entry[0]]
 
     def transposed_view(self) -> "LazyTensor | None":
-        """The source of this 2-D weight transposed (``load()`` then gives ``W^t``), or None where the row cut
-        comes after the transpose and so cannot be swapped with it."""
-        if self.rows is not None or len(self.shape) != 2:
+        """The source of this 2-D weight transposed (``load()`` then gives ``W^t``), or None if it is not 2-D."""
+        if len(self.shape) != 2:
             return None
         return replace(self, transposed=not self.transposed, shape=(self.shape[1], self.shape[0]))
 
@@ -61,11 +58,7 @@ class LazyTensor:
         t = t.to(torch.float32)
         if self.transposed:
             t = t.t()
-        if self.rows is not None:
-            t = t[self.rows[0]:self.rows[1]]
         t = t.contiguous()
-        if self.add_one:
-            t = 1.0 + t
         if tuple(t.shape) != tuple(self.shape):  # the loader checked the header; a changed file shows here
             raise ValueError(f"{self.path}: tensor {self.tensor} now gives shape {tuple(t.shape)}, expected "
                              f"{tuple(self.shape)} (the file changed since it was loaded)")

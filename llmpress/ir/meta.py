@@ -72,7 +72,7 @@ def set_compression(node: fx.Node, spec: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class LMInfo:
-    """The calling convention of a captured causal LM (see ``llmpress.models.llama``).
+    """The calling convention of a captured causal LM (see ``llmpress.ir.capture_hf``).
 
     ``forward(input_ids[B,T], start_pos[1], *caches) -> (logits, *caches')``.
 

@@ -2,7 +2,7 @@
 
 Matched structurally: every ``aten.scatter.src(cache, dim, index, src)`` whose ``cache`` operand is a user input of
 the graph -- the write of the new keys/values into the cache in the KV-cache calling convention of
-``llmpress.models.llama``. Symmetric absmax quantization per (batch, head, token) vector (``llmpress.ir.ops.kv_quant``)::
+``llmpress.ir.capture_hf``. Symmetric absmax quantization per (batch, head, token) vector (``llmpress.ir.ops.kv_quant``)::
 
     s[b, h, t] = max_d |src[b, h, t, d]| / 127          codes[b, h, t, :] = clamp(round(src[b, h, t, :] / s), -127, 127)
 

@@ -2,7 +2,7 @@
 //
 // The artifact folder holds manifest.json, the exported VM library (payload.lib, e.g. model.so), the weights in
 // safetensors (payload.weights) and, optionally, a llama2.c-format tokenizer. The VM functions follow the LM
-// calling convention of llmpress.models.llama, with the weights appended as parameters in payload.params order:
+// calling convention of llmpress.ir.capture_hf, with the weights appended as parameters in payload.params order:
 //
 //   prefill/decode(input_ids int64[1,T], start_pos int64[1], k_0, v_0, ..., k_{L-1}, v_{L-1}, *weights)
 //       -> (logits float32[1,T,V], k_0', v_0', ...)

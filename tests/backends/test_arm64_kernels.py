@@ -180,7 +180,7 @@ NEW_TOKENS = 32
 def llama():
     """A random Llama whose every linear fits the kernel layout under the presets' group 128 (in 128 or 256)."""
     from llmpress.ir.capture import capture
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=64)

@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.tvm, pytest.mark.cpu_variants]
 def _biased_llama():
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import hf_tiny
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=16,
-                      qkv_bias=True, o_bias=True, mlp_bias=True)
-    module, _ = run_pipeline(capture(Llama(cfg).eval()), "fuse_gate_up", progress=False)
+    hf = hf_tiny("llama", vocab_size=64, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=256, max_position_embeddings=16, attention_bias=True,
+                 mlp_bias=True)
+    module, _ = run_pipeline(capture(hf), "fuse_gate_up", progress=False)
     return module
 
 

@@ -26,7 +26,7 @@ PROMPT = [1, 17, 42, 99, 5]
 @pytest.fixture(scope="module")
 def llama():
     """A random Llama whose every linear fits the kernel layouts under the presets' group 128."""
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=64)

@@ -18,7 +18,7 @@ FATBIN_MAGIC = 0xBA55ED50  # first word of an NVIDIA fatbin container
 
 @pytest.fixture(scope="module")
 def module():
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)

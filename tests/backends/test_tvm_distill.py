@@ -18,7 +18,7 @@ def test_distilled_int2_llama_builds_and_matches_reference():
 
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     # One layer of the tiny Llama (the build time grows with the layers, the coverage does not).

@@ -39,12 +39,11 @@ def _llama(dim: int, hidden: int, pipeline: str, *, bias: bool = False):
     """A one-layer Llama through ``pipeline``; ``bias``: q/k/v/o with biases (Qwen2-like, ``bias.py``'s epilogue)."""
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import hf_tiny
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=hidden, max_seq_len=16,
-                      qkv_bias=bias, o_bias=bias)
-    module, records = run_pipeline(capture(Llama(cfg).eval()), pipeline, progress=False)
+    hf = hf_tiny("llama", vocab_size=64, hidden_size=dim, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=hidden, max_position_embeddings=16, attention_bias=bias)
+    module, records = run_pipeline(capture(hf), pipeline, progress=False)
     assert next(r for r in records if r.name == "fuse_gate_up").stats["groups"] == ["model.layers.0.mlp.gate_up_proj"]
     return module
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.tvm
 def test_factorized_int4_g128_llama_builds_and_matches_reference():
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     # One layer, dim 256, MLP 1024: rank 128 shrinks the MLP layers (128 * 1280 < 1024 * 256) but not the 256x256

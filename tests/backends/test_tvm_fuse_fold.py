@@ -19,7 +19,7 @@ pytestmark = pytest.mark.tvm
 def test_fused_folded_int4_g128_llama_builds_and_matches_reference():
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     # One layer, dim 128 and MLP 256: every linear's in_features fits group 128; gate_up_proj is [512, 128].

@@ -23,7 +23,7 @@ ATOL = RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def llama():
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.tvm
 def prog():
     from llmpress.api import run_pipeline
     from llmpress.backends.tvm.lower import to_relax
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=32)

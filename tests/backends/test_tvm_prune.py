@@ -20,7 +20,7 @@ pytestmark = pytest.mark.tvm
 def test_pruned_int4_g128_llama_builds_and_matches_reference():
     from llmpress.api import run_pipeline
     from llmpress.ir.capture import capture
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=256, n_layers=1, n_heads=8, n_kv_heads=4, hidden_dim=1024, max_seq_len=16)

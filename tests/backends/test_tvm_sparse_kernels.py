@@ -190,7 +190,7 @@ TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}
 def forced():
     """(model, sparsified module, program compiled with every sparse-eligible layer on the sparse kernels)."""
     import llmpress
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     from llmpress.ir.capture import capture
 

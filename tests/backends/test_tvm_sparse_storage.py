@@ -74,7 +74,7 @@ def test_dense_tensors_stay_dense_and_bad_records_are_refused() -> None:
 def _llama():
     """A small Llama whose int4 linears take the CPU kernels' tiled layout (in % 64 == 0, out % 4 == 0) and are big
     enough for compression to pay (the smallest, 128 x 64 int4 codes, is 4 KiB)."""
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=32)

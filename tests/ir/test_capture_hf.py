@@ -1,10 +1,9 @@
 """Generic capture of transformers decoder LMs through their StaticCache (``llmpress.ir.capture_hf``).
 
-StableLM is the architecture llmpress does not build itself (LayerNorm with bias, RoPE over a quarter of each head:
-``partial_rotary_factor=0.25``), saved here as a tiny random folder (nothing downloaded). Checked: the calling
+StableLM (LayerNorm with bias, RoPE over a quarter of each head: ``partial_rotary_factor=0.25``), saved here as a tiny random folder (nothing downloaded). Checked: the calling
 convention and ``LMInfo``; prefill + one-token decodes through the captured cache equal transformers' own full
-forward; the TVM ``cpu`` build generates transformers' greedy tokens; on a Llama folder the generic graph computes
-what ``llmpress.models.Llama`` computes; a model without a key/value cache (Mamba) is refused by name.
+forward; the TVM ``cpu`` build generates transformers' greedy tokens; a Llama captured with the caller's eager
+attention computes what its folder's load (sdpa) does; a model without a key/value cache (Mamba) is refused by name.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import torch
 import llmpress
 from llmpress.errors import UnsupportedOpError
 from llmpress.ir.loaders import load_model
-from llmpress.models import Llama
 
 VOCAB = 256
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -135,16 +133,18 @@ def test_cpu_build_generates_transformers_greedy_tokens(stablelm) -> None:
     assert art.generate_ids(prompt[0].tolist(), 12) == want
 
 
-def test_generic_path_on_llama_equals_our_decoder(tmp_path) -> None:
+def test_capture_keeps_the_callers_attention_implementation(tmp_path) -> None:
+    """capture() exports with its GQA attention and puts the model's own implementation back; the folder's load
+    (sdpa) and the caller's eager model capture the same computation and cache layout."""
     folder = _save(tmp_path / "llama", "llama")
-    ours = llmpress.ir.capture(load_model(folder, cache_len=CACHE).model)
+    loaded = llmpress.ir.capture(load_model(folder, cache_len=CACHE).model)
     hf = _hf(folder)
     hf.generation_config.cache_config = {"max_cache_len": CACHE}
     generic = llmpress.ir.capture(hf)
     assert hf.config._attn_implementation == "eager"  # the caller's choice, untouched
-    assert isinstance(load_model(folder).model, Llama) and ours.lm.cache_specs() == generic.lm.cache_specs()
+    assert loaded.lm.cache_specs() == generic.lm.cache_specs()
     x = _ids(9)
-    torch.testing.assert_close(_prefill_then_decode(generic, x, 5), _prefill_then_decode(ours, x, 5),
+    torch.testing.assert_close(_prefill_then_decode(generic, x, 5), _prefill_then_decode(loaded, x, 5),
                                rtol=0, atol=ATOL)
 
 

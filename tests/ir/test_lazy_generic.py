@@ -1,8 +1,7 @@
-"""Lazy weights for the model types llmpress does not build itself (``loaders.hf_generic``): transformers' own model
-with fake parameters, each weight read from the checkpoint when a pass asks.
+"""Lazy weights for Hugging Face folders (``loaders.hf_generic``): transformers' own model with fake parameters, each
+weight read from the checkpoint when a pass asks.
 
-Tiny random models saved by transformers in bfloat16 and sharded (nothing downloaded): StableLM (outside
-``SUPPORTED_MODEL_TYPES``), a tied-embedding StableLM whose checkpoint omits ``lm_head``, GPT-NeoX (whose checkpoint
+Tiny random models saved by transformers in bfloat16 and sharded (nothing downloaded): StableLM, a tied-embedding StableLM whose checkpoint omits ``lm_head``, GPT-NeoX (whose checkpoint
 names ``lm_head`` ``embed_out``: one of transformers' pure renamings), and Mixtral, whose per-expert checkpoint
 tensors transformers fuses on load (no one-to-one match: loaded eagerly, said in the log).
 """
@@ -151,16 +150,18 @@ def _rewrite(src, dst, change) -> None:
 
 
 def test_damaged_checkpoints_are_refused_by_name(stablelm, tmp_path) -> None:
-    """A tensor of the wrong shape: the lazy load names file and tensor. A missing one: nothing to read it from
-    lazily, and the eager load refuses it too (where transformers would initialize it at random)."""
+    """A tensor of the wrong shape: the load names file and tensor. A missing one: named too, by the lazy and the
+    eager load (where transformers would initialize it at random)."""
     (tmp_path / "shape").mkdir()
     _rewrite(stablelm, tmp_path / "shape", lambda n, t: t[:-1] if n == "model.layers.1.mlp.up_proj.weight" else t)
     with pytest.raises(LoadError, match=r"model.safetensors: tensor model.layers.1.mlp.up_proj.weight: shape "
                                         r"\(128, 64\) expected, found \(127, 64\)"):
         load_model(tmp_path / "shape", lazy=True)
+    with pytest.raises(LoadError, match=r"tensor model.layers.1.mlp.up_proj.weight: shape"):
+        load_model(tmp_path / "shape")
     (tmp_path / "missing").mkdir()
     _rewrite(stablelm, tmp_path / "missing", lambda n, t: None if n == "model.layers.1.mlp.up_proj.weight" else t)
     for lazy in (True, False):
-        with pytest.raises(LoadError, match=r"lacks 1 parameters of model_type 'stablelm'.*: "
-                                            r"model.layers.1.mlp.up_proj.weight"):
+        with pytest.raises(LoadError, match=r"model.safetensors: missing tensor model.layers.1.mlp.up_proj.weight "
+                                            r"\(in .*; model_type 'stablelm' has 1 parameters the checkpoint lacks\)"):
             load_model(tmp_path / "missing", lazy=lazy)

@@ -1,5 +1,6 @@
-"""Model loaders: llama2.c and Hugging Face folders into our Llama, checked against llama2.c's own greedy text and
-against eager transformers; every damaged-file case is a LoadError naming the file."""
+"""Model loaders: llama2.c checkpoints and Hugging Face folders into transformers' models, checked against
+llama2.c's own greedy text and against transformers' own loader; every damaged-file case is a LoadError naming the
+file."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,9 @@ import torch
 
 import llmpress
 from llmpress.errors import LoadError
-from llmpress.eval.generate import greedy
+from llmpress.eval.generate import empty_cache, greedy
 from llmpress.ir.loaders import LoadedModel, load_model
 from llmpress.ir.loaders.llama2c import interleaved_to_half
-from llmpress.models import Llama
 
 from ..conftest import STORIES260K, TINYSTORIES, VALID
 
@@ -47,17 +47,19 @@ def test_stories260k_greedy_text_matches_llama2c_exactly() -> None:
 
 
 def test_stories260k_loads_as_tied_llama() -> None:
+    from transformers import LlamaForCausalLM
+
     loaded = load_model(S260K)
-    assert isinstance(loaded, LoadedModel) and isinstance(loaded.model, Llama)
+    assert isinstance(loaded, LoadedModel) and isinstance(loaded.model, LlamaForCausalLM)
     c = loaded.model.config
-    assert (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len) == \
-        (64, 172, 5, 8, 4, 512, 512)
-    assert c.tie_embeddings and c.norm_eps == 1e-5 and c.rope_theta == 10000.0
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.vocab_size, c.max_position_embeddings) == (64, 172, 5, 8, 4, 512, 512)
+    assert c.tie_word_embeddings and c.rms_norm_eps == 1e-5 and c.rope_parameters["rope_theta"] == 10000.0
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
     assert sum(p.numel() for p in loaded.model.parameters()) == 260_032  # the README count; the tied classifier counts once
     assert loaded.tokenizer.files()[0].name == "tok512.bin"
     assert loaded.source == str(S260K.resolve())
-    assert load_model(S260K, cache_len=64).model.cache_len == 64
+    assert llmpress.ir.capture(load_model(S260K, cache_len=64).model).lm.cache_len == 64
 
 
 def test_interleaved_to_half_makes_rope_agree() -> None:
@@ -82,17 +84,16 @@ def test_interleaved_to_half_makes_rope_agree() -> None:
 
 @pytest.mark.slow
 def test_tinystories_llama_matches_transformers() -> None:
-    """Our Llama from the HF folder vs ``AutoModelForCausalLM`` eager, fp32, on real sentences. Both compute the
-    same fp32 ops (RMSNorm, rotate-half RoPE, GQA softmax attention, SwiGLU); only the reduction order of
-    attention over the padded static cache differs, so agreement to 1e-4 absolute on logits of magnitude ~10
-    (about 1e-5 relative) is expected. Measured: exactly equal on this machine."""
+    """The graph captured from the HF folder (weights read lazily) vs ``AutoModelForCausalLM.from_pretrained``
+    eager, fp32, on real sentences. The same transformers code on both sides; only the reduction order of attention
+    over the padded static cache differs, so agreement to 1e-4 absolute on logits of magnitude ~10 (about 1e-5
+    relative) is expected."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = load_model(TINYSTORIES)
-    assert loaded.kind == "hf" and isinstance(loaded.model, Llama)
-    assert loaded.config["model_type"] == "llama"
-    c = loaded.model.config
-    assert (c.head_dim, c.n_kv_heads, c.rope_theta, c.norm_eps, c.tie_embeddings) == (32, 4, 10000.0, 1e-5, False)
+    loaded = load_model(TINYSTORIES, lazy=True)
+    assert loaded.kind == "hf" and loaded.config["model_type"] == "llama"
+    module = llmpress.ir.capture(loaded.model)
+    assert (module.lm.head_dim, module.lm.n_kv_heads, module.lm.n_layers) == (32, 4, 8)
     hf = AutoModelForCausalLM.from_pretrained(str(TINYSTORIES), attn_implementation="eager").eval()
     auto = AutoTokenizer.from_pretrained(str(TINYSTORIES))
     sentences = ["once upon a time, there was a little dog named max.",
@@ -104,7 +105,7 @@ def test_tinystories_llama_matches_transformers() -> None:
         x = torch.tensor([ids])
         with torch.no_grad():
             want = hf(x).logits
-            got = loaded.model(x, torch.zeros(1, dtype=torch.int64), *loaded.model.empty_cache())[0]
+            got = module.run(x, torch.zeros(1, dtype=torch.int64), *empty_cache(module.lm))[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     # The tokenizer agrees with AutoTokenizer on real paragraphs (sentencepiece tokenizer.model is the one used).
     paras = [p.strip() for p in VALID.read_text().split("\n\n") if p.strip()][:100]
@@ -174,12 +175,7 @@ def test_sharded_safetensors_and_rejections(tmp_path) -> None:
     (dst / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(LoadError, match="model-00002-of-00002.safetensors"):
         load_model(dst)
-    # pytorch_model.bin only.
-    for f in list(dst.glob("model*")):
-        f.unlink()
-    (dst / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(LoadError, match="pytorch_model.bin"):
-        load_model(dst)
+    shutil.copy(TINYSTORIES / "model.safetensors", dst / "model-00002-of-00002.safetensors")
     # rope scaling that changes with the sequence length; a scaled RoPE missing its parameters.
     cfg = json.loads((TINYSTORIES / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 8.0}
@@ -188,7 +184,14 @@ def test_sharded_safetensors_and_rejections(tmp_path) -> None:
         load_model(dst)
     cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0}
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match=r"config\.json: rope scaling 'llama3'.*low_freq_factor"):
+    with pytest.raises(LoadError, match=r"config\.json: transformers cannot read it: .*low_freq_factor"):
+        load_model(dst)
+    # pytorch_model.bin only.
+    for f in list(dst.glob("model*")):
+        f.unlink()
+    (dst / "config.json").write_text((TINYSTORIES / "config.json").read_text())
+    (dst / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(LoadError, match="pytorch_model.bin"):
         load_model(dst)
 
 
@@ -209,7 +212,7 @@ def test_bad_llama2c_header(tmp_path) -> None:
     for name, (values, why) in cases.items():
         with pytest.raises(LoadError, match=rf"{name}: .*{why}"):
             load_model(_header(tmp_path / name, values))
-    assert isinstance(load_model(_header(tmp_path / "ok.bin", good)).model, Llama)
+    assert load_model(_header(tmp_path / "ok.bin", good)).model.config.num_hidden_layers == 5
 
 
 def test_truncated_llama2c(tmp_path) -> None:
@@ -240,7 +243,7 @@ def test_unshared_llama2c_classifier(tmp_path) -> None:
     (tmp_path / "unshared.bin").write_bytes(bytes(data) + wcls.numpy().astype("<f4").tobytes())
     shutil.copy(STORIES260K / "tok512.bin", tmp_path / "tok512.bin")
     loaded = load_model(tmp_path / "unshared.bin")
-    assert not loaded.model.config.tie_embeddings and not loaded.config["shared_classifier"]
+    assert not loaded.model.config.tie_word_embeddings and not loaded.config["shared_classifier"]
     assert loaded.model.lm_head.weight is not loaded.model.model.embed_tokens.weight
     torch.testing.assert_close(loaded.model.lm_head.weight, wcls, rtol=0, atol=0)
     assert loaded.tokenizer is not None and loaded.tokenizer.files() == [tmp_path / "tok512.bin"]
@@ -259,11 +262,11 @@ def test_hf_config_variants(tmp_path) -> None:
     cfg.update(tie_word_embeddings=True, rope_theta=500000.0, eos_token_id=[2, 7])
     (dst / "config.json").write_text(json.dumps(cfg))
     loaded = load_model(dst, cache_len=32)
-    c = loaded.model.config
-    assert c.tie_embeddings and c.rope_theta == 500000.0 and c.eos_id == 2 and loaded.model.cache_len == 32
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
-    # theta reaches the RoPE tables: cos[p, 1] = cos(p * theta^(-2/hd)).
-    torch.testing.assert_close(loaded.model.rope_cos[5, 1], torch.tensor(5 * 500000.0 ** (-2 / 32)).cos())
+    # theta reaches the RoPE: inv_freq[1] = theta^(-2/hd)
+    torch.testing.assert_close(loaded.model.model.rotary_emb.inv_freq[1], torch.tensor(500000.0 ** (-2 / 32)))
+    lm = llmpress.ir.capture(loaded.model).lm
+    assert lm.cache_len == 32 and lm.eos_ids == (2, 7) and lm.eos_id == 2
 
 
 def test_other_hf_architectures_go_through_transformers(tmp_path) -> None:

@@ -2,8 +2,8 @@
 by ``torch.onnx.export(dynamo=True)`` from a transformers Llama with a ``DynamicCache``, import with their KV cache
 into llmpress's static-cache calling convention (``PastKVDecoder``, ``LMInfo``).
 
-The oracle is llmpress's own loader of the same Hugging Face folder (``llmpress.models.Llama``, the same calling
-convention and cache layout): prefill, decode steps and a chunk at an offset give the same logits and the same
+The oracle is llmpress's own capture of the same Hugging Face folder (transformers' model through its
+``StaticCache``, ``llmpress.ir.capture_hf``: the same calling convention and cache layout): prefill, decode steps and a chunk at an offset give the same logits and the same
 caches. Tolerance: the same fp32 formulas summed in different orders over two layers: ``rtol = atol = 1e-5``
 (observed ~1e-6). The real reference model exported the same way (about 100 s to export on 2 cores, too slow for
 the suite) was measured by hand: 25.737597 against the HF folder's 25.737599 on a 4K-token valid prefix, logits
@@ -77,10 +77,13 @@ def test_decoder_exported_with_past_key_values_imports_with_its_kv_cache(tmp_pat
     assert (lm.bos_id, lm.eos_id) == (1, 2)  # from the config.json beside the file
     assert load_model(folder / "model.onnx").model.cache_len == 64  # default: max_position_embeddings
 
-    ref = load_model(folder, cache_len=32).model.eval()  # llmpress's loader of the same HF folder
+    from llmpress.eval.generate import empty_cache
+    from llmpress.ir.capture_hf import HFStaticCacheLM
+
+    ref = HFStaticCacheLM(load_model(folder).model, cache_len=32)  # llmpress's capture of the same HF folder
     fwd = module.exported_program.module()
     g = torch.Generator().manual_seed(1)
-    caches_ref, caches_onnx = ref.empty_cache(), ref.empty_cache()
+    caches_ref, caches_onnx = empty_cache(lm), empty_cache(lm)
     with torch.no_grad():
         for start, t in ((0, 7), (7, 1), (8, 4), (12, 1)):  # prefill, decode, a chunk at an offset, decode
             ids = torch.randint(0, 128, (1, t), generator=g)

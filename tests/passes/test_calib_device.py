@@ -40,7 +40,7 @@ def test_cuda_without_cuda_is_a_config_error_before_the_model_loads(tmp_path: Pa
 
 @pytest.fixture(scope="module")
 def tiny_module():
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)

@@ -104,7 +104,7 @@ def test_svd_llm_dampens_a_singular_gram() -> None:
 # -- the pass --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from llmpress.ir.capture import capture
-from llmpress.models import Llama, LlamaConfig
+from tests.decoder import Llama, LlamaConfig
 from llmpress.passes.base import PassContext
 from llmpress.passes.fold_constants import FoldConstants
 from llmpress.passes.pipeline import build

@@ -11,7 +11,7 @@ from torch import nn
 from llmpress.errors import PassError
 from llmpress.ir.capture import capture
 from llmpress.ir.module import Module
-from llmpress.models import Llama
+from tests.decoder import Llama
 from llmpress.passes.manager import check_order
 from llmpress.passes.pipeline import build
 

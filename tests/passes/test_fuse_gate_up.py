@@ -9,7 +9,7 @@ from llmpress.errors import PassError
 from llmpress.ir.capture import capture
 from llmpress.ir.meta import source_path
 from llmpress.ir.module import Module
-from llmpress.models import Llama
+from tests.decoder import Llama
 from llmpress.passes.manager import check_order
 from llmpress.passes.pipeline import build
 

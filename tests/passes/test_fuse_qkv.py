@@ -7,7 +7,7 @@ from torch import nn
 
 from llmpress.ir.meta import source_path
 from llmpress.ir.module import Module
-from llmpress.models import Llama
+from tests.decoder import Llama
 from llmpress.passes.fuse_qkv import FuseQKV
 
 from .tiny_llama import llama, llama_and_module  # noqa: F401 - the shared fixtures

@@ -213,7 +213,7 @@ def test_reproducer_after_rewrites_loads_and_runs(tmp_path) -> None:
     """The program saved before a crash includes earlier rewrites (new weights, dynamic sequence length).
 
     Regression: weights added with symbolic fake shapes made saved programs fail their own guards."""
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
     from llmpress.passes.pipeline import build
 
     torch.manual_seed(0)

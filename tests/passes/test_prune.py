@@ -291,7 +291,7 @@ def test_heads_whole_kv_groups_shrink_weights_caches_and_lm_info(tiny, score: st
 def test_heads_later_blocks_calibrate_with_the_smaller_caches() -> None:
     """3 of 4 KV groups kept, 8 query heads: the calibration of block 1 runs block 0 pruned, whose attention needs
     caches of 3 heads (from LMInfo, updated block by block); with 4 it would not even run (4 does not divide 6)."""
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=64, max_seq_len=32)
@@ -302,12 +302,10 @@ def test_heads_later_blocks_calibrate_with_the_smaller_caches() -> None:
 
 
 def test_heads_near_misses_keep_their_reason() -> None:
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import hf_tiny
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=16,
-                      qk_norm=True)
-    module = capture(Llama(cfg).eval())
+    module = capture(hf_tiny("qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16))
     res = _prune(module, heads=0.5, mlp=0.0, score="magnitude")
     assert not res.modified and module.lm.n_kv_heads == 2
     (path, why), = res.stats["skipped"]

@@ -33,7 +33,7 @@ PREFIX_TOKENS = 16384
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny random Llama (as tests/conftest.py's tiny_llama) and its capture, made once for this file."""
-    from llmpress.models import Llama, LlamaConfig
+    from tests.decoder import Llama, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)

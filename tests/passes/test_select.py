@@ -7,7 +7,7 @@ from torch import nn
 
 from llmpress.ir.capture import capture
 from llmpress.ir.meta import source_path
-from llmpress.models import Llama, LlamaConfig
+from tests.decoder import Llama, LlamaConfig
 from llmpress.passes.base import SelectOptions
 from llmpress.passes.select import Selector, linear_nodes, pattern_matches, select_linears
 

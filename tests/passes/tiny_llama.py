@@ -6,7 +6,7 @@ import torch
 
 from llmpress.ir.capture import capture
 from llmpress.ir.module import Module
-from llmpress.models import Llama, LlamaConfig
+from tests.decoder import Llama, LlamaConfig
 
 
 def tiny_llama(*, tie: bool = False, random_norms: bool = False) -> tuple[Llama, Module]:

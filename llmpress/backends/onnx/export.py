@@ -18,7 +18,7 @@ What comes out:
   then MatMulNBits's int8 kernel; see ``matmul_nbits``), recorded in the metadata as ``llmpress.wq_a8``;
 - weights as initializers (linear weights stored transposed, ``[in, out]``, so ``MatMul`` needs no Transpose; ORT's
   own ``MatMulNBitsQuantizer`` recognises those MatMuls); files over 1.5 GiB keep weights as external data;
-- for LMs (``module.lm`` set) the calling convention of ``llmpress.models.llama`` with ONNX names:
+- for LMs (``module.lm`` set) the calling convention of ``llmpress.ir.capture_hf`` with ONNX names:
   inputs ``input_ids [B, T]``, ``start_pos [1]``, then one ``past_<name>`` per cache tensor of
   ``lm.cache_specs()`` (``past_k_0``, ``past_v_0``, ... for a float cache ``[B, H_kv, cache_len, D]``; ``past_k_0``
   int8 codes and ``past_k_0_scale`` float32 ``[B, H_kv, cache_len, 1]`` scales, ... after

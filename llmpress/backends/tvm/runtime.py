@@ -1,6 +1,6 @@
 """The TVM program at run time: a Relax VM over the built (or loaded) library, with torch tensors at the boundary.
 
-Calling convention (shared by every backend, see ``llmpress.models.llama``): for language models
+Calling convention (shared by every backend, see ``llmpress.ir.capture_hf``): for language models
 ``forward(input_ids[B,T], start_pos[1], *caches) -> (logits, *caches)``; T > 1 runs the ``prefill`` function
 (dynamic T), T == 1 runs ``decode`` (compiled for T = 1). Weights are VM function parameters: they are converted
 to TVM tensors once, passed through the library's ``transform_params`` (layout changes lifted out of the

@@ -35,17 +35,17 @@ def load_model(path: str | Path, *, tokenizer: str | Path | None = None, cache_l
                lazy: bool = False) -> LoadedModel:
     """Load a model from ``path``.
 
-    - a folder with ``config.json``: Hugging Face (``SUPPORTED_MODEL_TYPES`` -> ``llmpress.models.Llama``, else
-      transformers' own model, captured through its static cache);
-      tokenizer ``tokenizer.model`` or ``tokenizer.json`` from the folder.
-    - a ``.bin`` file: llama2.c checkpoint; tokenizer ``tok{vocab}.bin`` or ``tokenizer.bin`` beside it.
+    - a folder with ``config.json``: Hugging Face, transformers' own model (``hf``), captured through its static
+      cache; tokenizer ``tokenizer.model`` or ``tokenizer.json`` from the folder.
+    - a ``.bin`` file: llama2.c checkpoint, as transformers' ``LlamaForCausalLM``; tokenizer ``tok{vocab}.bin`` or
+      ``tokenizer.bin`` beside it.
     - a ``.onnx`` file: imported op by op into a torch module (``onnx_import``); no tokenizer unless given.
 
-    ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of Llama models, of other
-    transformers models (their ``StaticCache``) and of ONNX decoders exported with ``past_key_values`` (default: the
-    model's context length). ``lazy``: Hugging Face folders leave their weights in the checkpoint until a pass reads
-    them (``load_hf``; transformers' models only where the checkpoint names their parameters one to one,
-    ``hf_generic``), for ``capture``/``compile``, which read them one at a time; other formats load as usual.
+    ``tokenizer`` overrides the tokenizer file; ``cache_len`` sets the KV-cache length of transformers models (their
+    ``StaticCache``) and of ONNX decoders exported with ``past_key_values`` (default: the model's context length).
+    ``lazy``: Hugging Face folders leave their weights in the checkpoint until a pass reads them (``hf_generic``:
+    where the checkpoint names the model's parameters one to one), for ``capture``/``compile``, which read them one
+    at a time; other formats load as usual.
     """
     p = Path(path).expanduser()
     if not p.exists():

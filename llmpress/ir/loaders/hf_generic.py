@@ -1,13 +1,9 @@
-"""Hugging Face folders of the model types llmpress does not build itself: transformers' own causal LM.
+"""Hugging Face folders: transformers' own causal LM, its weights checked from the headers before any is read.
 
 ``load_generic(folder, cfg, cache_len=..., lazy=...)`` returns ``AutoModelForCausalLM``'s model in float32, which
-``capture`` takes through transformers' ``StaticCache`` (``ir.capture_hf``).
-
-Eager: ``from_pretrained`` (transformers reads the checkpoint, renaming and converting tensors as its loader does);
-a parameter the checkpoint lacks is a ``LoadError`` naming it, where transformers would initialize it at random.
-
-Lazy (``capture``/``compile`` of a path): no weight is read; the checkpoint is checked and the module carries where
-each weight is (``ir.lazy``), as ``load_hf`` does for the Llama family:
+``capture`` takes through transformers' ``StaticCache`` (``ir.capture_hf``). Both ways build the model without
+weights and match every parameter to its checkpoint tensor first (``_checked_model``), so a damaged or mismatched
+checkpoint is a ``LoadError`` naming the file and tensor before anything is read:
 
 1. ``from_config(config, dtype=float32)`` under ``meta_parameters()``: every parameter moves to the meta device as
    it is registered (its random init then runs on meta: no data), buffers stay the real CPU tensors the model's
@@ -22,10 +18,14 @@ each weight is (``ir.lazy``), as ``load_hf`` does for the Llama family:
    loader converts (per-expert tensors fused into 3-D ones, fused projections split, permutations). Otherwise the
    eager load runs, after one log line naming the tensors: a lazily built model is never a guess at what
    transformers' loader would have done.
-3. Each matched tensor is checked for shape and a float dtype (a ``LoadError`` naming file and tensor), the
-   checkpoint's persistent buffers are read now (what eager loading assigns them; small), and the parameters become
-   ``FakeTensor``s (``ir.lazy.fake_parameters``) with their ``LazyTensor`` sources under ``LAZY_ATTR``. A weight is
-   read as float32 when a pass asks (bf16/fp16 checkpoints upcast as the eager load does).
+3. Each matched tensor is checked for shape and a float dtype (a ``LoadError`` naming file and tensor) and the
+   checkpoint's persistent buffers are read (small). Then lazy (``capture``/``compile`` of a path): the parameters
+   become ``FakeTensor``s (``ir.lazy.fake_parameters``) with their ``LazyTensor`` sources under ``LAZY_ATTR``, a
+   weight read as float32 when a pass asks; eager: each is read now, as float32 (bf16/fp16 upcast).
+
+Where step 2 finds no one-to-one match, transformers' own ``from_pretrained`` loads the model (eagerly, converting
+as it does); a parameter the checkpoint lacks is then a ``LoadError`` naming it, where transformers would initialize
+it at random.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def meta_parameters() -> Iterator[None]:
 
 
 def load_generic(folder: Path, cfg: dict, *, cache_len: int | None = None, lazy: bool = False) -> nn.Module:
-    model = _lazy_model(folder) if lazy else None
+    model = _checked_model(folder, lazy=lazy)
     if model is None:
         try:
             from transformers import AutoModelForCausalLM
@@ -90,30 +90,43 @@ def load_generic(folder: Path, cfg: dict, *, cache_len: int | None = None, lazy:
     return model.eval()
 
 
-def _lazy_model(folder: Path) -> nn.Module | None:
-    """The model with fake parameters and lazy sources, or None (logged) where only the eager load is exact."""
+def _checked_model(folder: Path, *, lazy: bool) -> nn.Module | None:
+    """transformers' model built without weights, every parameter matched to its checkpoint tensor and checked
+    from the headers; then ``lazy``: fake parameters with their lazy sources, else each tensor read into its
+    parameter (float32). None (logged) where only transformers' own loader is exact."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from .hf_lazy import CheckpointHeaders
+    from .hf_checkpoint import CheckpointHeaders
 
-    try:  # what goes wrong here, the eager load reports (naming the folder) or does another way
+    ckpt = CheckpointHeaders(folder)  # a missing, truncated or corrupt file is a LoadError naming it, before all else
+    try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise LoadError(f"{folder / 'config.json'}: transformers cannot read it: {type(e).__name__}: {e}") from e
+    try:  # what goes wrong here, transformers' own loader reports (naming the folder) or does another way
         with meta_parameters():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as e:
-        log.info("%s: loading eagerly: transformers could not build it with empty weights (%s: %s)", folder,
-                 type(e).__name__, e)
+        log.info("%s: loading through transformers' loader: it could not build the model with empty weights "
+                 "(%s: %s)", folder, type(e).__name__, e)
         return None
     if (folder / "generation_config.json").is_file():  # as from_pretrained reads it (end-of-turn ids live there)
         try:
             model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as e:
             raise LoadError(f"{folder / 'generation_config.json'}: not a valid generation config ({e})") from e
-    ckpt = CheckpointHeaders(folder)
-    names, why = _match(model, set(ckpt.files))
-    if why:
-        log.info("%s: loading %s eagerly (every weight read now): its checkpoint does not name the model's "
-                 "parameters one to one: %s", folder, config.model_type, why)
+    names, problems = _match(model, set(ckpt.files))
+    missing = problems.get("parameters not in the checkpoint")
+    if missing and len(problems) == 1:  # nothing renamed, converted or left over: the tensors are just not there
+        fname = ckpt.single.name if ckpt.single.is_file() else "model.safetensors.index.json"
+        raise LoadError(f"{fname}: missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing[:5])}"
+                        f"{', ...' if len(missing) > 5 else ''} (in {folder}; model_type {config.model_type!r} "
+                        f"has {len(missing)} parameters the checkpoint lacks)")
+    if problems:
+        why = "; ".join(f"{len(v)} {k} ({', '.join(v[:4])}{', ...' if len(v) > 4 else ''})"
+                        for k, v in problems.items())
+        log.info("%s: loading %s eagerly through transformers' loader (every weight read now): its checkpoint does "
+                 "not name the model's parameters one to one: %s", folder, config.model_type, why)
         return None
     sources: dict[str, LazyTensor] = {}
     dtypes: dict[str, int] = {}
@@ -126,16 +139,31 @@ def _lazy_model(folder: Path) -> nn.Module | None:
                             f"{tuple(entry['shape'])}")
         dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + 1
         begin, end = entry["data_offsets"]
-        lazy = LazyTensor(path=str(f), tensor=src, entry=(entry["dtype"], tuple(entry["shape"]), begin, end),
-                          data_start=start, shape=tuple(p.shape))
-        sources.update({n: lazy for n in aliases})
+        lazy_src = LazyTensor(path=str(f), tensor=src, entry=(entry["dtype"], tuple(entry["shape"]), begin, end),
+                              data_start=start, shape=tuple(p.shape))
+        sources.update({n: lazy_src for n in aliases})
     _read_buffers(model, ckpt, names)
-    fake_parameters(model, sources)
-    setattr(model, LAZY_ATTR, sources)
-    log.info("%s: model_type %r built by transformers with %d weights left in the checkpoint (%s), read one at a "
-             "time when a pass asks", folder, config.model_type, len(sources),
-             ", ".join(f"{n} {k}" for k, n in sorted(dtypes.items())))
+    stored = ", ".join(f"{n} {k}" for k, n in sorted(dtypes.items()))
+    if lazy:
+        fake_parameters(model, sources)
+        setattr(model, LAZY_ATTR, sources)
+        log.info("%s: model_type %r built by transformers with %d weights left in the checkpoint (%s), read one at a "
+                 "time when a pass asks", folder, config.model_type, len(sources), stored)
+    else:
+        _read_parameters(model, sources)
+        log.info("%s: model_type %r built by transformers, %d weights read (%s%s)", folder, config.model_type,
+                 len(sources), stored, "; upcast to float32" if set(dtypes) - {"F32"} else "")
     return model
+
+
+def _read_parameters(model: nn.Module, sources: dict[str, LazyTensor]) -> None:
+    """Each parameter read from its checkpoint tensor (float32), once per parameter object (tied names share it)."""
+    done: dict[int, nn.Parameter] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if id(p) not in done:
+            done[id(p)] = nn.Parameter(sources[name].load(), requires_grad=p.requires_grad)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, done[id(p)])
 
 
 def _parameters(model: nn.Module) -> list[tuple[list[str], nn.Parameter]]:
@@ -146,8 +174,9 @@ def _parameters(model: nn.Module) -> list[tuple[list[str], nn.Parameter]]:
     return list(names.values())
 
 
-def _match(model: nn.Module, stored: set[str]) -> tuple[dict[str, str], str]:
-    """(model tensor name -> checkpoint tensor name, why they do not match one to one: empty if they do).
+def _match(model: nn.Module, stored: set[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(model tensor name -> checkpoint tensor name, why they do not match one to one: each kind of mismatch with
+    the tensors concerned, empty if they match).
 
     Names are compared after transformers' pure renamings (``WeightRenaming``: GPT-NeoX's ``embed_out`` is
     ``lm_head``), which move a tensor unchanged; a tensor one of its ``WeightConverter``s would transform (fuse,
@@ -164,14 +193,12 @@ def _match(model: nn.Module, stored: set[str]) -> tuple[dict[str, str], str]:
     clashes = [f"{n} <- {len(ks)} tensors" for n, ks in by_name.items() if len(ks) > 1 and n in aliases | buffers]
     extra = [k for k in sorted(stored) if renamed[k] not in aliases | buffers
              and not any(r.search(k) or r.search(renamed[k]) for r in ignore)]
-    why = []
-    for what, names in (("parameters not in the checkpoint", missing),
-                        ("checkpoint tensors that are no parameter or buffer", extra),
-                        ("parameters made of several checkpoint tensors", clashes),
-                        ("checkpoint tensors transformers converts on load", converted)):
-        if names:
-            why.append(f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
-    return {n: ks[0] for n, ks in by_name.items()}, "; ".join(why)
+    problems = {what: names for what, names in (("parameters not in the checkpoint", missing),
+                                                ("checkpoint tensors that are no parameter or buffer", extra),
+                                                ("parameters made of several checkpoint tensors", clashes),
+                                                ("checkpoint tensors transformers converts on load", converted))
+                if names}
+    return {n: ks[0] for n, ks in by_name.items()}, problems
 
 
 def _renamed(model: nn.Module, stored: set[str]) -> tuple[dict[str, str], list[str]]:

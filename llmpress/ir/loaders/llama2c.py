@@ -1,4 +1,4 @@
-"""llama2.c checkpoints (legacy "v0" ``.bin``) -> ``llmpress.models.Llama``.
+"""llama2.c checkpoints (legacy "v0" ``.bin``) -> transformers' ``LlamaForCausalLM``.
 
 Format: a header of 7 little-endian int32 ``(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)``
 (a negative ``vocab_size`` means an unshared classifier follows), then float32 arrays: token_embedding [V, D],
@@ -7,7 +7,7 @@ w2 [L, D, H], w3 [L, H, D], rms_final [D], freq_cis_real [S, hd/2], freq_cis_ima
 ``KV = D * n_kv_heads / n_heads`` and ``hd = D / n_heads``.
 
 RoPE layout: llama2.c rotates interleaved pairs ``(x[2j], x[2j+1])`` of each head by ``p * theta^(-2j/hd)``;
-Hugging Face's Llama (ours) rotates ``(x[j], x[j + hd/2])`` by the same angle. Reordering the rows of wq/wk inside
+Hugging Face's Llama rotates ``(x[j], x[j + hd/2])`` by the same angle. Reordering the rows of wq/wk inside
 each head, ``new[j] = old[2j]``, ``new[j + hd/2] = old[2j + 1]``, makes the two computations identical, since q·k
 is invariant to applying the same permutation to both (v and wo are untouched).
 """
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ...errors import LoadError
-from ...models.llama import Llama, LlamaConfig
 
 __all__ = ["read_header", "load_llama2c", "interleaved_to_half", "find_llama2c_tokenizer"]
 
@@ -84,8 +83,8 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def load_llama2c(path: Path, *, cache_len: int | None = None) -> tuple[Llama, dict]:
-    """Build our ``Llama`` from a llama2.c checkpoint; returns it and the header."""
+def load_llama2c(path: Path, *, cache_len: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """transformers' ``LlamaForCausalLM`` with a llama2.c checkpoint's weights; returns it and the header."""
     h = read_header(path)
     data = np.fromfile(path, dtype="<f4", offset=_HEADER.size)
     arrays: dict[str, torch.Tensor] = {}
@@ -99,29 +98,42 @@ def load_llama2c(path: Path, *, cache_len: int | None = None) -> tuple[Llama, di
     if not all(torch.isfinite(a).all() for a in arrays.values()):
         bad = [k for k, a in arrays.items() if not torch.isfinite(a).all()]
         raise LoadError(f"{path}: non-finite weights in {', '.join(bad)} (corrupt checkpoint?)")
-    cfg = LlamaConfig(vocab_size=h["vocab_size"], dim=h["dim"], n_layers=h["n_layers"], n_heads=h["n_heads"],
-                      n_kv_heads=h["n_kv_heads"], hidden_dim=h["hidden_dim"], max_seq_len=h["seq_len"],
-                      norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=h["shared_classifier"], bos_id=1, eos_id=2)
-    model = Llama(cfg, cache_len=cache_len)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_heads, n_kv = h["n_heads"], h["n_kv_heads"]
+    cfg = LlamaConfig(vocab_size=h["vocab_size"], hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
+                      num_hidden_layers=h["n_layers"], num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                      max_position_embeddings=h["seq_len"], rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=h["shared_classifier"], bos_token_id=1, eos_token_id=2)
+    from .hf_generic import meta_parameters
+
+    with meta_parameters():  # every weight is assigned below: no random init to throw away (buffers stay real)
+        model = LlamaForCausalLM(cfg)
+    if cache_len is not None:  # the static cache's length, where capture_hf reads it
+        model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": int(cache_len)}
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": arrays["token_embedding"],
                                    "model.norm.weight": arrays["rms_final"]}
-    for i in range(cfg.n_layers):
+    for i in range(h["n_layers"]):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = arrays["rms_att"][i]
         sd[p + "post_attention_layernorm.weight"] = arrays["rms_ffn"][i]
-        sd[p + "self_attn.q_proj.weight"] = interleaved_to_half(arrays["wq"][i], cfg.n_heads)
-        sd[p + "self_attn.k_proj.weight"] = interleaved_to_half(arrays["wk"][i], cfg.n_kv_heads)
+        sd[p + "self_attn.q_proj.weight"] = interleaved_to_half(arrays["wq"][i], n_heads)
+        sd[p + "self_attn.k_proj.weight"] = interleaved_to_half(arrays["wk"][i], n_kv)
         sd[p + "self_attn.v_proj.weight"] = arrays["wv"][i]
         sd[p + "self_attn.o_proj.weight"] = arrays["wo"][i]
         sd[p + "mlp.gate_proj.weight"] = arrays["w1"][i]
         sd[p + "mlp.down_proj.weight"] = arrays["w2"][i]
         sd[p + "mlp.up_proj.weight"] = arrays["w3"][i]
-    sd["lm_head.weight"] = arrays["token_embedding"] if cfg.tie_embeddings else arrays["wcls"]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if not h["shared_classifier"]:
+        sd["lm_head.weight"] = arrays["wcls"]
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not (h["shared_classifier"] and k == "lm_head.weight")]
     if missing or unexpected:  # a bug here, not in the file: every name is built above
         raise LoadError(f"{path}: internal mapping error (missing {missing}, unexpected {unexpected})")
-    log.info("loaded llama2.c %s: dim %d, %d layers, %d heads (%d kv), vocab %d, seq %d", path.name, cfg.dim,
-             cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.max_seq_len)
+    if h["shared_classifier"]:  # assign=True gave the embedding its own Parameter: tie the classifier to it again
+        model.tie_weights()
+    log.info("loaded llama2.c %s: dim %d, %d layers, %d heads (%d kv), vocab %d, seq %d", path.name, h["dim"],
+             h["n_layers"], n_heads, n_kv, h["vocab_size"], h["seq_len"])
     return model.eval(), {k: h[k] for k in (*_FIELDS, "shared_classifier")}
 
 

@@ -14,7 +14,7 @@ Four ops, each with a reference kernel (the oracle) and a fake kernel:
 - ``kv_fake_quant(x, bits) -> x.dtype[...]``: ``kv_dequant(kv_codes(x, s), s)`` in one op, for a cache that stays
   float (``kv_quant(storage="float")``: the numbers of an int8 cache without its memory saving).
 
-With ``kv_quant(storage="int8")`` each cache of the calling convention (``llmpress.models.llama``) becomes two
+With ``kv_quant(storage="int8")`` each cache of the calling convention (``llmpress.ir.capture_hf``) becomes two
 tensors, ``int8 [B, H, cache_len, head_dim]`` codes and ``float32 [B, H, cache_len, 1]`` scales: ``4 * head_dim``
 bytes per (token, head) become ``head_dim + 4`` (3.6x less for head_dim 32, 3.9x for 128). Both storages give the
 same logits: the same codes and scales, dequantized on read.

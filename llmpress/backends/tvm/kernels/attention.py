@@ -1,6 +1,6 @@
 """``aten.scaled_dot_product_attention`` for the LM graphs: grouped-query attention over the static KV cache.
 
-The captured Llama (``llmpress.models.llama``) calls ``F.scaled_dot_product_attention(q, k_cache, v_cache,
+A captured decoder (``llmpress.ir.capture_hf``) calls ``F.scaled_dot_product_attention(q, k_cache, v_cache,
 attn_mask, scale=..., enable_gqa=True)`` with ``q [B, H, T, D]``, caches ``[B, KVH, S, D]`` (``H = rep * KVH``,
 query head ``h`` reads KV head ``h // rep``) and a boolean mask ``[T, S]`` (True: the key takes part), i.e.::
 
