@@ -9,8 +9,8 @@ pages included) and its wall time. The bound a layer-by-layer compiler should me
 (the layer's q/k/v/o, gate/up/down and norm weights at 4 bytes each); the row's ratio is ``peak / bound``.
 
 Rows (``--rows``, default the Llama rows but 7b): ``{110m,1.1b}-{fp32,bf16}-{rtn,gptq}``, ``7b-bf16-rtn``, and
-``{110m,1.1b}-stablelm-bf16-rtn`` (a model type llmpress does not build itself: transformers' model, captured through
-its StaticCache, lazily since ``loaders.hf_generic``).
+``{110m,1.1b}-stablelm-bf16-rtn`` (another architecture: StableLM; like every folder since the ``transformers``
+label, transformers' model captured through its StaticCache, lazily: ``loaders.hf_generic``).
 
 - models: the cached random-weight shapes of ``shapes.py`` (fp32); the bf16 copies are written next to them
   (``benchmarks/.cache/models/<shape>-bf16``) tensor by tensor. ``7b-bf16`` is a Llama-2-7B shape (dim 4096, 32
@@ -24,7 +24,8 @@ its StaticCache, lazily since ``loaders.hf_generic``).
 
 Results merge into ``benchmarks/results/memory.{md,json}`` keyed by row and ``--label`` (``before``: the code before
 lazy weights, run with ``--pythonpath`` pointing at that checkout; ``after``: lazy weights, lowering unchanged;
-``streamed``: this one, lowering streamed too: transformed weights in chunks spilled to disk), so rows can be
+``streamed``: lowering streamed too: transformed weights in chunks spilled to disk; ``transformers``: this one,
+every folder loaded as transformers' own model, the hand-written Llama retired), so rows can be
 measured in separate locked runs: ``flock /work/scratch/bench.lock python benchmarks/memory.py --rows 110m-fp32-rtn``.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ SHAPE_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
 ROWS = [f"{s}-{d}-{p}" for s in ("110m", "1.1b") for d in ("fp32", "bf16") for p in ("rtn", "gptq")] + ["7b-bf16-rtn"]
 GENERIC_ROWS = [f"{s}-stablelm-bf16-rtn" for s in ("110m", "1.1b")]
 SHARD_BYTES = 2 * 1024 ** 3
-LABELS = ("before", "after", "streamed")
+LABELS = ("before", "after", "streamed", "transformers")
 
 
 def _copy_folder_files(src: Path, dst: Path) -> None:
@@ -228,7 +229,8 @@ def to_markdown(data: dict) -> str:
              "(artifact `weights.safetensors`) + one decoder layer in float32*. `before`: weights loaded eagerly in "
              "float32; `after`: lazy weights (read one tensor at a time from the checkpoint when a pass asks); `streamed`: "
              "lazy weights and streamed lowering (weights transformed in ~128 MB chunks spilled to a temporary file, "
-             "the artifact written one tensor at a time). "
+             "the artifact written one tensor at a time); `transformers`: as streamed, with every Hugging Face folder "
+             "loaded as transformers' own model (llmpress' hand-written Llama retired). "
              "Produced by `benchmarks/memory.py`; RTN = `" + PIPELINES["rtn"] + "`, GPTQ = `" + PIPELINES["gptq"]
              + "` with 16 x 128 calibration tokens. GB = 1e9 bytes.", "",
              "| row | checkpoint GB | code | peak GB | compressed GB | + one float layer GB | peak / bound | wall s "
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=",".join(r for r in ROWS if not r.startswith("7b")),
                     help=f"comma-separated rows of {', '.join(ROWS + GENERIC_ROWS)}")
-    ap.add_argument("--label", default="streamed", choices=LABELS)
+    ap.add_argument("--label", default="transformers", choices=LABELS)
     ap.add_argument("--pythonpath", type=Path, default=ROOT, help="the llmpress checkout the compiles run")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts (in a temp folder)")
     ap.add_argument("--note", default="", help="recorded with the row (e.g. 'unlocked, nice 19': wall time is no "

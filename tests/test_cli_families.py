@@ -32,7 +32,7 @@ NEW_TOKENS = 12
 CONTEXT, MAX_TOKENS = 32, 256  # the tiny models' KV cache holds 64 positions
 INT4 = "quantize(bits=4,group=32)"  # hidden size 64: groups of 32
 # Marked slow (``-m "not slow"`` skips them; the full suite runs them): mistral's graph is llama's (its window
-# must cover the cache).
+# covers these 64 positions; a shorter window: tests/ir/test_hf_families.py).
 SLOW_EXACT = ("mistral",)
 # The int4 legs run for the families no other test compiles int4 for ``cpu`` and ``onnx``; the others are checked
 # there, more strictly (logits against the reference graph at 1e-5 of their scale, not greedy text):

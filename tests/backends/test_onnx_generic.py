@@ -33,7 +33,7 @@ aten = torch.ops.aten
 
 
 class _TransformersOps(nn.Module):
-    """The ops transformers' graphs carry and our decoder does not, on a dynamic token count ``T``."""
+    """The ops transformers' graphs carry, on a dynamic token count ``T``."""
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor):  # x [2, T, 10] float, ids [2, T] int64
         a, b, c, d = x.chunk(4, dim=-1)  # sizes 3, 3, 3, 1: the last chunk shorter

@@ -189,7 +189,7 @@ def test_sliding_window_shorter_than_the_cache_matches_transformers(tmp_path) ->
 
 
 def test_other_model_types_take_the_generic_capture(tmp_path) -> None:
-    """A model type llmpress does not build itself (GPT-NeoX) is no longer refused: capture() of its folder goes
+    """Any model type transformers runs with a static cache (GPT-NeoX here): capture() of its folder goes
     through transformers' StaticCache (``llmpress.ir.capture_hf``), with the same KV-cache calling convention."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

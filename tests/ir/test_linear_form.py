@@ -3,7 +3,7 @@
 transformers' GPT-2 computes each projection as ``addmm(b, view(x, [-1, in]), W)`` with ``W`` stored ``[in, out]``;
 capture turns that into ``aten.linear(x, W^t, b)`` (``W`` stored transposed under its own name), so the passes find
 those layers as they find any ``nn.Linear``. Checked on a tiny random ``GPT2LMHeadModel`` captured generically
-(``capture_hf``; GPT-2 *folders* load as our Llama instead): the graph has no addmm left, prefill and decode equal
+(``capture_hf``, as GPT-2 folders load): the graph has no addmm left, prefill and decode equal
 transformers' own forward (the rewrite is exact), ``quantize`` lists every Conv1D layer and computes what
 transformers computes on the same dequantized weights, and the int4 graph's logits stay above a floor against the
 float model's on the reference and on the TVM ``cpu`` build. A lazily loaded GPT-2 stays lazy (its

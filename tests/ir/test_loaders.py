@@ -270,8 +270,8 @@ def test_hf_config_variants(tmp_path) -> None:
 
 
 def test_other_hf_architectures_go_through_transformers(tmp_path) -> None:
-    """A folder of an architecture llmpress does not build itself (a tiny random GPT-NeoX written here, nothing
-    downloaded) loads with AutoModelForCausalLM and captures as input_ids -> logits."""
+    """A folder of another architecture (a tiny random GPT-NeoX written here, nothing downloaded) loads with
+    AutoModelForCausalLM and, given example inputs, captures as input_ids -> logits."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)

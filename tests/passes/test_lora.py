@@ -316,7 +316,7 @@ def real(tmp_path_factory):
 @pytest.mark.slow
 def test_real_model_merge_and_attach_equal_peft(real) -> None:
     """Merged: PEFT's merged weights bit for bit (24 layers) and its logits at 1e-4 absolute (logits ~10; the
-    loader test's tolerance for our Llama vs transformers, measured 5e-6 here). Attached: PEFT's unmerged logits at
+    loader test's tolerance for the captured graph vs transformers, measured 5e-6 here). Attached: PEFT's unmerged logits at
     the same tolerance (measured 4e-6). The adapter matters: it moves the logits by O(1)."""
     base = _prefill(real["module"], real["ids"])
     assert float((base - real["merged"]).abs().max()) > 0.5
