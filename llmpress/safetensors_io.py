@@ -45,7 +45,8 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
         entries = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: header is not JSON ({e})") from e
-    entries.pop("__metadata__", None)
+    if isinstance(entries, dict):
+        entries.pop("__metadata__", None)
     if not isinstance(entries, dict) or not all(isinstance(e, dict) and "data_offsets" in e for e in entries.values()):
         raise ValueError(f"{path}: header is not a safetensors header (tensor entries with data_offsets)")
     end = max((int(e["data_offsets"][1]) for e in entries.values()), default=0)
