@@ -24,7 +24,7 @@ import torch
 
 from ..safetensors_io import DTYPES, read_tensor
 
-__all__ = ["LazyTensor", "fake_parameters", "LAZY_ATTR"]
+__all__ = ["LazyTensor", "fake_parameters", "read_parameters", "LAZY_ATTR"]
 
 #: The attribute under which a loader leaves its lazy sources on the module it built (``capture`` reads it).
 LAZY_ATTR = "_llmpress_lazy_sources"
@@ -71,13 +71,29 @@ def fake_parameters(model: torch.nn.Module, sources: Mapping[str, LazyTensor]) -
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(src: LazyTensor, p: torch.nn.Parameter) -> torch.nn.Parameter:
+        with mode:
+            t = torch.empty(src.shape, dtype=torch.float32, device="cpu")
+        return torch.nn.Parameter(t, requires_grad=False)
+
+    _replace_parameters(model, sources, fake)
+
+
+def read_parameters(model: torch.nn.Module, sources: Mapping[str, LazyTensor]) -> None:
+    """Read every parameter of ``model`` named in ``sources`` from its checkpoint tensor (float32), in place: the
+    eager counterpart of ``fake_parameters`` (each tensor read once; tied names stay one parameter)."""
+    _replace_parameters(model, sources,
+                        lambda src, p: torch.nn.Parameter(src.load(), requires_grad=p.requires_grad))
+
+
+def _replace_parameters(model: torch.nn.Module, sources: Mapping[str, LazyTensor], make) -> None:
+    """Set each parameter named in ``sources`` to ``make(source, old parameter)``, once per parameter object."""
     done: dict[int, torch.nn.Parameter] = {}
     for name, p in list(model.named_parameters(remove_duplicate=False)):
         if name not in sources:
             continue
         if id(p) not in done:
-            with mode:
-                fake = torch.empty(sources[name].shape, dtype=torch.float32, device="cpu")
-            done[id(p)] = torch.nn.Parameter(fake, requires_grad=False)
+            done[id(p)] = make(sources[name], p)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, done[id(p)])

@@ -71,24 +71,6 @@ def check_rope(cfg: dict, where: Path) -> None:
                         "(every other rope type is computed by transformers' own code)")
 
 
-def _weight_files(folder: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file for a sharded checkpoint; {} for a single ``model.safetensors``."""
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if single.is_file():
-        return {}  # filled from the file's own header
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise LoadError(f"{index}: not a safetensors index (no weight_map: {e})") from e
-        return {k: folder / v for k, v in wm.items()}
-    if (folder / "pytorch_model.bin").exists() or list(folder.glob("pytorch_model*.bin")):
-        raise LoadError(f"{folder}: only pytorch_model.bin found; llmpress reads safetensors weights "
-                        "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise LoadError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-
-
 def load_hf(folder: Path, *, cache_len: int | None = None, lazy: bool = False) -> tuple[torch.nn.Module, dict]:
     """Build the model of a Hugging Face folder; returns it and ``config.json``.
 
@@ -98,7 +80,6 @@ def load_hf(folder: Path, *, cache_len: int | None = None, lazy: bool = False) -
     (default ``max_position_embeddings``)."""
     cfg = read_config(folder)
     check_rope(cfg, folder / "config.json")
-    _weight_files(folder)  # no safetensors at all: say so before transformers builds anything
-    from .hf_generic import load_generic
+    from .hf_generic import load_generic  # which reads the checkpoint's headers first (hf_checkpoint)
 
     return load_generic(folder, cfg, cache_len=cache_len, lazy=lazy), cfg

@@ -7,14 +7,33 @@ eager) model from it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ...errors import LoadError
 from ...safetensors_io import DTYPES, read_header
 
-__all__ = ["CheckpointHeaders"]
+__all__ = ["CheckpointHeaders", "weight_files"]
 
 _FLOAT_CODES = {k for k, v in DTYPES.items() if v.is_floating_point}
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file for a sharded checkpoint; {} for a single ``model.safetensors``."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return {}  # filled from the file's own header
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise LoadError(f"{index}: not a safetensors index (no weight_map: {e})") from e
+        return {k: folder / v for k, v in wm.items()}
+    if (folder / "pytorch_model.bin").exists() or list(folder.glob("pytorch_model*.bin")):
+        raise LoadError(f"{folder}: only pytorch_model.bin found; llmpress reads safetensors weights "
+                        "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise LoadError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
 class CheckpointHeaders:
@@ -22,12 +41,10 @@ class CheckpointHeaders:
     the headers alone."""
 
     def __init__(self, folder: Path) -> None:
-        from .hf import _weight_files
-
         self.folder = folder
         self.single = folder / "model.safetensors"
         self._headers: dict[Path, tuple[dict, int]] = {}
-        self.files: dict[str, Path] = _weight_files(folder) or {k: self.single for k in self.header(self.single)[0]}
+        self.files: dict[str, Path] = weight_files(folder) or {k: self.single for k in self.header(self.single)[0]}
 
     def header(self, f: Path) -> tuple[dict, int]:
         if f not in self._headers:

@@ -40,7 +40,7 @@ from torch import nn
 
 from ...errors import LoadError
 from ...safetensors_io import read_tensor
-from ..lazy import LAZY_ATTR, LazyTensor, fake_parameters
+from ..lazy import LAZY_ATTR, LazyTensor, fake_parameters, read_parameters
 
 __all__ = ["load_generic", "meta_parameters"]
 
@@ -150,20 +150,10 @@ def _checked_model(folder: Path, *, lazy: bool) -> nn.Module | None:
         log.info("%s: model_type %r built by transformers with %d weights left in the checkpoint (%s), read one at a "
                  "time when a pass asks", folder, config.model_type, len(sources), stored)
     else:
-        _read_parameters(model, sources)
+        read_parameters(model, sources)
         log.info("%s: model_type %r built by transformers, %d weights read (%s%s)", folder, config.model_type,
                  len(sources), stored, "; upcast to float32" if set(dtypes) - {"F32"} else "")
     return model
-
-
-def _read_parameters(model: nn.Module, sources: dict[str, LazyTensor]) -> None:
-    """Each parameter read from its checkpoint tensor (float32), once per parameter object (tied names share it)."""
-    done: dict[int, nn.Parameter] = {}
-    for name, p in list(model.named_parameters(remove_duplicate=False)):
-        if id(p) not in done:
-            done[id(p)] = nn.Parameter(sources[name].load(), requires_grad=p.requires_grad)
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, done[id(p)])
 
 
 def _parameters(model: nn.Module) -> list[tuple[list[str], nn.Parameter]]:
